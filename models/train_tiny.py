@@ -434,6 +434,12 @@ def main(argv=None) -> int:
         bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False, max_new_tokens=128)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # transformers 5 writes its internal class name "TokenizersBackend"; the public alias
+    # PreTrainedTokenizerFast loads the same class there and also loads under transformers 4.x.
+    tc_path = out / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text())
+    tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tc_path.write_text(json.dumps(tc, indent=2) + "\n")
     evbf = evaluate(model)
     log(f"val bf16 code {evbf['code']:.3f} chat {evbf['chat']:.3f} all {evbf['all']:.3f}")
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())

@@ -539,7 +539,8 @@ def role_from_name(name: str, ndim: int) -> str:
         return "norm"
     if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", low) and "proj" not in low:
         return "router"
-    if ".experts." in low and ndim == 3:
+    if re.search(r"\.experts\.", low) and not low.endswith("_bias"):
+        # per-expert 2-D checkpoint tensors (experts.0.w1.weight) are fused into 3-D non-Linear modules on load
         return "experts"
     if low.endswith(".bias"):
         return "bias"

@@ -1,0 +1,249 @@
+"""Replica memory: weights + KV cache + activation peak + runtime overhead, each a named term.
+
+The names follow vLLM's memory profiler (weights, activation peak, non-torch / runtime, KV cache). Every formula and
+constant is in docs/memory-model.md with where it came from. ``estimate_replica`` is pure: a ModelSpec and numbers
+in, a ReplicaEstimate out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InputError
+from .quant import FLOAT_BYTES, QuantSpec, is_quantized, resolve_quant, stored_checkpoint_bytes, tensor_bytes
+from .spec import ModelSpec
+from .units import MiB
+
+# NOTE: CUDA context of one process with PyTorch loaded: ~300 MiB since CUDA 11.7's lazy module loading
+# (pytorch/pytorch#107667, ptrblck: "the currently used ~300MB"), 300-700 MiB reported across GPUs
+# (pytorch/pytorch#28113). We take 512 MiB: the upper half of that range, as Hopper contexts are larger.
+CUDA_CONTEXT_BYTES = 512 * MiB
+# NOTE: cuBLAS/cuBLASLt workspaces and other library handles: PyTorch gives cuBLAS a 32 MiB workspace per handle on
+# Hopper (c10/cuda CUDABlas getChosenWorkspaceSize); we count two handles.
+LIBRARY_WORKSPACE_BYTES = 64 * MiB
+# NOTE: allocator fragmentation on the dynamic terms (KV cache that grows by concatenation in transformers'
+# DynamicCache, activation buffers of varying size): an assumed 5% until benchmarks/gpu_validate.py measures it.
+FRAGMENTATION_FRACTION = 0.05
+# NOTE: a CPU replica's baseline: resident set of a Python process with torch 2.13, transformers 5 and
+# bitsandbytes imported, measured 360 MiB on the CI machine (psutil rss); we take 384 MiB.
+CPU_PROCESS_BYTES = 384 * MiB
+
+KV_DTYPES = {"auto": None, "bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class ReplicaEstimate:
+    model: str
+    quantization: str
+    quant_label: str
+    dtype: str  # dtype of unquantized tensors and compute
+    device: str  # "cuda" | "cpu"
+    max_model_len: int
+    max_num_seqs: int
+    prefill_tokens: int
+    params_total: int
+    params_quantized: int
+    params_unquantized: int
+    weights: int  # every resident tensor: params, buffers, quantization state; tied tensors once
+    weights_quant_state: int  # part of weights: scales, zeros, absmax, lookup tables
+    kv_cache: int
+    activations: int
+    runtime_overhead: int
+    total: int
+    source: str  # "safetensors" | "config" | "gguf"
+    detail: dict = field(default_factory=dict)  # each term's parts, in bytes
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "quantization": self.quantization,
+            "params": {"total": self.params_total, "quantized": self.params_quantized,
+                       "unquantized": self.params_unquantized},
+            "bytes": {"weights": self.weights, "kv_cache": self.kv_cache, "activations": self.activations,
+                      "runtime_overhead": self.runtime_overhead, "total": self.total},
+            "quant_label": self.quant_label,
+            "dtype": self.dtype,
+            "device": self.device,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "source": self.source,
+            "detail": self.detail,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    total: int
+    quant_state: int
+    params_quantized: int
+    params_unquantized: int
+    by_role: dict
+
+
+def weight_bytes(spec: ModelSpec, q: QuantSpec, dtype: str) -> WeightBytes:
+    """Resident bytes of every tensor of ``spec`` loaded with ``q``; unquantized tensors at ``dtype``."""
+    if spec.source == "gguf":
+        total = sum(t.stored_bytes or 0 for t in spec.tensors)
+        n = sum(t.numel for t in spec.tensors)
+        return WeightBytes(total, 0, n, 0, {"gguf tensors": total})
+    stored = stored_checkpoint_bytes(spec, dtype)
+    if stored is not None:
+        data, state, qp, op = stored
+        return WeightBytes(data + state, state, qp, op, {"quantized modules + rest (as stored)": data + state})
+    total = state = qp = up = 0
+    by_role: dict[str, int] = {}
+    for t in spec.tensors:
+        tb = tensor_bytes(t, q, dtype)
+        total += tb.data + tb.state
+        state += tb.state
+        if tb.quantized:
+            qp += tb.params
+        else:
+            up += tb.params
+        key = f"{t.role} ({'quantized' if tb.quantized else dtype if t.role != 'buffer' else 'buffers'})"
+        by_role[key] = by_role.get(key, 0) + tb.data + tb.state
+    return WeightBytes(total, state, qp, up, by_role)
+
+
+def kv_cache_bytes(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
+                   mla_latent: bool = False) -> tuple[int, dict]:
+    """2 x layers x kv_heads x head_dim x kv_bytes x tokens x sequences, per layer: a sliding-window layer keeps at
+    most ``sliding_window`` tokens. MLA (DeepSeek) caches the decompressed K (heads x (nope+rope)) and V
+    (heads x v_head_dim) in transformers; ``mla_latent`` gives the compressed (kv_lora_rank + rope) cache vLLM keeps."""
+    d = spec.dims
+    per_token_layer: int
+    if d.attention == "mla":
+        if mla_latent:
+            per_token_layer = (d.kv_lora_rank + d.qk_rope_head_dim) * kv_bytes
+        else:
+            per_token_layer = d.num_heads * (d.qk_nope_head_dim + d.qk_rope_head_dim + d.v_head_dim) * kv_bytes
+    else:
+        per_token_layer = 2 * d.num_kv_heads * d.head_dim * kv_bytes
+    types = d.layer_types or ("full",) * d.num_layers
+    full = sum(1 for t in types if t != "sliding")
+    sliding = len(types) - full
+    win_tokens = min(max_model_len, d.sliding_window or max_model_len)
+    total = per_token_layer * max_num_seqs * (full * max_model_len + sliding * win_tokens)
+    return total, {"per_token_per_layer": per_token_layer, "full_layers": full, "sliding_layers": sliding,
+                   "sliding_window_tokens": win_tokens if sliding else None}
+
+
+def activation_bytes(spec: ModelSpec, q: QuantSpec, *, tokens: int, max_num_seqs: int, act_bytes: int) -> tuple[int, dict]:
+    """Peak of the transient tensors of one prefill chunk of ``tokens`` tokens, inside one decoder layer (the
+    previous layer's temporaries are freed), plus the last-position logits of every sequence.
+
+    residual stream (in + out) + max(attention projections, MLP intermediates) + rotary cos/sin + causal mask
+    + 4-bit dequantization buffer (largest quantized weight in the compute dtype) + logits.
+    """
+    d = spec.dims
+    T = tokens
+    residual = 2 * T * d.hidden_size * act_bytes
+    if d.attention == "mla":
+        qk = d.qk_nope_head_dim + d.qk_rope_head_dim
+        attn = T * d.num_heads * (2 * qk + 2 * d.v_head_dim) * act_bytes + T * (d.kv_lora_rank + d.qk_rope_head_dim) * act_bytes
+    else:
+        attn = T * (2 * d.num_heads + 2 * d.num_kv_heads) * d.head_dim * act_bytes
+    if d.num_experts:
+        mi = d.moe_intermediate_size or d.intermediate_size
+        k = max(1, d.experts_per_token)
+        # routed tokens: T x k rows through gate/up/act, plus router logits in fp32
+        mlp = 3 * T * k * mi * act_bytes + T * d.num_experts * 4 + T * d.hidden_size * act_bytes * 2
+        mlp = max(mlp, 3 * T * d.intermediate_size * act_bytes)  # dense layers of DeepSeek (first_k_dense)
+    else:
+        mlp = 3 * T * d.intermediate_size * act_bytes
+    rotary = 2 * T * (d.qk_rope_head_dim or d.head_dim) * act_bytes
+    mask = T * T  # bool [T, T] when a 4-D mask is materialised (padded batches)
+    dequant = 0
+    if q.scheme in ("nf4", "fp4", "int4"):
+        # bitsandbytes 4-bit prefill dequantizes the whole weight to the compute dtype, then matmuls
+        dequant = max((t.numel for t in spec.tensors if is_quantized(t, q) and t.role == "linear"), default=0) * act_bytes
+    elif q.scheme == "int8":
+        # LLM.int8: int8 copy of the activation + int32 accumulator of the widest layer
+        widest = max((t.shape[0] for t in spec.tensors if is_quantized(t, q) and len(t.shape) == 2), default=0)
+        dequant = T * d.hidden_size + T * widest * 4
+    logits = 2 * max_num_seqs * d.vocab_size * 4  # fp32 logits of the last position + processed scores
+    peak = residual + max(attn, mlp) + rotary + mask + dequant + logits
+    return peak, {"prefill_tokens": T, "residual": residual, "attention": attn, "mlp": mlp, "rotary": rotary,
+                  "mask": mask, "quant_workspace": dequant, "logits": logits}
+
+
+def estimate_replica(
+    spec: ModelSpec,
+    *,
+    quant: str | QuantSpec | None = None,
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+    max_num_seqs: int = 1,
+    max_num_batched_tokens: int | None = None,
+    kv_dtype: str = "auto",
+    device: str = "cuda",
+    mla_latent_cache: bool = False,
+    bits: int | None = None,
+    group_size: int | None = None,
+) -> ReplicaEstimate:
+    """Bytes one replica of ``spec`` needs: weights, KV cache for ``max_num_seqs`` sequences of ``max_model_len``
+    tokens, the activation peak of one prefill chunk of ``max_num_batched_tokens`` (default ``max_model_len``), and
+    the runtime overhead of the process on ``device``."""
+    q = quant if isinstance(quant, QuantSpec) else resolve_quant(spec, quant, bits=bits, group_size=group_size)
+    if dtype is None:
+        dtype = q.scheme if q.scheme in FLOAT_BYTES else (spec.config_dtype or "bf16")
+    dtype = dtype.lower()
+    if dtype not in FLOAT_BYTES:
+        raise InputError(f"--dtype {dtype!r} is not a float dtype; use bf16, fp16 or fp32")
+    if q.scheme in FLOAT_BYTES and q.scheme != dtype and not q.label.endswith("(dequantized checkpoint)"):
+        q = QuantSpec(dtype, bits=FLOAT_BYTES[dtype] * 8, label=dtype)
+    if max_model_len is None:
+        max_model_len = min(spec.dims.max_position_embeddings or 4096, 4096)
+    for name, v in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    notes = list(spec.notes)
+    mpe = spec.dims.max_position_embeddings
+    if mpe and max_model_len > mpe:
+        notes.append(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {mpe}")
+    if kv_dtype not in KV_DTYPES:
+        raise InputError(f"--kv-dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)}")
+    if device not in ("cuda", "cpu"):
+        raise InputError(f"device {device!r}: use cuda or cpu")
+    act_b = FLOAT_BYTES[dtype]
+    kv_b = KV_DTYPES[kv_dtype] or act_b
+
+    w = weight_bytes(spec, q, dtype)
+    kv, kv_detail = kv_cache_bytes(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_b,
+                                   mla_latent=mla_latent_cache)
+    prefill = min(max_model_len, max_num_batched_tokens or max_model_len)
+    act, act_detail = activation_bytes(spec, q, tokens=prefill, max_num_seqs=max_num_seqs, act_bytes=act_b)
+    if device == "cuda":
+        frag = int(FRAGMENTATION_FRACTION * (kv + act))
+        overhead = CUDA_CONTEXT_BYTES + LIBRARY_WORKSPACE_BYTES + frag
+        over_detail = {"cuda_context": CUDA_CONTEXT_BYTES, "library_workspaces": LIBRARY_WORKSPACE_BYTES,
+                       "allocator_fragmentation": frag}
+    else:
+        overhead = CPU_PROCESS_BYTES
+        over_detail = {"python_torch_process": CPU_PROCESS_BYTES}
+    total = w.total + kv + act + overhead
+    return ReplicaEstimate(
+        model=spec.name,
+        quantization=q.scheme,
+        quant_label=q.label or q.scheme,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        prefill_tokens=prefill,
+        params_total=w.params_quantized + w.params_unquantized,
+        params_quantized=w.params_quantized,
+        params_unquantized=w.params_unquantized,
+        weights=w.total,
+        weights_quant_state=w.quant_state,
+        kv_cache=kv,
+        activations=act,
+        runtime_overhead=overhead,
+        total=total,
+        source=spec.source,
+        detail={"weights": w.by_role, "weights_quant_state": w.quant_state, "kv_cache": kv_detail,
+                "activations": act_detail, "runtime_overhead": over_detail},
+        notes=tuple(notes),
+    )
