@@ -457,7 +457,9 @@ def _decoder(cfg: dict, mt: str) -> tuple[tuple[TensorSpec, ...], ArchDims, tupl
     else:
         norm(f"{pre}.norm", H)
     # rotary buffers: inv_freq and original_inv_freq, float32, one per model
-    rot = dims_extra.get("qk_rope_head_dim") or int(hd * cfg.get("rotary_pct", cfg.get("partial_rotary_factor", 1.0)))
+    rp = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    frac = cfg.get("rotary_pct", cfg.get("partial_rotary_factor", rp.get("partial_rotary_factor", 1.0)))
+    rot = dims_extra.get("qk_rope_head_dim") or int(hd * frac)
     add(f"{pre}.rotary_emb.inv_freq", (rot // 2,), "buffer", None, "F32")
     add(f"{pre}.rotary_emb.original_inv_freq", (rot // 2,), "buffer", None, "F32")
     if mt in ("deepseek_v3",) and cfg.get("num_nextn_predict_layers"):
