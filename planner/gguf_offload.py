@@ -19,8 +19,8 @@ is a fixed reserve on the GPU. Everything here is arithmetic over ints: no file 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 from .errors import InputError, ModelSpecError
 from .formats.gguf import GgufFile, GgufSummary, ggml_type_nbytes, summarize_gguf
@@ -116,22 +116,18 @@ def kv_cache_bytes_per_layer(
     _check_int(n_ctx, "n_ctx", minimum=1)
     arch = s.architecture or "<arch>"
     missing = [
-        f"{arch}.{k}"
-        for k, v in (("block_count", s.block_count), ("attention.head_count", s.head_count))
-        if v is None
+        f"{arch}.{k}" for k, v in (("block_count", s.block_count), ("attention.head_count", s.head_count)) if v is None
     ]
-    if s.key_length is None or s.value_length is None:
-        if s.embedding_length is None:
-            missing.append(f"{arch}.embedding_length")
+    if (s.key_length is None or s.value_length is None) and s.embedding_length is None:
+        missing.append(f"{arch}.embedding_length")
     if missing:
         raise ModelSpecError(
             f"{s.path} lacks {', '.join(missing)}, needed for the KV cache size; pass kv_bytes_per_layer to "
             f"plan_layer_offload instead"
         )
     n = s.block_count or 0
-    heads = _per_block(s.head_count, n, f"{arch}.attention.head_count", s.path)
+    heads = _per_block(s.head_count, n, f"{arch}.attention.head_count", s.path) or ()
     kv_heads = _per_block(s.head_count_kv, n, f"{arch}.attention.head_count_kv", s.path) or heads
-    assert heads is not None and kv_heads is not None
     out = []
     for i in range(n):
         if kv_heads[i] == 0 or heads[i] == 0:
@@ -181,18 +177,20 @@ def plan_layer_offload(
     ``vram_bytes``, from per-block weight bytes; ``kv_bytes_per_layer`` is one int for every block or one per block.
     """
     if order not in ORDERS:
-        raise InputError(f"order must be one of {', '.join(ORDERS)}, got {order!r}; use output_first for llama.cpp "
-                         f"after Dec 2025 (PR #18148), output_last before")
+        raise InputError(
+            f"order must be one of {', '.join(ORDERS)}, got {order!r}; use output_first for llama.cpp "
+            f"after Dec 2025 (PR #18148), output_last before"
+        )
     _check_int(vram_bytes, "vram_bytes")
     _check_int(output_bytes, "output_bytes")
     _check_int(input_bytes, "input_bytes")
     _check_int(compute_reserve_bytes, "compute_reserve_bytes")
     layers = tuple(_check_int(b, f"layer_bytes[{i}]") for i, b in enumerate(layer_bytes))
     n = len(layers)
-    if isinstance(kv_bytes_per_layer, int) and not isinstance(kv_bytes_per_layer, bool):
+    if isinstance(kv_bytes_per_layer, int):  # a bool is rejected by _check_int
         kv = (_check_int(kv_bytes_per_layer, "kv_bytes_per_layer"),) * n
     else:
-        kv = tuple(_check_int(b, f"kv_bytes_per_layer[{i}]") for i, b in enumerate(kv_bytes_per_layer))  # type: ignore[union-attr]
+        kv = tuple(_check_int(b, f"kv_bytes_per_layer[{i}]") for i, b in enumerate(kv_bytes_per_layer))
         if len(kv) != n:
             raise InputError(
                 f"kv_bytes_per_layer has {len(kv)} entries for {n} layers; pass one per layer or a single int"

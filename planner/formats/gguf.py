@@ -21,8 +21,9 @@ import math
 import os
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Mapping
+from typing import Any, BinaryIO
 
 from ..errors import ModelSpecError
 from ..units import format_bytes
@@ -87,7 +88,9 @@ REMOVED_GGML_TYPES: dict[int, str] = {
     37: "IQ4_NL_4_8",
     38: "IQ4_NL_8_8",
 }
-GGML_TYPE_BY_NAME: dict[str, tuple[int, int, int]] = {name: (tid, blck, size) for tid, (name, blck, size) in GGML_TYPES.items()}
+GGML_TYPE_BY_NAME: dict[str, tuple[int, int, int]] = {
+    name: (tid, blck, size) for tid, (name, blck, size) in GGML_TYPES.items()
+}
 
 # GGUF metadata value types (gguf.h enum gguf_type / gguf-py GGUFValueType): id -> (name, struct format or None).
 _VALUE_TYPES: dict[int, tuple[str, str | None]] = {
@@ -122,9 +125,7 @@ def ggml_type_nbytes(ggml_type: str, n_elements: int, *, row_length: int | None 
     """
     entry = GGML_TYPE_BY_NAME.get(str(ggml_type).upper())
     if entry is None:
-        raise ModelSpecError(
-            f"unknown ggml type {ggml_type!r}; use one of {', '.join(GGML_TYPE_BY_NAME)}"
-        )
+        raise ModelSpecError(f"unknown ggml type {ggml_type!r}; use one of {', '.join(GGML_TYPE_BY_NAME)}")
     _, blck, size = entry
     row = n_elements if row_length is None else row_length
     if n_elements < 0 or row % blck or n_elements % blck:
@@ -245,6 +246,24 @@ class _Cursor:
         # NOTE: GGUF strings are UTF-8; some vocabularies hold invalid byte sequences, so decode leniently.
         return raw.decode("utf-8", errors="replace")
 
+    def strings(self, count: int, what: str) -> tuple[str, ...]:
+        """``count`` consecutive GGUF strings; parses straight from the buffer, refilling through ``string``."""
+        out: list[str] = []
+        append, unpack_from = out.append, _U64.unpack_from
+        while len(out) < count:
+            buf, lo = self._buf, self.pos - self._buf_start
+            blen = len(buf)
+            while len(out) < count and lo + 8 <= blen:
+                n = unpack_from(buf, lo)[0]
+                if lo + 8 + n > blen:
+                    break
+                append(buf[lo + 8 : lo + 8 + n].decode("utf-8", errors="replace"))
+                lo += 8 + n
+            self.pos = self._buf_start + lo
+            if len(out) < count:
+                append(self.string(f"{what} element {len(out)}"))
+        return tuple(out)
+
 
 def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
     info = _VALUE_TYPES.get(vtype)
@@ -276,6 +295,8 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
             if etype == _BOOL:
                 values = tuple(bool(v) for v in values)
             return tuple(values)
+        if etype == _STRING:
+            return cur.strings(count, f"array {key!r}")
         return tuple(_value(cur, etype, key, depth + 1) for _ in range(count))
     v = cur.unpack(struct.Struct(fmt), f"{name} value of {key!r}")  # type: ignore[arg-type]
     return bool(v) if vtype == _BOOL else v
@@ -289,12 +310,11 @@ def read_gguf(path: str | os.PathLike) -> GgufFile:
     """
     spath = os.fspath(path)
     try:
-        fh = open(spath, "rb")
+        with open(spath, "rb") as fh:
+            file_size = os.fstat(fh.fileno()).st_size
+            return _parse(fh, file_size, spath)
     except OSError as exc:
-        raise ModelSpecError(f"cannot open GGUF file {spath}: {exc.strerror or exc}; check the path") from exc
-    with fh:
-        file_size = os.fstat(fh.fileno()).st_size
-        return _parse(fh, file_size, spath)
+        raise ModelSpecError(f"cannot read GGUF file {spath}: {exc.strerror or exc}; check the path") from exc
 
 
 def _parse(fh: BinaryIO, file_size: int, path: str) -> GgufFile:
@@ -317,9 +337,7 @@ def _parse(fh: BinaryIO, file_size: int, path: str) -> GgufFile:
             if swapped in SUPPORTED_VERSIONS
             else "re-convert it with a current llama.cpp (convert_hf_to_gguf.py) to get version 3"
         )
-        raise ModelSpecError(
-            f"unsupported GGUF version {version} in {path}; gpuplan reads versions 2 and 3; {hint}"
-        )
+        raise ModelSpecError(f"unsupported GGUF version {version} in {path}; gpuplan reads versions 2 and 3; {hint}")
     n_tensors = cur.unpack(_U64, "tensor count")
     n_kv = cur.unpack(_U64, "metadata count")
     # Each key/value takes at least 8 (key length) + 4 (type) + 1 bytes; each tensor info at least 8+4+8+4+8.
@@ -358,7 +376,9 @@ def _parse(fh: BinaryIO, file_size: int, path: str) -> GgufFile:
         infos.append((name, dims, type_id, offset))
 
     data_offset = -(-cur.pos // alignment) * alignment
-    tensors = tuple(_tensor(name, dims, tid, off, alignment, data_offset, file_size, path) for name, dims, tid, off in infos)
+    tensors = tuple(
+        _tensor(name, dims, tid, off, alignment, data_offset, file_size, path) for name, dims, tid, off in infos
+    )
     return GgufFile(
         path=path,
         version=version,
@@ -371,7 +391,14 @@ def _parse(fh: BinaryIO, file_size: int, path: str) -> GgufFile:
 
 
 def _tensor(
-    name: str, dims: tuple[int, ...], type_id: int, offset: int, alignment: int, data_offset: int, file_size: int, path: str
+    name: str,
+    dims: tuple[int, ...],
+    type_id: int,
+    offset: int,
+    alignment: int,
+    data_offset: int,
+    file_size: int,
+    path: str,
 ) -> GgufTensor:
     entry = GGML_TYPES.get(type_id)
     if entry is None:
@@ -400,7 +427,9 @@ def _tensor(
             f"truncated GGUF file {path}: tensor {name!r} ({nbytes} bytes at offset {data_offset + offset}) ends at "
             f"{end}, past the file size {file_size}; re-download the file"
         )
-    return GgufTensor(name=name, shape=tuple(dims), ggml_type=tname, n_elements=n_elements, nbytes=nbytes, offset=offset)
+    return GgufTensor(
+        name=name, shape=tuple(dims), ggml_type=tname, n_elements=n_elements, nbytes=nbytes, offset=offset
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,20 +25,58 @@ from planner.gguf_offload import (
 
 # type name -> (id, elements per block, bytes per block): literal values from ggml's ggml.h / ggml-common.h.
 REF_TYPES = {
-    "F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q5_0": (6, 32, 22),
-    "Q5_1": (7, 32, 24), "Q8_0": (8, 32, 34), "Q8_1": (9, 32, 36), "Q2_K": (10, 256, 84), "Q3_K": (11, 256, 110),
-    "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210), "Q8_K": (15, 256, 292),
-    "IQ2_XXS": (16, 256, 66), "IQ2_XS": (17, 256, 74), "IQ3_XXS": (18, 256, 98), "IQ1_S": (19, 256, 50),
-    "IQ4_NL": (20, 32, 18), "IQ3_S": (21, 256, 110), "IQ2_S": (22, 256, 82), "IQ4_XS": (23, 256, 136),
-    "I8": (24, 1, 1), "I16": (25, 1, 2), "I32": (26, 1, 4), "I64": (27, 1, 8), "F64": (28, 1, 8),
-    "IQ1_M": (29, 256, 56), "BF16": (30, 1, 2), "TQ1_0": (34, 256, 54), "TQ2_0": (35, 256, 66),
-    "MXFP4": (39, 32, 17), "NVFP4": (40, 64, 36), "Q1_0": (41, 128, 18),
+    "F32": (0, 1, 4),
+    "F16": (1, 1, 2),
+    "Q4_0": (2, 32, 18),
+    "Q4_1": (3, 32, 20),
+    "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34),
+    "Q8_1": (9, 32, 36),
+    "Q2_K": (10, 256, 84),
+    "Q3_K": (11, 256, 110),
+    "Q4_K": (12, 256, 144),
+    "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210),
+    "Q8_K": (15, 256, 292),
+    "IQ2_XXS": (16, 256, 66),
+    "IQ2_XS": (17, 256, 74),
+    "IQ3_XXS": (18, 256, 98),
+    "IQ1_S": (19, 256, 50),
+    "IQ4_NL": (20, 32, 18),
+    "IQ3_S": (21, 256, 110),
+    "IQ2_S": (22, 256, 82),
+    "IQ4_XS": (23, 256, 136),
+    "I8": (24, 1, 1),
+    "I16": (25, 1, 2),
+    "I32": (26, 1, 4),
+    "I64": (27, 1, 8),
+    "F64": (28, 1, 8),
+    "IQ1_M": (29, 256, 56),
+    "BF16": (30, 1, 2),
+    "TQ1_0": (34, 256, 54),
+    "TQ2_0": (35, 256, 66),
+    "MXFP4": (39, 32, 17),
+    "NVFP4": (40, 64, 36),
+    "Q1_0": (41, 128, 18),
 }
 
 # value type ids (gguf.h): name -> (id, struct format)
-VT = {"u8": (0, "<B"), "i8": (1, "<b"), "u16": (2, "<H"), "i16": (3, "<h"), "u32": (4, "<I"), "i32": (5, "<i"),
-      "f32": (6, "<f"), "bool": (7, "<B"), "str": (8, None), "arr": (9, None), "u64": (10, "<Q"), "i64": (11, "<q"),
-      "f64": (12, "<d")}
+VT = {
+    "u8": (0, "<B"),
+    "i8": (1, "<b"),
+    "u16": (2, "<H"),
+    "i16": (3, "<h"),
+    "u32": (4, "<I"),
+    "i32": (5, "<i"),
+    "f32": (6, "<f"),
+    "bool": (7, "<B"),
+    "str": (8, None),
+    "arr": (9, None),
+    "u64": (10, "<Q"),
+    "i64": (11, "<q"),
+    "f64": (12, "<d"),
+}
 
 
 def _s(text: str) -> bytes:
@@ -47,7 +85,7 @@ def _s(text: str) -> bytes:
 
 
 def _val(vtype: str, value) -> bytes:
-    tid, fmt = VT[vtype]
+    _, fmt = VT[vtype]
     if vtype == "str":
         return _s(value)
     if vtype == "arr":
@@ -83,9 +121,17 @@ def write_gguf(path, metadata, tensors, *, version=3, alignment=32, magic=b"GGUF
 ALL_VALUE_TYPES = [
     ("general.architecture", "str", "llama"),
     ("general.name", "str", "tiny ünïcode"),
-    ("t.u8", "u8", 250), ("t.i8", "i8", -7), ("t.u16", "u16", 65000), ("t.i16", "i16", -30000),
-    ("t.u32", "u32", 4_000_000_000), ("t.i32", "i32", -2_000_000_000), ("t.f32", "f32", 0.5),
-    ("t.bool", "bool", 1), ("t.u64", "u64", 2**63 + 5), ("t.i64", "i64", -(2**62)), ("t.f64", "f64", 1e-300),
+    ("t.u8", "u8", 250),
+    ("t.i8", "i8", -7),
+    ("t.u16", "u16", 65000),
+    ("t.i16", "i16", -30000),
+    ("t.u32", "u32", 4_000_000_000),
+    ("t.i32", "i32", -2_000_000_000),
+    ("t.f32", "f32", 0.5),
+    ("t.bool", "bool", 1),
+    ("t.u64", "u64", 2**63 + 5),
+    ("t.i64", "i64", -(2**62)),
+    ("t.f64", "f64", 1e-300),
     ("t.arr_i32", "arr", ("i32", [1, -2, 3])),
     ("t.arr_str", "arr", ("str", ["a", "", "<0x0A>"])),
     ("t.arr_bool", "arr", ("bool", [1, 0])),
@@ -152,7 +198,7 @@ def test_empty_and_missing_file(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(ModelSpecError, match="0 bytes"):
         read_gguf(tmp_path / "empty.gguf")
-    with pytest.raises(ModelSpecError, match="cannot open"):
+    with pytest.raises(ModelSpecError, match="cannot read GGUF file"):
         read_gguf(tmp_path / "nope.gguf")
 
 
@@ -299,8 +345,11 @@ def test_summary(tmp_path):
     assert (s.architecture, s.name, s.block_count, s.context_length) == ("llama", "tiny", 4, 2048)
     assert (s.embedding_length, s.head_count, s.head_count_kv, s.key_length) == (EMB, HEADS, KV_HEADS, None)
     assert s.layer_bytes == (LAYER,) * BLOCKS
-    assert dict(s.non_layer_bytes) == {"token_embd.weight": TOKEN_EMBD, "output_norm.weight": 256,
-                                       "output.weight": EMB * VOCAB * 2}
+    assert dict(s.non_layer_bytes) == {
+        "token_embd.weight": TOKEN_EMBD,
+        "output_norm.weight": 256,
+        "output.weight": EMB * VOCAB * 2,
+    }
     assert (s.input_bytes, s.output_bytes, s.tied_output) == (TOKEN_EMBD, OUTPUT, False)
     assert s.tensor_bytes == BLOCKS * LAYER + TOKEN_EMBD + OUTPUT
     assert dict(s.ggml_type_counts)["Q4_0"] == 8
@@ -323,8 +372,11 @@ def test_kv_cache_bytes(tmp_path):
     # q8_0 cache: rows of 2*16 = 32 values -> one 34-byte block per row, 256 rows, K and V
     assert kv_cache_bytes_per_layer(g, 256, cache_type_k="q8_0", cache_type_v="Q8_0") == (2 * 256 * 34,) * 4
     path2 = tmp_path / "kl.gguf"
-    extra = [("llama.attention.key_length", "u32", 32), ("llama.attention.value_length", "u32", 16),
-             ("llama.attention.head_count_kv", "arr", ("u32", [2, 0, 1, 2]))]
+    extra = [
+        ("llama.attention.key_length", "u32", 32),
+        ("llama.attention.value_length", "u32", 16),
+        ("llama.attention.head_count_kv", "arr", ("u32", [2, 0, 1, 2])),
+    ]
     meta = [m for m in _llama_meta() if m[0] != "llama.attention.head_count_kv"] + extra
     write_gguf(path2, meta, _llama_tensors())
     # per block: n_ctx x n_head_kv x (32 + 16) x 2 bytes; block 1 has no attention
@@ -340,7 +392,7 @@ def test_kv_cache_needs_metadata(tmp_path):
 
 def test_plan_layer_offload_hand_numbers():
     # 10 blocks of 1000 B, KV 100 B each, output layer 500 B, input 700 B, reserve 300 B, VRAM 2000 B
-    kw = dict(kv_bytes_per_layer=100, output_bytes=500, input_bytes=700, compute_reserve_bytes=300)
+    kw = {"kv_bytes_per_layer": 100, "output_bytes": 500, "input_bytes": 700, "compute_reserve_bytes": 300}
     p = plan_layer_offload([1000] * 10, 2000, **kw)
     # -ngl 1: output 500 + reserve 300 = 800; -ngl 2: + one block 1100 = 1900; -ngl 3: 3000 > 2000
     assert (p.n_gpu_layers, p.output_on_gpu, p.gpu_blocks, p.fits) == (2, True, (9, 10), True)

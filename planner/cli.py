@@ -1,0 +1,197 @@
+"""``gpuplan`` command line: parse arguments, call the planner, print. Exit codes: 0 ok, 2 bad input, 3 infeasible.
+
+Imports stay light (no ray, no torch) so that ``gpuplan --help`` starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import GpuplanError, InputError
+from .units import parse_bytes
+
+
+def _positive_int(name):
+    def conv(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {v!r}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {n}")
+        return n
+
+    return conv
+
+
+def _size(v: str) -> int:
+    try:
+        return parse_bytes(v)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpuplan",
+        description="Memory-aware planning of LLM replicas on GPUs: exact bytes per replica, and how many fit where.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("estimate", help="bytes one replica of a model needs (weights, KV cache, activations, runtime)")
+    e.add_argument("source", help="local model dir, config.json, .gguf file, or catalog name (see `gpuplan catalog`)")
+    e.add_argument("--quant", default=None,
+                   help="fp32|bf16|fp16|int8|nf4|fp4|int4|awq|gptq|fp8|mxfp4|gguf, or several comma-separated to "
+                        "compare (default: the checkpoint's own quantization, else its dtype)")
+    e.add_argument("--dtype", default=None, help="dtype of unquantized tensors and compute: bf16|fp16|fp32 "
+                                                 "(default: the config's dtype, else bf16)")
+    e.add_argument("--max-model-len", type=_positive_int("--max-model-len"), default=None,
+                   help="tokens per sequence the KV cache holds (default: min(max_position_embeddings, 4096))")
+    e.add_argument("--max-num-seqs", type=_positive_int("--max-num-seqs"), default=1,
+                   help="concurrent sequences per replica (default 1)")
+    e.add_argument("--max-num-batched-tokens", type=_positive_int("--max-num-batched-tokens"), default=None,
+                   help="tokens of one prefill chunk (default: max-model-len)")
+    e.add_argument("--kv-dtype", default="auto", help="auto (= compute dtype) | bf16 | fp16 | fp32 | fp8")
+    e.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the replica runs (default cuda)")
+    e.add_argument("--bits", type=int, default=None, help="awq/gptq bits when estimating a checkpoint (default 4)")
+    e.add_argument("--group-size", type=int, default=None, help="awq/gptq group size (default 128; -1 = none)")
+    e.add_argument("--mla-latent-cache", action="store_true",
+                   help="MLA models: size the compressed latent KV cache (vLLM) instead of transformers' full K/V")
+    e.add_argument("--mode", choices=["infer", "train"], default="infer", help="infer (default) or train")
+    e.add_argument("--zero-stage", type=int, default=0, help="--mode train: DeepSpeed ZeRO stage 0-3")
+    e.add_argument("--num-gpus", type=_positive_int("--num-gpus"), default=1, help="--mode train: data-parallel GPUs")
+    e.add_argument("--micro-batch", type=_positive_int("--micro-batch"), default=1, help="--mode train: sequences per GPU")
+    e.add_argument("--json", action="store_true", help="stable JSON instead of a table")
+
+    c = sub.add_parser("catalog", help="list the real model configs shipped with gpuplan")
+    c.add_argument("--json", action="store_true")
+
+    g = sub.add_parser("gguf-layers", help="llama.cpp: how many layers of a GGUF file fit in a VRAM budget")
+    g.add_argument("file", help=".gguf file")
+    g.add_argument("--vram", type=_size, required=True, help="GPU memory budget, e.g. 8GiB")
+    g.add_argument("--ctx", type=_positive_int("--ctx"), default=4096, help="context length (default 4096)")
+    g.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("probe", help="what this host's GPUs are, as NVML reports them (or why there are none)")
+    pr.add_argument("--json", action="store_true")
+
+    _add_plan_commands(sub)
+    return p
+
+
+def _add_plan_commands(sub) -> None:
+    try:
+        from . import cli_plan
+    except ImportError:  # planning commands not built in this version
+        return
+    cli_plan.add_commands(sub)
+
+
+def cmd_estimate(args) -> int:
+    from .memory import estimate_replica
+    from .report import compare_table, estimate_table
+    from .spec import load_spec
+
+    spec = load_spec(args.source)
+    if args.mode == "train":
+        return _train(spec, args)
+    quants = [q.strip() for q in args.quant.split(",")] if args.quant else [None]
+    ests = [
+        estimate_replica(
+            spec, quant=q, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype, device=args.device,
+            mla_latent_cache=args.mla_latent_cache, bits=args.bits, group_size=args.group_size,
+        )
+        for q in quants
+    ]
+    if args.json:
+        out = ests[0].to_json() if len(ests) == 1 else [e.to_json() for e in ests]
+        print(json.dumps(out, indent=2))
+    elif len(ests) == 1:
+        print(estimate_table(ests[0]))
+    else:
+        print(compare_table(ests))
+    return 0
+
+
+def _train(spec, args) -> int:
+    from . import training
+
+    est = training.estimate_from_spec(spec, dtype=args.dtype or "bf16", zero_stage=args.zero_stage,
+                                      num_gpus=args.num_gpus, seq_len=args.max_model_len or 2048,
+                                      micro_batch=args.micro_batch)
+    print(json.dumps(est.to_json(), indent=2) if args.json else training.format_table(est))
+    return 0
+
+
+def cmd_catalog(args) -> int:
+    from .memory import estimate_replica
+    from .spec import catalog_names, load_spec
+    from .units import format_bytes
+
+    rows = []
+    for name in catalog_names():
+        spec = load_spec(name)
+        rows.append({"name": name, "model_type": spec.model_type, "params": spec.params_total,
+                     "quantization": (spec.checkpoint_quant or {}).get("quant_method"),
+                     "weights_bytes": estimate_replica(spec, max_model_len=1).weights})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        w = max(len(r["name"]) for r in rows)
+        print(f"{'name':{w}}  {'type':12} {'params':>17}  {'weights as shipped':>18}  checkpoint quant")
+        for r in rows:
+            print(f"{r['name']:{w}}  {r['model_type']:12} {r['params']:>17,}  {format_bytes(r['weights_bytes'], precision=2):>18}"
+                  f"  {r['quantization'] or '-'}")
+    return 0
+
+
+def cmd_gguf_layers(args) -> int:
+    from .formats.gguf import read_gguf
+    from .gguf_offload import plan_gpu_layers
+
+    res = plan_gpu_layers(read_gguf(args.file), vram_bytes=args.vram, n_ctx=args.ctx)
+    print(json.dumps(res.to_json(), indent=2) if args.json else res.describe())
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .inventory import probe_local_gpus
+    from .units import format_bytes
+
+    res = probe_local_gpus()
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+    elif not res.gpus:
+        print(res.reason)
+    else:
+        for g in res.gpus:
+            print(f"{g.id}: {g.name} ({g.gpu_type}), {format_bytes(g.total_bytes)} total, "
+                  f"{format_bytes(g.free_bytes or 0)} free")
+    return 0
+
+
+COMMANDS = {"estimate": cmd_estimate, "catalog": cmd_catalog, "gguf-layers": cmd_gguf_layers, "probe": cmd_probe}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = COMMANDS.get(args.cmd)
+    if handler is None:
+        from . import cli_plan
+
+        handler = cli_plan.COMMANDS[args.cmd]
+    try:
+        return handler(args)
+    except GpuplanError as exc:
+        print(f"gpuplan: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
