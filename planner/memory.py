@@ -159,6 +159,9 @@ def activation_bytes(spec: ModelSpec, q: QuantSpec, *, tokens: int, max_num_seqs
     if q.scheme in ("nf4", "fp4", "int4"):
         # bitsandbytes 4-bit prefill dequantizes the whole weight to the compute dtype, then matmuls
         dequant = max((t.numel for t in spec.tensors if is_quantized(t, q) and t.role == "linear"), default=0) * act_bytes
+    elif q.scheme == "gptq":
+        # GPTQ (ExLlama kernels) keeps an fp16 scratch buffer for dequantizing the largest weight
+        dequant = max((t.numel for t in spec.tensors if is_quantized(t, q) and t.role == "linear"), default=0) * 2
     elif q.scheme == "int8":
         # LLM.int8: int8 copy of the activation + int32 accumulator of the widest layer
         widest = max((t.shape[0] for t in spec.tensors if is_quantized(t, q) and len(t.shape) == 2), default=0)
