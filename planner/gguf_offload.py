@@ -69,6 +69,33 @@ class GgufOffloadPlan:
     llama_cpp_args: tuple[str, ...]
     notes: tuple[str, ...] = ()
 
+    def describe(self) -> str:
+        """A few lines for people: the flag to pass, and where the bytes go."""
+        on_gpu = self.gpu_blocks[1] - self.gpu_blocks[0]
+        if self.full_offload:
+            what = "all layers"
+        elif self.output_on_gpu:
+            what = f"output layer + {on_gpu} of {self.block_count} blocks"
+        else:
+            what = f"{on_gpu} of {self.block_count} blocks"
+        ctx = f", context {self.n_ctx}" if self.n_ctx is not None else ""
+        gpu = (
+            f"  GPU {format_bytes(self.gpu_bytes)} of {format_bytes(self.vram_bytes)}: weights "
+            f"{format_bytes(self.gpu_weight_bytes)} + KV {format_bytes(self.gpu_kv_bytes)} + compute reserve "
+            f"{format_bytes(self.compute_reserve_bytes)}"
+        )
+        cpu = (
+            f"  CPU {format_bytes(self.cpu_bytes)}: weights {format_bytes(self.cpu_weight_bytes)} + KV "
+            f"{format_bytes(self.cpu_kv_bytes)}"
+        )
+        lines = [f"--n-gpu-layers {self.n_gpu_layers} (of {self.max_n_gpu_layers}): {what} on the GPU{ctx}", gpu, cpu]
+        if self.rule_of_thumb_n_gpu_layers is not None:
+            lines.append(
+                f"  rule of thumb floor(VRAM / file size x (blocks - 4)) would say {self.rule_of_thumb_n_gpu_layers}"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
     def to_json(self) -> dict:
         out = asdict(self)
         for k, v in out.items():
@@ -295,3 +322,7 @@ def plan_gguf_offload(
         n_ctx=n_ctx,
         notes=notes,
     )
+
+
+# The name planner/cli.py calls (``gpuplan gguf-layers``).
+plan_gpu_layers = plan_gguf_offload

@@ -226,11 +226,13 @@ def estimate_activation_memory(
         if sequence_parallel:
             per_layer, formula = _ceil_div(34 * sbh, t), "34sbh/t"
         else:
-            per_layer, formula = 10 * sbh + _ceil_div(24 * sbh, t), "sbh(10 + 24/t)"
+            per_layer = 10 * sbh + _ceil_div(24 * sbh, t)
+            formula = "34sbh" if t == 1 else "sbh(10 + 24/t)"
     elif sequence_parallel:
         per_layer, formula = _ceil_div(34 * sbh + attn, t), "sbh/t (34 + 5as/h)"
     else:
-        per_layer, formula = 10 * sbh + _ceil_div(24 * sbh + attn, t), "sbh(10 + 24/t + 5as/(ht))"
+        per_layer = 10 * sbh + _ceil_div(24 * sbh + attn, t)
+        formula = "sbh(34 + 5as/h)" if t == 1 else "sbh(10 + 24/t + 5as/(ht))"
     return ActivationMemory(
         per_layer=per_layer,
         total=per_layer * L,
@@ -244,3 +246,96 @@ def estimate_activation_memory(
         recompute=recompute,
         formula=formula,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a ModelSpec (planner.spec), for ``gpuplan estimate --mode train``
+
+_TRAIN_DTYPES = {"bf16": (2, True), "fp16": (2, True), "fp32": (4, False)}  # weight bytes, mixed precision
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """Per-GPU training memory of one model: model states (``states``, whose ``activations`` term is
+    ``activations.total``) and the activation estimate behind it."""
+
+    model: str
+    dtype: str
+    states: TrainingMemory
+    activations: ActivationMemory
+
+    @property
+    def total(self) -> int:
+        return self.states.total
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "total_bytes": self.total,
+            "states": self.states.to_json(),
+            "activations": self.activations.to_json(),
+        }
+
+
+def estimate_from_spec(
+    spec,
+    *,
+    dtype: str = "bf16",
+    zero_stage: int = 0,
+    num_gpus: int = 1,
+    seq_len: int = 2048,
+    micro_batch: int = 1,
+    optimizer: str = "adamw",
+    recompute: str = "none",
+    trainable_params: int | None = None,
+) -> TrainingEstimate:
+    """Training memory per GPU for a ``planner.spec.ModelSpec``: ``params_total`` parameters trained in ``dtype``
+    (bf16/fp16: mixed precision with an fp32 master copy; fp32: full precision) under ZeRO ``zero_stage`` over
+    ``num_gpus``, plus Korthikanti activations from ``spec.dims`` (num_layers, hidden_size, num_heads).
+
+    The activation formula assumes a GPT-style layer (4h MLP, full multi-head attention); for SwiGLU/GQA models it
+    is an approximation of the same order.
+    """
+    if dtype not in _TRAIN_DTYPES:
+        raise InputError(
+            f"training dtype must be one of {', '.join(_TRAIN_DTYPES)}, got {dtype!r}; quantized (QLoRA-style) "
+            f"training is not modelled"
+        )
+    w_bytes, mixed = _TRAIN_DTYPES[dtype]
+    d = spec.dims
+    act = estimate_activation_memory(
+        seq_len, micro_batch, d.hidden_size, d.num_layers, d.num_heads, recompute=recompute
+    )
+    states = estimate_training_memory(
+        spec.params_total,
+        trainable_params,
+        weight_dtype_bytes=w_bytes,
+        mixed_precision=mixed,
+        optimizer=optimizer,
+        zero_stage=zero_stage,
+        n_gpus=num_gpus,
+        hidden_size=d.hidden_size,
+        activation_bytes=act.total,
+    )
+    return TrainingEstimate(model=spec.name, dtype=dtype, states=states, activations=act)
+
+
+def format_table(est: TrainingEstimate) -> str:
+    """Plain-text table of a ``TrainingEstimate``: one line per term, bytes and GiB."""
+    s, a = est.states, est.activations
+    rows = [
+        ("weights", s.weights),
+        ("gradients", s.gradients),
+        ("optimizer states", s.optimizer_states),
+        ("fp32 master weights", s.master_weights),
+        (f"activations ({a.formula} x {a.num_layers} layers, recompute={a.recompute})", s.activations),
+        ("total per GPU", s.total),
+    ]
+    width = max(len(r[0]) for r in rows)
+    head = (
+        f"{est.model}: {est.dtype} {s.optimizer}, ZeRO stage {s.zero_stage} over {s.n_gpus} GPU(s), "
+        f"{s.trainable_params:,} of {s.total_params:,} params trainable, seq {a.seq_len} x micro-batch {a.micro_batch}"
+    )
+    lines = [head] + [f"  {name:{width}}  {n:>20,} B  {format_bytes(n):>10}" for name, n in rows]
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ from planner.gguf_offload import (
     DEFAULT_COMPUTE_RESERVE_BYTES,
     kv_cache_bytes_per_layer,
     plan_gguf_offload,
+    plan_gpu_layers,
     plan_layer_offload,
 )
 
@@ -449,6 +450,9 @@ def test_plan_gguf_offload(tmp_path):
     assert p.rule_of_thumb_n_gpu_layers == 0
     out = json.loads(json.dumps(p.to_json()))
     assert out["n_gpu_layers"] == 3 and out["gpu_blocks"] == [2, 4]
+    text = p.describe()
+    assert text.startswith("--n-gpu-layers 3 (of 5): output layer + 2 of 4 blocks on the GPU, context 1024")
+    assert plan_gpu_layers is plan_gguf_offload
 
 
 def test_plan_gguf_offload_tied(tmp_path):
@@ -524,3 +528,19 @@ def test_against_gguf_py(tmp_path):
     s = summarize_gguf(g)
     assert (s.architecture, s.block_count, s.head_count, s.head_count_kv, s.context_length) == ("llama", 2, 8, 2, 4096)
     assert s.tied_output and s.input_bytes == 384
+
+
+def test_estimate_from_gguf_counts_stored_bytes(tmp_path):
+    from planner.memory import estimate_replica
+    from planner.spec import load_spec
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, _llama_meta(), _llama_tensors())
+    g = read_gguf(path)
+    est = estimate_replica(load_spec(str(path)), max_model_len=1024)
+    assert est.quantization == "gguf" and est.source == "gguf"
+    assert est.weights == sum(t.nbytes for t in g.tensors)
+    # KV: 2 x n_ctx x kv_heads x head_dim x 2 bytes per block, 4 blocks
+    assert est.kv_cache == 4 * 2 * 1024 * KV_HEADS * (EMB // HEADS) * 2
+    with pytest.raises(ModelSpecError, match="GGUF file"):
+        estimate_replica(load_spec(str(path)), quant="int4")

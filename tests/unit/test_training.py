@@ -7,7 +7,7 @@ import json
 import pytest
 
 from planner.errors import InputError
-from planner.training import estimate_activation_memory, estimate_training_memory
+from planner.training import estimate_activation_memory, estimate_from_spec, estimate_training_memory, format_table
 
 PSI = 7_500_000_000  # the ZeRO paper's example: Psi = 7.5B, K = 12, N_d = 64 (Figure 1; GB = 1e9)
 
@@ -94,6 +94,7 @@ def test_activations_gpt3_175b():
     # sbh(10 + 24/t + 5as/(ht)) = sbh (10 + 3 + 10)
     none = estimate_activation_memory(**kw)
     assert none.per_layer == sbh * 23 == 578_813_952 and none.total == 96 * sbh * 23
+    assert none.formula == "sbh(10 + 24/t + 5as/(ht))"
     # + sequence parallelism: sbh/t (34 + 5as/h) = sbh/8 * 114
     assert estimate_activation_memory(**kw, sequence_parallel=True).per_layer == sbh * 114 // 8
     # selective recomputation + sequence parallelism: 34 sbh / t
@@ -108,8 +109,26 @@ def test_activations_single_gpu():
     # sbh(34 + 5as/h) with s=4096, b=2, h=4096, a=32: 34 sbh + 5 a s^2 b
     m = estimate_activation_memory(4096, 2, 4096, 32, 32)
     assert m.per_layer == 34 * 4096 * 2 * 4096 + 5 * 32 * 4096 * 4096 * 2
-    assert m.formula == "sbh(10 + 24/t + 5as/(ht))" and m.total == 32 * m.per_layer
+    assert m.formula == "sbh(34 + 5as/h)" and m.total == 32 * m.per_layer
     with pytest.raises(InputError, match="recompute must be one of none, selective, full"):
         estimate_activation_memory(1, 1, 1, 1, 1, recompute="some")
     with pytest.raises(InputError, match="seq_len must be >= 1, got 0"):
         estimate_activation_memory(0, 1, 1, 1, 1)
+
+
+def test_estimate_from_spec_and_table():
+    class Dims:
+        num_layers, hidden_size, num_heads = 2, 64, 4
+
+    class Spec:
+        name, params_total, dims = "tiny", 1_000_000, Dims()
+
+    est = estimate_from_spec(Spec(), dtype="bf16", zero_stage=1, num_gpus=4, seq_len=128, micro_batch=2)
+    act = estimate_activation_memory(128, 2, 64, 2, 4)
+    assert est.activations == act and est.states.activations == act.total
+    assert est.total == 2_000_000 + 2_000_000 + 12 * 250_000 + act.total
+    assert "total per GPU" in format_table(est) and json.loads(json.dumps(est.to_json()))["total_bytes"] == est.total
+    fp32 = estimate_from_spec(Spec(), dtype="fp32")
+    assert fp32.states.master_weights == 0 and fp32.states.weights == 4_000_000
+    with pytest.raises(InputError, match="training dtype must be one of bf16, fp16, fp32, got 'int4'"):
+        estimate_from_spec(Spec(), dtype="int4")

@@ -1,0 +1,250 @@
+"""The edge schemas: deploy.yaml's application ``args`` and the ``--cluster`` declaration (pydantic v2).
+
+Every model has ``extra="forbid"`` and a docstring on every field. Sizes are accepted as ints of bytes or strings
+with units ("24GiB", "24GB") and become ints of bytes here; nothing inside gpuplan sees a unit again.
+``load_deploy_args`` turns any validation failure into one ``InputError`` line that names the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+from .units import parse_bytes
+
+QUANTIZATIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "int4", "awq", "gptq", "fp8", "mxfp4", "gguf")
+
+
+def _bytes(v):
+    if v is None:
+        return None
+    try:
+        return parse_bytes(v)
+    except InputError as exc:
+        raise ValueError(str(exc).split(": ", 1)[-1]) from None
+
+
+Bytes = Annotated[int, BeforeValidator(_bytes)]
+
+
+class _Edge(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class GpuDecl(_Edge):
+    name: str
+    """GPU product or type, e.g. "A10G", "A100-80GB", "H100". Known names take their memory from
+    planner/catalog/gpus.json; any other name needs `memory`."""
+    memory: Bytes | None = None
+    """Total memory of one GPU, bytes or "24GiB"; default: the catalog's value for `name`."""
+    count: int = Field(1, ge=1)
+    """How many GPUs of this kind the node has."""
+
+
+class NodeDecl(_Edge):
+    name: str
+    """Node name, unique in the cluster (a Ray node, or a KubeRay worker group member)."""
+    cpu_memory: Bytes = Field(default=16 * 1024**3)
+    """Host RAM the node gives replicas (CPU replicas and CPU offload), bytes or "64GiB"."""
+    num_cpus: float | None = Field(None, gt=0)
+    """CPUs of the node (optional; used for CPU-replica placement and KubeRay requests)."""
+    gpus: list[GpuDecl] = Field(default_factory=list)
+    """The node's GPUs."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Kubernetes nodeSelector for this node's worker group (KubeRay rendering only)."""
+    tolerations: list[dict] = Field(default_factory=list)
+    """Kubernetes tolerations for this node's worker group (KubeRay rendering only)."""
+    replicas: int = Field(1, ge=1)
+    """How many identical nodes this entry stands for (a KubeRay worker group of N pods)."""
+
+
+class ClusterDecl(_Edge):
+    nodes: list[NodeDecl] = Field(min_length=1)
+    """The nodes of the cluster."""
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [n.name for n in self.nodes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"node names must be unique, {dup[0]!r} appears {names.count(dup[0])} times")
+        return self
+
+
+class Replicas(_Edge):
+    min: int = Field(1, ge=0)
+    """Replicas that must always run; the plan fails if they do not fit."""
+    max: int = Field(1, ge=1)
+    """Upper bound for autoscaling; the plan may place fewer when memory runs out, and says why."""
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max}); set max to at least {self.min}")
+        return self
+
+
+class Offload(_Edge):
+    cpu_memory: Bytes
+    """Host RAM one replica may spill weights to (accelerate `max_memory["cpu"]`) when the GPU has too little free."""
+
+
+class Autoscaling(_Edge):
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    """Ray Serve autoscaling target: ongoing requests per replica before it adds a replica."""
+    upscale_delay_s: float = Field(10.0, ge=0)
+    """Seconds the load must stay above target before scaling up."""
+    downscale_delay_s: float = Field(60.0, ge=0)
+    """Seconds the load must stay below target before scaling down."""
+
+
+class ModelEntry(_Edge):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """The model's name in the API (`model` field of requests) and its deployment name."""
+    source: str
+    """Local model directory (relative paths are resolved against deploy.yaml's folder), a config.json, a .gguf
+    file, or a catalog name (`gpuplan catalog`)."""
+    quantization: list[str] = Field(default_factory=lambda: ["bf16"])
+    """Allowed quantizations, most preferred first (a single string is one choice)."""
+    dtype: Literal["bf16", "fp16", "fp32"] | None = None
+    """Dtype of unquantized tensors and compute; default: the model's config dtype, else bf16."""
+    max_model_len: int = Field(2048, gt=0)
+    """Prompt + completion tokens per sequence; sizes the KV cache and bounds requests."""
+    max_num_seqs: int = Field(8, gt=0)
+    """Concurrent sequences per replica (the KV-cache budget and the batch size)."""
+    replicas: Replicas = Field(default_factory=Replicas)
+    """Replica bounds."""
+    replica_memory: Bytes | None = None
+    """Override of the estimated bytes per replica, bytes or "7.5GiB" (use when you measured it)."""
+    offload: Offload | None = None
+    """Allow CPU offload when the GPU's free memory is below plan; null = never offload."""
+    gpu_type: str | None = None
+    """Pin replicas to GPUs of this type (e.g. "A10G"), set as Ray's accelerator_type."""
+    trust_remote_code: bool = False
+    """Pass trust_remote_code to transformers (off unless you trust the model's code)."""
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    """Ray Serve autoscaling knobs (bounds come from the plan)."""
+    max_ongoing_requests: int = Field(16, gt=0)
+    """Requests one replica accepts at once (Ray Serve max_ongoing_requests)."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Requests waiting for a replica before the API sheds load with 429 (-1 = unbounded)."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """Seconds a request may take before the API answers 504."""
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not items:
+            raise ValueError("give one quantization or a non-empty list, e.g. [int4, int8]")
+        out = []
+        for q in items:
+            q = str(q).lower()
+            if q not in QUANTIZATIONS:
+                raise ValueError(f"unknown quantization {q!r}; choose from {', '.join(QUANTIZATIONS)}")
+            if q not in out:
+                out.append(q)
+        return out
+
+
+class HttpOptions(_Edge):
+    api_key_env: str = "GPUPLAN_API_KEY"
+    """Environment variable holding the bearer token; when it is set, every /v1 request must carry it."""
+
+
+class DeployArgs(_Edge):
+    headroom: float = Field(0.10, ge=0, lt=1)
+    """Fraction of each GPU's memory kept free by the plan."""
+    gpu_reserve: Bytes | None = None
+    """Bytes per GPU no replica owns (driver, other tenants); default: the planner's measured default."""
+    cluster: Union[Literal["auto"], ClusterDecl] = "auto"
+    """`auto` probes every Ray node with NVML; or an inline declaration (same shape as --cluster files)."""
+    models: list[ModelEntry] = Field(min_length=1)
+    """The models to serve."""
+    http: HttpOptions = Field(default_factory=HttpOptions)
+    """API options."""
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique, {dup[0]!r} appears {names.count(dup[0])} times")
+        return self
+
+
+def _one_line(exc: ValidationError, what: str) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or what
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the README's deploy.yaml fields)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"{loc}: {msg}")
+    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    return f"{what}: " + "; ".join(parts) + more
+
+
+def parse_deploy_args(args: dict, *, base_dir: str | None = None, what: str = "deploy.yaml args") -> DeployArgs:
+    """Validate application args (a dict); relative local model paths are resolved against ``base_dir``."""
+    try:
+        parsed = DeployArgs.model_validate(args)
+    except ValidationError as exc:
+        raise InputError(_one_line(exc, what)) from None
+    if base_dir:
+        models = []
+        for m in parsed.models:
+            src = m.source
+            if not os.path.isabs(src) and (src.startswith(".") or os.path.exists(os.path.join(base_dir, src))):
+                src = os.path.normpath(os.path.join(base_dir, src))
+            models.append(m.model_copy(update={"source": src}))
+        parsed = parsed.model_copy(update={"models": models})
+    return parsed
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_deploy_file(path: str, app: str | None = None) -> tuple[DeployArgs, dict]:
+    """Read a Ray Serve config file (``applications: [{name, import_path, args}]``) or a bare args mapping.
+    Returns (parsed args of the chosen application, the whole file as a dict)."""
+    data = load_yaml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    if "applications" in data:
+        apps = [a for a in data["applications"] if isinstance(a, dict)
+                and str(a.get("import_path", "")).startswith("serve.app")]
+        if app:
+            apps = [a for a in apps if a.get("name") == app]
+        if not apps:
+            raise InputError(f"{path}: no application with import_path serve.app:build_app"
+                             + (f" named {app!r}" if app else ""))
+        return parse_deploy_args(apps[0].get("args") or {}, base_dir=base, what=f"{path} args"), data
+    return parse_deploy_args(data, base_dir=base, what=path), data
+
+
+def load_cluster_file(path: str) -> ClusterDecl:
+    data = load_yaml(path)
+    try:
+        return ClusterDecl.model_validate(data)
+    except ValidationError as exc:
+        raise InputError(_one_line(exc, path)) from None
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9_-]")
