@@ -1,0 +1,131 @@
+"""Decisions a replica or the app makes at run time, as pure functions of injected numbers.
+
+- ``decide_load``: at replica start, given the real free memory of its GPU, load on the GPU (and cap itself at its
+  planned share), spill weights to CPU (accelerate ``device_map="auto"`` + ``max_memory``), or load on the CPU.
+- ``autoscaling_config``: Ray Serve autoscaling bounds from the plan (max never above planned capacity).
+- ``num_gpus_for``: the fractional GPU request that turns Ray's accounting into a memory ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import InfeasiblePlanError
+from .units import MiB, format_bytes
+
+# NOTE: slack kept on the GPU when offloading, for allocator rounding and buffers created while quantizing
+# (transformers' bnb quantizers shrink max_memory by 10% for the same reason: "need more space for buffers that are
+# created during quantization"); we keep max(10% of the weights on the GPU, 256 MiB).
+OFFLOAD_SLACK_FRACTION = 0.10
+OFFLOAD_SLACK_MIN = 256 * MiB
+
+
+@dataclass(frozen=True)
+class LoadDecision:
+    mode: str  # "gpu" | "offload" | "cpu"
+    reason: str
+    gpu_index: int | None = None
+    memory_fraction: float | None = None  # torch.cuda.set_per_process_memory_fraction(...) on gpu_index
+    max_memory: dict | None = None  # accelerate max_memory: {gpu_index: bytes, "cpu": bytes}
+    gpu_weight_bytes: int | None = None
+    cpu_weight_bytes: int | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        if self.max_memory is not None:
+            d["max_memory"] = {str(k): v for k, v in self.max_memory.items()}
+        return d
+
+
+def num_gpus_for(replica_bytes: int, gpu_total_bytes: int) -> float:
+    """``replica_bytes / gpu_total_bytes`` rounded UP to 1e-4 (Ray's fractional GPU granularity), capped at 1."""
+    if gpu_total_bytes <= 0:
+        raise ValueError("gpu_total_bytes must be positive")
+    return min(1.0, math.ceil(replica_bytes * 10_000 / gpu_total_bytes) / 10_000)
+
+
+def decide_load(
+    *,
+    model: str,
+    planned_bytes: int,
+    weights_bytes: int,
+    cuda_available: bool,
+    gpu_index: int | None = None,
+    gpu_total_bytes: int | None = None,
+    gpu_free_bytes: int | None = None,
+    offload_cpu_bytes: int = 0,
+    why_no_cuda: str = "no CUDA device is visible to this replica",
+) -> LoadDecision:
+    """Where a replica loads its weights, from the memory it actually finds.
+
+    ``planned_bytes`` is the replica's planned total (weights + KV + activations + runtime); the non-weight part must
+    stay on the GPU whatever happens, so only weights can spill to the CPU.
+    """
+    if not cuda_available or gpu_index is None or not gpu_total_bytes:
+        return LoadDecision("cpu", f"{why_no_cuda}: loading {model} on the CPU")
+    free = gpu_free_bytes if gpu_free_bytes is not None else gpu_total_bytes
+    if free >= planned_bytes:
+        frac = min(1.0, math.ceil(planned_bytes * 10_000 / gpu_total_bytes) / 10_000)
+        return LoadDecision(
+            "gpu",
+            f"GPU {gpu_index} has {format_bytes(free)} free >= the planned {format_bytes(planned_bytes)}: loading "
+            f"{model} on the GPU, capped at {frac:.4f} of its {format_bytes(gpu_total_bytes)}",
+            gpu_index=gpu_index,
+            memory_fraction=frac,
+            gpu_weight_bytes=weights_bytes,
+            cpu_weight_bytes=0,
+        )
+    shortfall = planned_bytes - free
+    fix = (f"free {format_bytes(shortfall)} on GPU {gpu_index}, lower max_model_len/max_num_seqs, use a lower-bit "
+           "quantization, or set offload.cpu_memory")
+    if offload_cpu_bytes <= 0:
+        raise InfeasiblePlanError(
+            f"{model}: GPU {gpu_index} has {format_bytes(free)} free but the plan gives this replica "
+            f"{format_bytes(planned_bytes)} ({format_bytes(shortfall)} short) and offload is off: {fix}"
+        )
+    non_weights = planned_bytes - weights_bytes
+    room = free - non_weights
+    slack = max(int(OFFLOAD_SLACK_FRACTION * max(room, 0)), OFFLOAD_SLACK_MIN)
+    gpu_weights = max(0, room - slack)
+    cpu_weights = weights_bytes - gpu_weights
+    if cpu_weights > offload_cpu_bytes:
+        raise InfeasiblePlanError(
+            f"{model}: GPU {gpu_index} has {format_bytes(free)} free, {format_bytes(gpu_weights)} of its "
+            f"{format_bytes(weights_bytes)} of weights fit there, and the other {format_bytes(cpu_weights)} exceed "
+            f"offload.cpu_memory {format_bytes(offload_cpu_bytes)}: raise offload.cpu_memory to at least "
+            f"{format_bytes(cpu_weights)} or {fix.split(', set offload')[0]}"
+        )
+    if gpu_weights == 0:
+        return LoadDecision(
+            "cpu",
+            f"GPU {gpu_index} has {format_bytes(free)} free, less than the {format_bytes(non_weights)} this replica "
+            f"needs besides weights: loading {model} on the CPU ({format_bytes(weights_bytes)} of weights in RAM)",
+            cpu_weight_bytes=weights_bytes,
+        )
+    frac = min(1.0, math.ceil(free * 10_000 / gpu_total_bytes) / 10_000)
+    return LoadDecision(
+        "offload",
+        f"GPU {gpu_index} has {format_bytes(free)} free < the planned {format_bytes(planned_bytes)}: {model} keeps "
+        f"{format_bytes(gpu_weights)} of weights on the GPU and offloads {format_bytes(cpu_weights)} to the CPU",
+        gpu_index=gpu_index,
+        memory_fraction=frac,
+        max_memory={gpu_index: gpu_weights, "cpu": offload_cpu_bytes},
+        gpu_weight_bytes=gpu_weights,
+        cpu_weight_bytes=cpu_weights,
+    )
+
+
+def autoscaling_config(*, min_replicas: int, max_replicas: int, placed_replicas: int,
+                       target_ongoing_requests: float, upscale_delay_s: float = 10.0,
+                       downscale_delay_s: float = 60.0) -> dict:
+    """Ray Serve ``autoscaling_config``: bounds from the plan, never above the replicas the plan could place."""
+    upper = max(min(max_replicas, placed_replicas), min_replicas)
+    return {
+        "min_replicas": min_replicas,
+        "initial_replicas": min_replicas,
+        "max_replicas": max(upper, 1),
+        "target_ongoing_requests": target_ongoing_requests,
+        "upscale_delay_s": upscale_delay_s,
+        "downscale_delay_s": downscale_delay_s,
+    }
