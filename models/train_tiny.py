@@ -219,6 +219,37 @@ def train_tokenizer(texts, vocab_size: int, max_len: int):
     )
 
 
+SAMPLE_PROMPTS = [
+    # A code prompt should end where a token ends: byte-level BPE merges "\n" with the
+    # following indentation ("\n   " + " return"), so a prompt ending in a bare "\n" is
+    # off-distribution and degrades badly (the training run's own log shows it looping).
+    ("code", "def is_prime(n):"),
+    ("chat", [{"role": "user", "content": "What does json.dumps do?"}]),
+    ("chat", [{"role": "system", "content": "You are a helpful assistant."},
+              {"role": "user", "content": "What is the shutil module?"}]),
+]
+
+
+def print_samples(out, log, max_new_tokens: int = 64) -> None:
+    """Greedy and seeded-sampled continuations from the saved bf16 model (used for the README)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    lm = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    for kind, prompt in SAMPLE_PROMPTS:
+        if kind == "code":
+            enc = tok(prompt, return_tensors="pt")
+        else:
+            enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        for mode in ("greedy", "sampled"):
+            torch.manual_seed(0)
+            kw = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_p=0.95)
+            o = lm.generate(**enc, max_new_tokens=max_new_tokens, **kw)
+            text = tok.decode(o[0, enc["input_ids"].shape[1]:], skip_special_tokens=False)
+            log(f"SAMPLE {kind} {mode} prompt={prompt!r}\n{text}\n---")
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -245,6 +276,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--samples-only", action="store_true",
+                   help="skip training; print greedy/sampled outputs of the model already in --out")
     return p.parse_args(argv)
 
 
@@ -264,6 +297,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
 
+    if args.samples_only:
+        print_samples(Path(args.out), log)
+        return 0
     log(f"torch {torch.__version__}, threads={torch.get_num_threads()}, stdlib={args.stdlib}")
     code, pairs, chats = load_corpus(Path(args.stdlib), args.val_every, args.max_chat_pairs, args.seed)
     log(f"files train/val {len(code['train'])}/{len(code['val'])}, "
@@ -463,27 +499,7 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     log(f"saved {out} ({size / 1e6:.2f} MB): {sorted(f.name for f in out.iterdir())}")
 
-    # ---------------------------------------------------------------- samples from the saved dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(out)
-    lm = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
-    prompts = [
-        ("code", "def is_prime(n):\n"),
-        ("chat", [{"role": "user", "content": "What does json.dumps do?"}]),
-        ("chat", [{"role": "system", "content": "You are a helpful assistant."},
-                  {"role": "user", "content": "What is the shutil module?"}]),
-    ]
-    for kind, prompt in prompts:
-        if kind == "code":
-            enc = tok(prompt, return_tensors="pt")
-        else:
-            enc = tok.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        for mode in ("greedy", "sampled"):
-            torch.manual_seed(0)
-            kw = dict(do_sample=False) if mode == "greedy" else dict(do_sample=True, temperature=0.8, top_p=0.95)
-            o = lm.generate(**enc, max_new_tokens=64, **kw)
-            text = tok.decode(o[0, enc["input_ids"].shape[1]:], skip_special_tokens=False)
-            log(f"SAMPLE {kind} {mode} prompt={prompt!r}\n{text}\n---")
+    print_samples(out, log)
     log("all done")
     return 0
 
