@@ -1,0 +1,193 @@
+"""How fast and how good is the placement planner?
+
+    .venv/bin/python benchmarks/plan_scale.py [--repeat 3] [--json out.json]
+
+Scenarios (deterministic, seeded):
+
+* ``large``: 1,000 GPUs (125 nodes x 8, four GPU types) x 50 models with three quantization options each, some
+  pinned to a GPU type, some needing host RAM. Target: planned in under 1 s (heuristic path; the exact search is
+  skipped above ``EXACT_MAX_VARS`` model x GPU pairs).
+* ``exact``: 64 GPUs (8 nodes x 8, two types) x 12 models whose maxima exceed the cluster, solved to a proven
+  optimum of total replicas placed by the integer program (HiGHS via scipy.optimize.milp). Target: status optimal.
+* ``tight``: 16 GPUs x 48 single-replica models, "triplets" filling every GPU's usable memory exactly: best-fit
+  decreasing fails and the exact search (column generation) places the minimums.
+* ``cpu``: 64 CPU-only nodes x 50 models: every replica a CPU replica.
+
+Times are wall-clock seconds of ``plan()`` (median of ``--repeat`` runs after one warm-up run that pays for the lazy
+numpy/scipy imports; the warm-up time is printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from planner.inventory import Cluster, Gpu, Node  # noqa: E402
+from planner.packing import EXACT_MAX_VARS, ModelDemand, QuantOption, plan  # noqa: E402
+from planner.units import GiB, MiB  # noqa: E402
+
+# (type, NVML-like total MiB)
+GPU_KINDS = [("A100-80GB", 81920), ("H100", 81559), ("L40S", 46068), ("A10G", 23028)]
+PARAMS_B = [1.2, 3.2, 7.6, 8.0, 9.2, 13.0, 14.7, 32.5]  # billions of parameters
+
+
+def cluster_of(n_nodes: int, gpus_per_node: int, kinds, ram=1024 * GiB) -> Cluster:
+    nodes = []
+    for n in range(n_nodes):
+        t, mib = kinds[n % len(kinds)]
+        gpus = tuple(
+            Gpu(id=f"node-{n}/gpu-{i}", name=f"NVIDIA {t}", total_bytes=mib * MiB, node=f"node-{n}", index=i, gpu_type=t)
+            for i in range(gpus_per_node)
+        )
+        nodes.append(Node(name=f"node-{n}", cpu_memory_bytes=ram, gpus=gpus))
+    return Cluster(nodes=tuple(nodes))
+
+
+def model_options(params_b: float, kv_gib: float) -> tuple[QuantOption, ...]:
+    def size(bytes_per_param: float) -> int:
+        return int((params_b * 1e9 * bytes_per_param + (kv_gib + 0.6) * GiB) // MiB * MiB)
+
+    return (QuantOption("bf16", size(2.0)), QuantOption("int8", size(1.05)), QuantOption("int4", size(0.56)))
+
+
+def models(n: int, seed: int, *, max_lo: int, max_hi: int, pin_types=(), pin_every=0, cpu_every=0) -> list[ModelDemand]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = rng.choice(PARAMS_B)
+        opts = model_options(p, kv_gib=rng.choice([1.0, 2.0, 4.0]))
+        if cpu_every and i % cpu_every == 0:
+            opts = tuple(QuantOption(o.quantization, o.replica_bytes, 2 * GiB) for o in opts)
+        mn = rng.randint(1, 3)
+        mx = mn + rng.randint(max_lo, max_hi)
+        pin = pin_types[i % len(pin_types)] if pin_every and i % pin_every == 0 else None
+        out.append(ModelDemand(f"m{i:02d}-{p:g}b", opts, mn, mx, gpu_type=pin))
+    return out
+
+
+def triplets(n_bins: int, total_bytes: int, seed: int) -> list[ModelDemand]:
+    """Falkenauer-style "triplets": every GPU is filled exactly by three replicas each between 1/4 and 1/2 of its
+    usable memory, one model per replica, shuffled. Best-fit decreasing almost never finds the packing."""
+    rng = random.Random(seed)
+    usable = (int(total_bytes * 0.9) - 512 * MiB) // MiB * MiB
+    lo, hi = int(usable * 0.26) // MiB, int(usable * 0.47) // MiB
+    sizes = []
+    for _ in range(n_bins):
+        while True:
+            a, b = rng.randint(lo, hi) * MiB, rng.randint(lo, hi) * MiB
+            c = usable - a - b
+            if usable * 0.25 < c < usable * 0.5:
+                break
+        sizes += [a, b, c]
+    rng.shuffle(sizes)
+    return [ModelDemand(f"t{i:02d}", (QuantOption("bf16", s),), 1, 1) for i, s in enumerate(sizes)]
+
+
+def check(p) -> None:
+    """The plan never over-commits: bytes within usable, Ray units within one GPU, counts within [min, max]."""
+    for g in p.gpus:
+        assert sum(r.bytes for r in g.replicas) == g.used_bytes <= g.usable_bytes, g.id
+        assert sum(round(r.num_gpus * 10_000) for r in g.replicas) <= 10_000, g.id
+    for m in p.models:
+        assert m.min_replicas <= m.placed_replicas <= m.max_replicas, m.name
+
+
+def timed(fn, repeat: int):
+    t0 = time.perf_counter()
+    result = fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return result, first, statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+
+    scenarios = []
+    big = cluster_of(125, 8, GPU_KINDS)
+    big_models = models(50, 1, max_lo=4, max_hi=60, pin_types=("L40S", "A10G"), pin_every=7, cpu_every=5)
+    scenarios.append(("large", "1000 GPUs x 50 models", lambda: plan(big_models, big), 1.0))
+
+    ex_cluster = cluster_of(8, 8, [("A100-80GB", 81920), ("L40S", 46068)])
+    ex_models = models(12, 2, max_lo=20, max_hi=60)
+    scenarios.append(("exact", "64 GPUs x 12 models", lambda: plan(ex_models, ex_cluster, exact=True, time_limit_s=60), None))
+
+    tight_cluster = cluster_of(2, 8, [("A10G", 23028)])
+    tight = triplets(16, 23028 * MiB, seed=3)
+    scenarios.append(("tight", f"16 GPUs x {len(tight)} models, 100% full", lambda: plan(tight, tight_cluster), None))
+
+    cpu_cluster = Cluster(nodes=tuple(Node(f"cpu-{i}", 512 * GiB) for i in range(64)))
+    cpu_models = models(50, 4, max_lo=2, max_hi=10)
+    scenarios.append(("cpu", "64 CPU nodes x 50 models", lambda: plan(cpu_models, cpu_cluster), None))
+
+    rows = []
+    for key, what, fn, target in scenarios:
+        p, first, med = timed(fn, args.repeat)
+        check(p)
+        s = p.solver
+        rows.append(
+            {
+                "scenario": key,
+                "what": what,
+                "first_s": round(first, 3),
+                "median_s": round(med, 3),
+                "target_s": target,
+                "placed": s.placed,
+                "min_total": sum(m.min_replicas for m in p.models),
+                "max_total": sum(m.max_replicas for m in p.models),
+                "quant": s.quantization_search,
+                "mins": s.min_placement,
+                "fill": s.fill,
+                "optimal": s.optimal,
+                "bound": s.bound,
+                "status": s.status,
+            }
+        )
+
+    import numpy
+    import scipy
+
+    print(f"machine: {platform.platform()} | cpu: {platform.processor() or platform.machine()} | "
+          f"cpus: {os.cpu_count()} | python {platform.python_version()} | numpy {numpy.__version__} | "
+          f"scipy {scipy.__version__} | EXACT_MAX_VARS={EXACT_MAX_VARS}")
+    hdr = f"{'scenario':<8} {'what':<34} {'first s':>8} {'median s':>9} {'placed':>7} {'min/max':>10} {'quant':>10} {'mins':>9} {'fill':>8} {'optimal':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    ok = True
+    for r in rows:
+        print(
+            f"{r['scenario']:<8} {r['what']:<34} {r['first_s']:>8.3f} {r['median_s']:>9.3f} {r['placed']:>7} "
+            f"{str(r['min_total']) + '/' + str(r['max_total']):>10} {r['quant']:>10} {r['mins']:>9} {r['fill']:>8} "
+            f"{str(r['optimal']):>8}"
+        )
+        if r["target_s"] is not None and r["median_s"] > r["target_s"]:
+            ok = False
+    for r in rows:
+        print(f"  {r['scenario']}: {r['status']}" + (f" (bound {r['bound']})" if r["bound"] is not None else ""))
+    exact_row = next(r for r in rows if r["scenario"] == "exact")
+    if not exact_row["optimal"]:
+        ok = False
+    print("targets: large < 1 s median, exact proven optimal ->", "MET" if ok else "NOT MET")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""``gpuplan plan`` (and ``render``): plan a deploy.yaml on a declared or probed cluster, or size the cluster."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .errors import InputError
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("plan", help="how many replicas of each model fit on each GPU, and why")
+    p.add_argument("deploy", help="Ray Serve config file (deploy.yaml) or a bare args mapping")
+    p.add_argument("--cluster", default=None,
+                   help="cluster declaration YAML ({nodes: [{name, cpu_memory, gpus: [{name, memory, count}]}]}); "
+                        "default: the config's `cluster:`, and `auto` probes this host with NVML")
+    p.add_argument("--app", default=None, help="application name in the config (default: the gpuplan one)")
+    p.add_argument("--fit-gpus", default=None, metavar="TYPES",
+                   help="capacity planning: the smallest set of GPUs of these types (e.g. L4,A10G,A100-80GB,H100) "
+                        "that holds every model's min replicas")
+    p.add_argument("--by", choices=["count", "cost"], default="count", help="--fit-gpus: fewest GPUs or cheapest")
+    p.add_argument("--max-gpus", type=int, default=64, help="--fit-gpus: largest cluster to consider (default 64)")
+    p.add_argument("--json", action="store_true", help="stable JSON instead of the picture")
+    p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan as an SVG file")
+    # `gpuplan render kuberay ...` (planner/kuberay.py) registers itself here when present
+    if "add_render_command" in globals():
+        globals()["add_render_command"](sub)
+        COMMANDS["render"] = globals()["cmd_render"]
+
+
+def _cluster_for(args, parsed):
+    from .config import load_cluster_file
+    from .inventory import Cluster, Node, probe_local_gpus
+    from .planning import cluster_from_decl
+
+    if args.cluster:
+        return cluster_from_decl(load_cluster_file(args.cluster))
+    if parsed.cluster != "auto":
+        return cluster_from_decl(parsed.cluster)
+    probe = probe_local_gpus()
+    ram = _host_ram()
+    note = () if probe.gpus else (probe.reason,)
+    return Cluster(nodes=(Node(name="node-0", cpu_memory_bytes=ram, gpus=probe.gpus),), source="probed", notes=note)
+
+
+def _host_ram() -> int:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 1024**3
+
+
+def cmd_plan(args) -> int:
+    from .config import load_deploy_file
+
+    parsed, _ = load_deploy_file(args.deploy, app=args.app)
+    if args.fit_gpus:
+        return _fit(args, parsed)
+    from .plan_report import render_svg, render_text
+    from .planning import describe_cluster, make_plan
+
+    cluster = _cluster_for(args, parsed)
+    result = make_plan(parsed, cluster)
+    if args.svg:
+        with open(args.svg, "w", encoding="utf-8") as f:
+            f.write(render_svg(result.plan))
+    if args.json:
+        print(json.dumps(result.plan.to_json(), indent=2))
+    else:
+        print(f"cluster: {describe_cluster(cluster)}")
+        for n in cluster.notes:
+            print(f"note: {n}")
+        print(render_text(result.plan))
+    return 0
+
+
+def _fit(args, parsed) -> int:
+    from .capacity import fit_gpus
+    from .planning import build_demands, estimate_models
+
+    types = [t.strip() for t in args.fit_gpus.split(",") if t.strip()]
+    if not types:
+        raise InputError("--fit-gpus needs GPU types, e.g. --fit-gpus L4,A10G,A100-80GB")
+    estimates, _ = estimate_models(parsed, "cuda")
+    demands = build_demands(parsed, estimates, "cuda")
+    res = fit_gpus(list(demands), types, by=args.by, max_gpus=args.max_gpus, headroom=parsed.headroom)
+    print(json.dumps(res.to_json(), indent=2) if args.json else res.describe())
+    return 0
+
+
+def add_render_command(sub) -> None:
+    """``gpuplan render kuberay DEPLOY --cluster FILE``: a KubeRay RayService with the plan baked in."""
+    from .kuberay import DEFAULT_GPUPLAN_PIP, DEFAULT_IMAGE, UPGRADE_STRATEGIES
+
+    r = sub.add_parser("render", help="deployment manifests with the plan baked in (KubeRay RayService)")
+    rs = r.add_subparsers(dest="target", required=True, metavar="TARGET")
+    k = rs.add_parser("kuberay", help="a ray.io/v1 RayService: Serve config with the plan baked in, one worker "
+                                      "group per node declaration sized from the plan (k8s/README.md)")
+    k.add_argument("deploy", help="Ray Serve config file (deploy.yaml) or a bare args mapping")
+    k.add_argument("--cluster", default=None,
+                   help="cluster declaration YAML: the worker nodes the RayService gets (nodes: [{name, replicas, "
+                        "cpu_memory, num_cpus, gpus, node_selector, tolerations}]); default: the config's `cluster:`")
+    k.add_argument("--app", default=None, help="application name in the config (default: the gpuplan one)")
+    k.add_argument("--name", default="gpuplan", help="RayService name (default gpuplan)")
+    k.add_argument("--namespace", default=None, help="metadata.namespace (default: none, kubectl's current one)")
+    k.add_argument("--image", default=DEFAULT_IMAGE, help=f"Ray image of every pod (default {DEFAULT_IMAGE})")
+    k.add_argument("--gpuplan-pip", default=DEFAULT_GPUPLAN_PIP, metavar="REQUIREMENT",
+                   help="pip requirement that installs gpuplan in the app's runtime_env, e.g. 'gpuplan @ "
+                        "git+https://github.com/you/gpuplan@v0.1.0'; '' when --image already has gpuplan "
+                        "(default: a placeholder to replace)")
+    k.add_argument("--hf-token-secret", default=None, metavar="NAME[:KEY]",
+                   help="Secret whose key (default hf_token) becomes HF_TOKEN in every pod (gated models)")
+    k.add_argument("--api-key-secret", default=None, metavar="NAME[:KEY]",
+                   help="Secret whose key (default api_key) becomes the API bearer token (http.api_key_env)")
+    k.add_argument("--model-cache-pvc", default=None, metavar="PVC",
+                   help="PersistentVolumeClaim mounted at /models, HF_HOME=/models/huggingface (downloads survive "
+                        "pod restarts)")
+    k.add_argument("--upgrade-strategy", default="None", choices=UPGRADE_STRATEGIES,
+                   help="None (default: Serve changes roll in place, no second cluster) or NewCluster (zero-downtime "
+                        "cluster upgrades; needs the new cluster's GPUs free, printed in the header)")
+    k.add_argument("-o", "--output", default=None, metavar="FILE", help="write here instead of stdout")
+
+
+def cmd_render(args) -> int:
+    import shlex
+
+    from .kuberay import DEFAULT_GPUPLAN_PIP, DEFAULT_IMAGE, render_files
+
+    flags = [("--cluster", args.cluster, None), ("--app", args.app, None), ("--name", args.name, "gpuplan"),
+             ("--namespace", args.namespace, None), ("--image", args.image, DEFAULT_IMAGE),
+             ("--gpuplan-pip", args.gpuplan_pip, DEFAULT_GPUPLAN_PIP),
+             ("--hf-token-secret", args.hf_token_secret, None), ("--api-key-secret", args.api_key_secret, None),
+             ("--model-cache-pvc", args.model_cache_pvc, None), ("--upgrade-strategy", args.upgrade_strategy, "None")]
+    command = " ".join(["gpuplan render kuberay", args.deploy] + [
+        f"{flag} {shlex.quote(v)}" for flag, v, default in flags if v != default])
+    text = render_files(
+        args.deploy, cluster_path=args.cluster, app=args.app, command=command, name=args.name,
+        namespace=args.namespace, image=args.image, gpuplan_pip=args.gpuplan_pip or None,
+        hf_token_secret=args.hf_token_secret, api_key_secret=args.api_key_secret,
+        model_cache_pvc=args.model_cache_pvc, upgrade_strategy=args.upgrade_strategy,
+    )
+    if args.gpuplan_pip == DEFAULT_GPUPLAN_PIP:
+        print(f"gpuplan: note: the app installs gpuplan from the placeholder {DEFAULT_GPUPLAN_PIP!r}; pass "
+              "--gpuplan-pip with where you host gpuplan, or --gpuplan-pip '' with an --image that has it",
+              file=sys.stderr)
+    if args.output and args.output != "-":
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"gpuplan: wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan}
+
+
+def main() -> int:  # pragma: no cover
+    from .cli import main as cli_main
+
+    return cli_main(sys.argv[1:])

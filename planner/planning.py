@@ -1,0 +1,149 @@
+"""From deploy.yaml args and a cluster to a Plan: estimate every allowed quantization of every model with the memory
+model, hand the byte sizes to the packer, and explain failures with the memory model's own levers
+(a shorter max_model_len, fewer max_num_seqs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ClusterDecl, DeployArgs, ModelEntry
+from .errors import InputError
+from .inventory import Cluster, Gpu, Node, gpu_type_of
+from .memory import ReplicaEstimate, estimate_replica
+from .packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
+from .spec import ModelSpec, load_spec
+from .units import format_bytes
+
+
+@dataclass(frozen=True)
+class PlanningResult:
+    plan: Plan
+    estimates: dict  # model name -> {quantization: ReplicaEstimate}
+    demands: tuple[ModelDemand, ...]
+    cluster: Cluster
+    device: str  # "cuda" when the cluster has GPUs, else "cpu"
+
+    def estimate_for(self, model: str) -> ReplicaEstimate:
+        q = next(m.quantization for m in self.plan.models if m.name == model)
+        return self.estimates[model][q]
+
+    def to_json(self) -> dict:
+        out = self.plan.to_json()
+        out["estimates"] = {
+            name: {q: e.to_json()["bytes"] for q, e in by_q.items()} for name, by_q in self.estimates.items()
+        }
+        out["cluster"] = self.cluster.to_json()
+        return out
+
+
+def cluster_from_decl(decl: ClusterDecl) -> Cluster:
+    """A Cluster value from a declaration; GPU memory from planner/catalog/gpus.json when not given."""
+    from .capacity import lookup_gpu
+
+    nodes = []
+    for nd in decl.nodes:
+        for copy in range(nd.replicas):
+            name = nd.name if nd.replicas == 1 else f"{nd.name}-{copy}"
+            gpus = []
+            i = 0
+            for g in nd.gpus:
+                if g.memory is not None:
+                    total, gtype = g.memory, gpu_type_of(g.name)
+                else:
+                    known = lookup_gpu(g.name)
+                    total, gtype = known.planning_bytes, known.name
+                for _ in range(g.count):
+                    gpus.append(Gpu(id=f"{name}/gpu-{i}", name=g.name, total_bytes=total, node=name, index=i,
+                                    gpu_type=gtype))
+                    i += 1
+            nodes.append(Node(name=name, cpu_memory_bytes=nd.cpu_memory, gpus=tuple(gpus), num_cpus=nd.num_cpus))
+    return Cluster(nodes=tuple(nodes), source="declared")
+
+
+def _estimate(spec: ModelSpec, entry: ModelEntry, quant: str, device: str, **over) -> ReplicaEstimate:
+    return estimate_replica(spec, quant=quant, dtype=entry.dtype, max_model_len=over.get("max_model_len", entry.max_model_len),
+                            max_num_seqs=over.get("max_num_seqs", entry.max_num_seqs), device=device)
+
+
+def estimate_models(args: DeployArgs, device: str) -> tuple[dict, dict]:
+    """({model: {quantization: ReplicaEstimate}}, {model: ModelSpec}) for every allowed quantization."""
+    estimates, specs = {}, {}
+    for entry in args.models:
+        try:
+            spec = load_spec(entry.source)
+        except InputError:
+            raise
+        except Exception as exc:  # ModelSpecError already names the file
+            raise type(exc)(f"models[{entry.name}].source: {exc}") from None
+        specs[entry.name] = spec
+        mpe = spec.dims.max_position_embeddings
+        if mpe and entry.max_model_len > mpe:
+            raise InputError(
+                f"models[{entry.name}].max_model_len {entry.max_model_len} exceeds the model's "
+                f"max_position_embeddings {mpe}: set max_model_len to {mpe} or less"
+            )
+        by_q = {}
+        for q in entry.quantization:
+            by_q[q] = _estimate(spec, entry, q, device)
+        estimates[entry.name] = by_q
+    return estimates, specs
+
+
+def _replica_bytes(entry: ModelEntry, est: ReplicaEstimate) -> int:
+    return entry.replica_memory if entry.replica_memory is not None else est.total
+
+
+def build_demands(args: DeployArgs, estimates: dict, device: str) -> tuple[ModelDemand, ...]:
+    out = []
+    for entry in args.models:
+        opts = tuple(QuantOption(q, _replica_bytes(entry, estimates[entry.name][q])) for q in entry.quantization)
+        out.append(ModelDemand(
+            name=entry.name, options=opts, min_replicas=entry.replicas.min, max_replicas=entry.replicas.max,
+            offload_cpu_bytes=entry.offload.cpu_memory if entry.offload else 0,
+            gpu_type=entry.gpu_type.upper() if entry.gpu_type else None,
+        ))
+    return tuple(out)
+
+
+def _suggester(args: DeployArgs, specs: dict, device: str):
+    """The memory model's levers for an infeasible plan: the longest max_model_len (halving), then the most
+    max_num_seqs, at which the model's smallest allowed option fits in ``room`` bytes."""
+    entries = {m.name: m for m in args.models}
+
+    def suggest(demand: ModelDemand, room: int) -> str | None:
+        entry, spec = entries.get(demand.name), specs.get(demand.name)
+        if entry is None or spec is None or entry.replica_memory is not None or room <= 0:
+            return None
+        q = min(entry.quantization, key=lambda x: _estimate(spec, entry, x, device).total)
+        n = entry.max_model_len // 2
+        while n >= 256:
+            if _estimate(spec, entry, q, device, max_model_len=n).total <= room:
+                return f"lower models[{demand.name}].max_model_len from {entry.max_model_len} to {n} (at {q})"
+            n //= 2
+        s = entry.max_num_seqs - 1
+        while s >= 1:
+            if _estimate(spec, entry, q, device, max_num_seqs=s).total <= room:
+                return f"lower models[{demand.name}].max_num_seqs from {entry.max_num_seqs} to {s} (at {q})"
+            s -= 1
+        return None
+
+    return suggest
+
+
+def make_plan(args: DeployArgs, cluster: Cluster) -> PlanningResult:
+    device = "cuda" if cluster.gpus else "cpu"
+    estimates, specs = estimate_models(args, device)
+    demands = build_demands(args, estimates, device)
+    reserve = args.gpu_reserve if args.gpu_reserve is not None else DEFAULT_GPU_RESERVE
+    # num_gpus as a share of each GPU's *usable* bytes: then whatever Ray admits (sum <= 1 per GPU) fits in usable
+    # memory, whichever GPU Ray picks; a share of the total would let Ray eat the headroom (see docs/ray-gpu-fractions.md)
+    p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
+             suggest=_suggester(args, specs, device), fraction_basis="usable")
+    return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device)
+
+
+def describe_cluster(cluster: Cluster) -> str:
+    if not cluster.gpus:
+        ram = sum(n.cpu_memory_bytes for n in cluster.nodes)
+        return f"{len(cluster.nodes)} node(s), no GPU, {format_bytes(ram)} RAM for CPU replicas"
+    return ", ".join(f"{g.id} {g.name} {format_bytes(g.total_bytes)}" for g in cluster.gpus)
