@@ -86,7 +86,21 @@ def _fit(args, parsed) -> int:
     estimates, _ = estimate_models(parsed, "cuda")
     demands = build_demands(parsed, estimates, "cuda")
     res = fit_gpus(list(demands), types, by=args.by, max_gpus=args.max_gpus, headroom=parsed.headroom)
-    print(json.dumps(res.to_json(), indent=2) if args.json else res.describe())
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0
+    from .plan_report import render_text
+    from .units import format_bytes
+
+    gpus = ", ".join(f"{n} x {t}" for t, n in res.counts if n)
+    cost = f", ${res.cost_per_hour:.2f}/hour" if res.cost_per_hour is not None else ""
+    print(f"smallest cluster by {res.by} that holds every model's min replicas: {gpus} "
+          f"({format_bytes(res.usable_bytes)} usable{cost})")
+    print("replicas each model reaches on it: "
+          + ", ".join(f"{m.name} {m.placed_replicas}/{m.max_replicas}" for m in res.plan.models))
+    for n in res.notes:
+        print(f"note: {n}")
+    print(render_text(res.plan))
     return 0
 
 

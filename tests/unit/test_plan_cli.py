@@ -1,0 +1,109 @@
+"""`gpuplan plan`: deploy.yaml + cluster -> picture / JSON; bad input exits 2 with one line naming the field;
+an infeasible plan exits 3 with the fix."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from planner.cli import main
+
+MODEL = {"name": "llama", "source": "meta-llama/Llama-3.1-8B-Instruct", "quantization": ["int4", "int8"],
+         "max_model_len": 4096, "max_num_seqs": 4, "replicas": {"min": 1, "max": 4}}
+CLUSTER = {"nodes": [{"name": "n1", "cpu_memory": "64GiB", "gpus": [{"name": "A10G", "count": 2}]}]}
+
+
+def write(tmp_path, args: dict, name="deploy.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump({"applications": [{"name": "llm", "import_path": "serve.app:build_app",
+                                                   "args": args}]}))
+    return str(p)
+
+
+def run(*argv):
+    p = subprocess.run([sys.executable, "-m", "planner", *argv], capture_output=True, text=True)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_plan_json_shape_and_ledger(tmp_path, capsys):
+    path = write(tmp_path, {"cluster": CLUSTER, "models": [MODEL, dict(MODEL, name="qwen",
+                            source="Qwen/Qwen2.5-7B-Instruct", quantization="int8", replicas={"min": 1, "max": 3})]})
+    assert main(["plan", path, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["feasible"] is True
+    for m in d["models"]:
+        assert set(m) >= {"name", "quantization", "replica_bytes", "min_replicas", "max_replicas", "placed_replicas"}
+        assert m["min_replicas"] <= m["placed_replicas"] <= m["max_replicas"]
+    for g in d["gpus"]:
+        assert set(g) >= {"id", "total_bytes", "usable_bytes", "used_bytes", "replicas"}
+        assert sum(r["bytes"] for r in g["replicas"]) == g["used_bytes"] <= g["usable_bytes"]
+        assert sum(r["num_gpus"] for r in g["replicas"]) <= 1.0
+        # the Ray ledger is the memory ledger: num_gpus is a share of usable bytes, rounded up
+        for r in g["replicas"]:
+            assert r["num_gpus"] * g["usable_bytes"] >= r["bytes"]
+    assert d["cpu_replicas"] == []
+
+
+def test_plan_picture_and_svg(tmp_path):
+    path = write(tmp_path, {"cluster": CLUSTER, "models": [MODEL]})
+    svg = tmp_path / "plan.svg"
+    rc, out, err = run("plan", path, "--svg", str(svg))
+    assert rc == 0, err
+    assert "llama" in out and "int4" in out and "GiB" in out
+    assert svg.read_text().startswith("<svg") or "<svg" in svg.read_text()[:200]
+
+
+def test_cluster_file_flag(tmp_path):
+    path = write(tmp_path, {"models": [MODEL]})
+    cl = tmp_path / "cluster.yaml"
+    cl.write_text(yaml.safe_dump(CLUSTER))
+    rc, out, err = run("plan", path, "--cluster", str(cl), "--json")
+    assert rc == 0, err
+    assert len(json.loads(out)["gpus"]) == 2
+
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda a: a.update(colour="red"), "colour: unknown key"),
+        (lambda a: a["models"][0].update(replica_memory="-5GiB"), "replica_memory"),
+        (lambda a: a["models"][0].update(replicas={"min": 3, "max": 2}), "min (3) is greater than max (2)"),
+        (lambda a: a["models"][0].update(quantization="int3"), "unknown quantization 'int3'"),
+        (lambda a: a["models"].append(dict(MODEL)), "'llama' appears 2 times"),
+        (lambda a: a["models"][0].update(source="./no/such/dir"), "neither a local directory"),
+        (lambda a: a["models"][0].update(max_model_len=0), "max_model_len"),
+        (lambda a: a["cluster"]["nodes"][0]["gpus"][0].update(name="Z9000"), "Z9000"),
+        (lambda a: a["models"][0].update(max_model_len=10**6), "exceeds the model's max_position_embeddings"),
+    ],
+)
+def test_bad_input_exits_2(tmp_path, mutate, needle):
+    args = {"cluster": json.loads(json.dumps(CLUSTER)), "models": [dict(MODEL)]}
+    mutate(args)
+    rc, out, err = run("plan", write(tmp_path, args))
+    assert rc == 2, (out, err)
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_infeasible_exits_3_with_fix(tmp_path):
+    big = dict(MODEL, name="big", source="meta-llama/Llama-3.1-70B-Instruct", quantization="bf16",
+               replicas={"min": 1, "max": 1})
+    rc, out, err = run("plan", write(tmp_path, {"cluster": CLUSTER, "models": [big]}))
+    assert rc == 3
+    assert "GiB" in err and "fix" in err.lower() or "add" in err
+    assert "Traceback" not in err
+
+
+def test_fit_gpus(tmp_path):
+    path = write(tmp_path, {"models": [MODEL]})
+    rc, out, err = run("plan", path, "--fit-gpus", "L4,A10G,A100-80GB", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["gpus"] >= 1 and sum(d["counts"].values()) == d["gpus"]
+    assert d["replicas"]["llama"] >= 1
+    rc, out, err = run("plan", path, "--fit-gpus", "L4,A10G")
+    assert rc == 0 and "smallest cluster by count" in out, err
+    rc, out, err = run("plan", path, "--fit-gpus", "Z9000")
+    assert rc == 2 and "Z9000" in err
