@@ -1,0 +1,138 @@
+"""One model replica: measure the GPU it was given, decide where to load (planner.decisions.decide_load), cap itself
+at its planned share, load with transformers + bitsandbytes, and serve batched, streamed generation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import ray
+from ray import serve
+
+from planner.decisions import decide_load
+from planner.errors import InfeasiblePlanError
+
+from .types import SamplingParams
+
+log = logging.getLogger("gpuplan")
+
+
+def _cuda_state() -> tuple[bool, int | None, int | None, int | None, str]:
+    """(cuda usable, local index, total bytes, free bytes, why not) for the GPU Ray assigned to this replica."""
+    ids = ray.get_gpu_ids()
+    if not ids:
+        return False, None, None, None, "Ray assigned this replica no GPU"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, None, None, None, (f"Ray assigned GPU {ids} but CUDA is not available in this process "
+                                             "(fake GPUs, or no driver)")
+        free, total = torch.cuda.mem_get_info(0)  # Ray sets CUDA_VISIBLE_DEVICES: the assigned GPU is device 0
+        return True, 0, int(total), int(free), ""
+    except Exception as exc:  # pragma: no cover - needs a broken CUDA
+        return False, None, None, None, f"CUDA failed: {exc}"
+
+
+@serve.deployment
+class ModelReplica:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.name = cfg["name"]
+        t0 = time.time()
+        cuda, idx, total, free, why = _cuda_state()
+        try:
+            self.decision = decide_load(
+                model=self.name, planned_bytes=cfg["planned_bytes"], weights_bytes=cfg["weights_bytes"],
+                cuda_available=cuda, gpu_index=idx, gpu_total_bytes=total, gpu_free_bytes=free,
+                offload_cpu_bytes=cfg.get("offload_cpu_bytes", 0), why_no_cuda=why or "no CUDA",
+            )
+        except InfeasiblePlanError as exc:
+            log.error("%s", exc)
+            raise RuntimeError(str(exc)) from None
+        log.info("gpuplan replica %s: %s", self.name, self.decision.reason)
+        import torch
+
+        from .engine import GenerationEngine
+        from .loader import load_model
+
+        if self.decision.mode in ("gpu", "offload"):
+            torch.cuda.set_per_process_memory_fraction(self.decision.memory_fraction, idx)
+        device = "cpu" if self.decision.mode == "cpu" else "cuda"
+        if device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.get("num_cpus", 1) or 1)))
+        self.model, self.tokenizer = load_model(
+            cfg["source"], quantization=cfg["quantization"], dtype=cfg.get("dtype") or "bf16", device=device,
+            gpu_index=idx or 0, max_memory=self.decision.max_memory, trust_remote_code=cfg.get("trust_remote_code", False),
+        )
+        self.engine = GenerationEngine(self.model, self.tokenizer, max_num_seqs=cfg["max_num_seqs"],
+                                       max_model_len=cfg["max_model_len"])
+        from .memory_probe import resident_bytes
+
+        self.resident = resident_bytes(self.model)
+        self.load_s = round(time.time() - t0, 2)
+        self.started = time.time()
+        self._metrics()
+        self._report()
+
+    def _metrics(self) -> None:
+        from ray.serve import metrics
+
+        self._m_tokens = metrics.Counter("gpuplan_generated_tokens", description="tokens generated",
+                                         tag_keys=("model",))
+        self._m_tokens.set_default_tags({"model": self.name})
+        self._m_waiting = metrics.Gauge("gpuplan_queue_length", description="sequences waiting for a batch slot",
+                                        tag_keys=("model",))
+        self._m_waiting.set_default_tags({"model": self.name})
+        self._m_tps = metrics.Gauge("gpuplan_tokens_per_second", description="generated tokens/s, last 10 s",
+                                    tag_keys=("model",))
+        self._m_tps.set_default_tags({"model": self.name})
+
+    def info(self) -> dict:
+        ctx = serve.get_replica_context()
+        stats = self.engine.stats()
+        return {
+            "model": self.name,
+            "replica_id": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)),
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "num_gpus": self.cfg.get("num_gpus", 0),
+            "quantization": self.cfg["quantization"],
+            "planned_bytes": self.cfg["planned_bytes"],
+            "resident_weight_bytes": self.resident["total"],
+            "estimated_weight_bytes": self.cfg["weights_bytes"],
+            "load_decision": self.decision.to_json(),
+            "load_seconds": self.load_s,
+            "pid": os.getpid(),
+            "stats": stats,
+        }
+
+    def _report(self) -> None:
+        try:
+            reg = ray.get_actor(self.cfg["registry"], namespace=self.cfg.get("registry_namespace"))
+            reg.put.remote(self.info())
+        except Exception:  # the registry is only for /plan; serving does not depend on it
+            pass
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams):
+        n = 0
+        async for chunk in self.engine.generate(prompt_ids, params):
+            if chunk.completion_tokens > n:
+                self._m_tokens.inc(chunk.completion_tokens - n)
+                n = chunk.completion_tokens
+            yield chunk
+
+    def check_health(self) -> None:
+        s = self.engine.stats()
+        self._m_waiting.set(s.get("waiting", 0))
+        self._m_tps.set(s.get("tokens_per_s", 0.0))
+        self._report()
+
+    async def __del__(self):
+        try:
+            await self.engine.close()
+        except Exception:
+            pass
