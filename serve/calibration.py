@@ -11,8 +11,9 @@ import shutil
 import warnings
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from .loader import bnb_config
 from .memory_probe import resident_bytes
 
 BASE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -29,16 +30,6 @@ FAMILIES: dict[str, dict] = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128},
 }
-
-
-def bnb_config(scheme: str) -> BitsAndBytesConfig | None:
-    """The BitsAndBytesConfig serve/loader.py uses for each planner scheme (None for float dtypes)."""
-    if scheme == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if scheme in ("nf4", "fp4", "int4"):
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if scheme == "fp4" else "nf4",
-                                  bnb_4bit_use_double_quant=scheme == "int4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return None
 
 
 def save_random_model(family: str, out_dir: str, **overrides) -> tuple[str, str]:

@@ -96,6 +96,7 @@ class ModelReplica:
         return {
             "model": self.name,
             "replica_id": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "node_ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],

@@ -1,0 +1,612 @@
+"""Batched, streamed generation for one replica: pure torch + transformers (no Ray, no HTTP).
+
+One background thread owns the model. It keeps one running batch with a shared KV cache
+(transformers ``DynamicCache``, left-padded, with a 2-D attention mask and explicit position ids) and loops:
+
+1. admit: with nothing running it takes up to ``max_num_seqs`` waiting requests, waiting up to ``batch_wait_s`` for
+   more when fewer are there; while a batch runs, newly arrived requests *join between decode steps* (continuous
+   batching): they are prefilled together in their own forward pass, and their cache is merged into the running one
+   (the shorter of the two is left-padded with masked zeros). Models whose cache is not plain full-attention
+   ``DynamicLayer``s (sliding-window / hybrid / linear-attention layers) cannot be merged that way: for them new
+   requests wait for the running wave to finish.
+2. one batched decode step for every running sequence, then per-sequence sampling (greedy at temperature 0, else
+   temperature + top-p with a per-request ``torch.Generator`` seeded by ``params.seed``: a request's random draws
+   depend only on its own seed, not on what else is in the batch);
+3. incremental detokenization, EOS / stop-string / max_tokens checks; finished and cancelled sequences leave the
+   batch (``cache.batch_select_indices``) and columns that became padding for everyone are trimmed off the cache.
+
+Chunks cross to asyncio with ``loop.call_soon_threadsafe`` onto one ``asyncio.Queue`` per request. A consumer that
+stops iterating (client gone) marks its request cancelled; the worker drops it before the next forward pass."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+import torch.nn.functional as F
+
+from .types import GenerationChunk, SamplingParams
+
+log = logging.getLogger("gpuplan")
+
+_PREFIX_CONTEXT = 5  # prompt tokens decoded in front of the completion (keeps a first "▁word"'s space, like vLLM)
+_TPS_WINDOW_S = 10.0
+
+
+class EngineClosed(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set by the consumer's event loop, read by the worker
+    done: bool = False  # set by the worker: final chunk (or an error) was sent
+    out_ids: list[int] = field(default_factory=list)
+    n_cached: int = 0  # real (non-pad) tokens of this sequence in the KV cache
+    generator: torch.Generator | None = None
+    # incremental detokenization
+    ctx_ids: list[int] = field(default_factory=list)  # prompt tail + completion (minus EOS), what is decoded
+    prefix_offset: int = 0
+    read_offset: int = 0
+    text: str = ""  # completion text so far (stop string cut off)
+    sent_chars: int = 0
+    unsent_ids: list[int] = field(default_factory=list)
+    stop_scan_from: int = 0
+
+
+@dataclass(eq=False)
+class _Batch:
+    seqs: list[_Seq]
+    cache: object
+    mask: torch.Tensor  # [B, T] long, 1 = real token in the cache
+
+
+class GenerationEngine:
+    """Batched generation for one replica's model (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, *, max_num_seqs: int, max_model_len: int, batch_wait_s: float = 0.005,
+                 continuous: bool = True):
+        if max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_num_seqs = int(max_num_seqs)
+        self.max_model_len = int(max_model_len)
+        self.batch_wait_s = float(batch_wait_s)
+        self.continuous = bool(continuous)
+
+        self._device = self._input_device(model)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        if pad is None:
+            pad = getattr(model.config, "pad_token_id", None) or 0
+        self._pad_id = int(pad)
+        self._eos_ids = self._eos_token_ids(model, tokenizer)
+        try:
+            self._vocab_size = int(model.get_input_embeddings().num_embeddings)
+        except Exception:
+            self._vocab_size = 0  # unknown: not checked
+        params = inspect.signature(model.forward).parameters
+        accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._position_ids = "position_ids" in params or accepts_kwargs
+        self._joinable: bool | None = None  # learned from the first prefill's cache
+
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._batch: _Batch | None = None
+        self._stop = False
+        self._closed = False
+
+        # counters (written by the worker, read anywhere)
+        self.forward_passes = 0
+        self.prefill_passes = 0
+        self.decode_steps = 0
+        self.joins = 0
+        self.completed = 0
+        self.cancelled = 0
+        self.errors = 0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
+        self.max_running_seen = 0
+        self._tps = collections.deque()  # (monotonic time, tokens generated in that step)
+        self._started = time.monotonic()
+
+        self._thread = threading.Thread(target=self._worker, name="gpuplan-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """Stream the completion of ``prompt_ids`` as ``GenerationChunk``s (use with ``async for``).
+
+        Raises ValueError right away (at the call, before any iteration) for an empty prompt, max_tokens < 1,
+        prompt + max_tokens > max_model_len, or bad sampling values; the request is queued on first iteration."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        self._validate(prompt_ids, params)
+        return self._stream(prompt_ids, params)
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        with self._cv:
+            waiting = sum(1 for s in self._waiting if not s.cancelled)
+            batch = self._batch
+            running = sum(1 for s in batch.seqs if not s.done) if batch is not None else 0
+            while self._tps and self._tps[0][0] < now - _TPS_WINDOW_S:
+                self._tps.popleft()
+            recent = sum(n for _, n in self._tps)
+        span = max(1e-3, min(_TPS_WINDOW_S, now - self._started))
+        return {
+            "waiting": waiting,
+            "running": running,
+            "completed": self.completed,
+            "cancelled": self.cancelled,
+            "errors": self.errors,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "tokens_per_s": round(recent / span, 2),
+            "forward_passes": self.forward_passes,
+            "prefill_passes": self.prefill_passes,
+            "decode_steps": self.decode_steps,
+            "joins": self.joins,
+            "max_running_seen": self.max_running_seen,
+            "max_num_seqs": self.max_num_seqs,
+            "continuous_batching": bool(self.continuous and self._joinable is not False),
+        }
+
+    async def close(self) -> None:
+        """Stop the worker (requests still queued or running end with EngineClosed)."""
+        self._signal_stop()
+        await asyncio.to_thread(self._thread.join)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Synchronous close()."""
+        self._signal_stop()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ submit / stream (event-loop side)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if self._closed:
+            raise EngineClosed("the generation engine is closed")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+        bad = [t for t in prompt_ids if not 0 <= t < self._vocab_size] if self._vocab_size else []
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary (0..{self._vocab_size - 1})")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len {self.max_model_len}")
+        if params.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+
+    async def _stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        seq = _Seq(prompt_ids=prompt_ids, params=params, loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+        with self._cv:
+            if self._stop:
+                raise EngineClosed("the generation engine is closed")
+            self._waiting.append(seq)
+            self._cv.notify_all()
+        try:
+            while True:
+                item = await seq.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not seq.done:
+                seq.cancelled = True  # the worker drops it before its next forward pass
+                with self._cv:
+                    self._cv.notify_all()
+
+    def _signal_stop(self) -> None:
+        self._closed = True
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _worker(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    newcomers = self._admit()
+                    if newcomers is None:
+                        break
+                    if newcomers:
+                        try:
+                            self._prefill(newcomers)
+                        except Exception as exc:  # a bad batch must not kill the replica
+                            log.exception("prefill failed")
+                            self._fail(newcomers, exc)
+                            self._after_error()
+                    if self._batch is not None:
+                        try:
+                            self._decode_step()
+                        except Exception as exc:
+                            log.exception("decode step failed")
+                            batch, self._batch = self._batch, None
+                            self._fail(batch.seqs, exc)
+                            self._after_error()
+        except BaseException as exc:  # pragma: no cover - the worker itself broke
+            log.exception("generation worker died")
+            self._closed = True
+            self._drain(exc if isinstance(exc, Exception) else EngineClosed(str(exc)))
+            raise
+        self._drain(EngineClosed("the generation engine was closed"))
+
+    def _drain(self, exc: Exception) -> None:
+        with self._cv:
+            self._stop = True
+            rest = list(self._waiting)
+            self._waiting.clear()
+            batch, self._batch = self._batch, None
+        if batch is not None:
+            rest += batch.seqs
+        self._fail(rest, exc)
+
+    def _after_error(self) -> None:
+        self.errors += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _take(self, n: int) -> list[_Seq]:
+        out = []
+        while self._waiting and len(out) < n:
+            s = self._waiting.popleft()
+            if s.cancelled:
+                self._finish_cancelled(s)
+                continue
+            out.append(s)
+        return out
+
+    def _admit(self) -> list[_Seq] | None:
+        """Requests to prefill now ([] = none), or None to stop."""
+        with self._cv:
+            while True:
+                if self._stop:
+                    return None
+                while self._waiting and self._waiting[0].cancelled:
+                    self._finish_cancelled(self._waiting.popleft())
+                if self._batch is not None:
+                    free = self.max_num_seqs - len(self._batch.seqs)
+                    if not self._waiting or free <= 0 or not self.continuous or self._joinable is False:
+                        return []
+                    return self._take(free)
+                if self._waiting:
+                    break
+                self._cv.wait()
+            # a new wave: give concurrent arrivals batch_wait_s to show up
+            deadline = time.monotonic() + self.batch_wait_s
+            while not self._stop and sum(not s.cancelled for s in self._waiting) < self.max_num_seqs:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            if self._stop:
+                return None
+            return self._take(self.max_num_seqs)
+
+    # -- model calls
+
+    @staticmethod
+    def _input_device(model) -> torch.device:
+        try:
+            return model.get_input_embeddings().weight.device
+        except Exception:
+            return next(model.parameters()).device
+
+    @staticmethod
+    def _eos_token_ids(model, tokenizer) -> frozenset[int]:
+        ids: set[int] = set()
+        for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                    getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+            if src is None:
+                continue
+            for t in (src if isinstance(src, (list, tuple)) else [src]):
+                if t is not None:
+                    ids.add(int(t))
+        return frozenset(ids)
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
+        kw = {"input_ids": input_ids, "attention_mask": mask, self._cache_kw: cache, "use_cache": True}
+        if self._position_ids:
+            kw["position_ids"] = positions
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = 1
+        out = self.model(**kw)
+        self.forward_passes += 1
+        new_cache = out.get("cache")
+        if new_cache is None:
+            new_cache = out.get("past_key_values")
+        return out.logits[:, -1, :], new_cache
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        lens = [len(s.prompt_ids) for s in seqs]
+        width = max(lens)
+        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - lens[i]:] = torch.tensor(s.prompt_ids, dtype=torch.long)
+            mask[i, width - lens[i]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = (t.to(self._device) for t in (ids, mask, positions))
+        logits, cache = self._forward(ids, mask, positions, None)
+        self.prefill_passes += 1
+        for s in seqs:
+            s.n_cached = len(s.prompt_ids)
+            s.generator = torch.Generator(device="cpu")
+            if s.params.seed is not None:
+                s.generator.manual_seed(int(s.params.seed))
+            else:
+                s.generator.seed()
+            s.ctx_ids = list(s.prompt_ids[-_PREFIX_CONTEXT:])
+            s.prefix_offset = 0
+            s.read_offset = len(s.ctx_ids)
+            self.prompt_tokens += len(s.prompt_ids)
+        if self._joinable is None:
+            self._joinable = self._plain_dynamic_cache(cache)
+            if not self._joinable and self.continuous:
+                log.info("KV cache %s is not plain full attention: new requests wait for the running batch",
+                         type(cache).__name__)
+        new = _Batch(seqs=list(seqs), cache=cache, mask=mask)
+        tokens = self._sample(seqs, logits)
+        self._emit(seqs, tokens)
+        new = self._compact(new)
+        if new is None:
+            return
+        if self._batch is None:
+            self._batch = new
+        else:
+            running = self._batch
+            try:
+                self._batch = self._merge(running, new)
+            except Exception as exc:  # half-merged caches are unusable: fail both groups
+                self._batch = None
+                self._fail(running.seqs + new.seqs, exc)
+                raise
+            self.joins += 1
+        self.max_running_seen = max(self.max_running_seen, len(self._batch.seqs))
+
+    def _decode_step(self) -> None:
+        batch = self._compact(self._batch)  # drop what was cancelled meanwhile
+        self._batch = batch
+        if batch is None:
+            return
+        ids = torch.tensor([[s.out_ids[-1] if not s.done else self._pad_id] for s in batch.seqs], dtype=torch.long)
+        positions = torch.tensor([[s.n_cached] for s in batch.seqs], dtype=torch.long)
+        mask = torch.cat([batch.mask, torch.ones((len(batch.seqs), 1), dtype=torch.long, device=batch.mask.device)],
+                         dim=1)
+        logits, batch.cache = self._forward(ids.to(self._device), mask, positions.to(self._device), batch.cache)
+        batch.mask = mask
+        self.decode_steps += 1
+        for s in batch.seqs:
+            s.n_cached += 1
+        live = [i for i, s in enumerate(batch.seqs) if not s.done]
+        seqs = [batch.seqs[i] for i in live]
+        tokens = self._sample(seqs, logits[live] if len(live) != len(batch.seqs) else logits)
+        self._emit(seqs, tokens)
+        self._batch = self._compact(batch)
+
+    # -- batch bookkeeping
+
+    @staticmethod
+    def _plain_dynamic_cache(cache) -> bool:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        if not isinstance(cache, DynamicCache) or getattr(cache, "offloading", False):
+            return False
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
+                                    for layer in layers)
+
+    def _compact(self, batch: _Batch | None) -> _Batch | None:
+        """Drop finished / cancelled sequences from ``batch`` (None when nothing is left), trim all-pad columns."""
+        if batch is None:
+            return None
+        for s in batch.seqs:
+            if s.cancelled and not s.done:
+                self._finish_cancelled(s)
+        keep = [i for i, s in enumerate(batch.seqs) if not s.done]
+        if not keep:
+            return None
+        if len(keep) != len(batch.seqs):
+            idx = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+            try:
+                batch.cache.batch_select_indices(idx)
+            except (AttributeError, NotImplementedError, TypeError):
+                return batch  # cannot shrink this cache: finished rows stay as masked passengers until the wave ends
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.mask = batch.mask.index_select(0, idx)
+        if self._joinable:
+            used = batch.mask.any(dim=0).nonzero()
+            first = int(used[0]) if used.numel() else 0
+            if first > 0:
+                for layer in batch.cache.layers:
+                    layer.keys = layer.keys[:, :, first:, :]
+                    layer.values = layer.values[:, :, first:, :]
+                batch.mask = batch.mask[:, first:]
+        return batch
+
+    @staticmethod
+    def _merge(a: _Batch, b: _Batch) -> _Batch:
+        """One batch from two (both plain DynamicCache): left-pad the shorter cache with masked zeros."""
+        width = max(a.mask.shape[1], b.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            n = width - t.shape[-dim_from_end]
+            if n == 0:
+                return t
+            spec = [0, 0] * (dim_from_end - 1) + [n, 0]
+            return F.pad(t, spec)
+
+        for la, lb in zip(a.cache.layers, b.cache.layers):
+            la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)], dim=0)
+            la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)], dim=0)
+        a.mask = torch.cat([pad(a.mask, 1), pad(b.mask, 1)], dim=0)
+        a.seqs = a.seqs + b.seqs
+        return a
+
+    # -- sampling
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
+        out = [0] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
+        if greedy:
+            ids = logits[greedy].argmax(dim=-1).tolist()
+            for i, t in zip(greedy, ids):
+                out[i] = int(t)
+        rand = [i for i, s in enumerate(seqs) if s.params.temperature != 0]
+        if rand:
+            lg = logits[rand].float()
+            temp = torch.tensor([seqs[i].params.temperature for i in rand], dtype=torch.float32, device=lg.device)
+            probs = torch.softmax(lg / temp[:, None], dim=-1)
+            sp, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+            top_p = torch.tensor([seqs[i].params.top_p for i in rand], dtype=torch.float32, device=lg.device)
+            cum = sp.cumsum(dim=-1)
+            sp = sp.masked_fill((cum - sp) >= top_p[:, None], 0.0)  # nucleus; the top token always stays
+            cum = sp.cumsum(dim=-1)
+            u = torch.stack([torch.rand((), generator=seqs[i].generator) for i in rand]).to(lg.device)
+            pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).clamp(max=cum.shape[-1] - 1)
+            ids = order.gather(1, pick).squeeze(1).tolist()
+            for i, t in zip(rand, ids):
+                out[i] = int(t)
+        return out
+
+    # -- detokenization and delivery
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self, s: _Seq, final: bool) -> str:
+        """Incremental detokenization (prefix/read offsets, as vLLM and TGI do it): the text the tokens after
+        ``read_offset`` add, holding it back while it ends in an incomplete UTF-8 sequence (unless ``final``)."""
+        if s.read_offset >= len(s.ctx_ids):
+            return ""
+        prefix = self._decode(s.ctx_ids[s.prefix_offset:s.read_offset])
+        full = self._decode(s.ctx_ids[s.prefix_offset:])
+        if not final and (len(full) <= len(prefix) or full.endswith("\ufffd")):
+            return ""
+        s.prefix_offset, s.read_offset = s.read_offset, len(s.ctx_ids)
+        return full[len(prefix):]
+
+    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        now = time.monotonic()
+        for s, tok in zip(seqs, tokens):
+            if s.done:
+                continue
+            s.out_ids.append(tok)
+            s.unsent_ids.append(tok)
+            finish = None
+            eos = tok in self._eos_ids
+            if not eos:
+                s.ctx_ids.append(tok)  # EOS ends the text; it is not part of it
+            length = len(s.out_ids) >= s.params.max_tokens
+            s.text += self._new_text(s, final=eos or length)
+            if s.params.stop:
+                cut = self._find_stop(s)
+                if cut is not None:
+                    s.text = s.text[:cut]
+                    finish = "stop"
+            if finish is None:
+                finish = "stop" if eos else "length" if length else None
+            if finish is not None:
+                end = len(s.text)
+            else:
+                end = len(s.text) - self._stop_holdback(s)
+            if end <= s.sent_chars and finish is None:
+                continue  # nothing printable yet; these token ids go out with the next chunk
+            chunk = GenerationChunk(text=s.text[s.sent_chars:end], token_ids=tuple(s.unsent_ids),
+                                    finish_reason=finish, prompt_tokens=len(s.prompt_ids),
+                                    completion_tokens=len(s.out_ids))
+            s.sent_chars = max(s.sent_chars, end)
+            s.unsent_ids = []
+            if finish is not None:
+                s.done = True
+                self.completed += 1
+            deliveries.setdefault(s.loop, []).append((s, chunk))
+        n = len(tokens)
+        self.generated_tokens += n
+        with self._cv:
+            self._tps.append((now, n))
+            while self._tps[0][0] < now - _TPS_WINDOW_S:
+                self._tps.popleft()
+        self._deliver(deliveries)
+
+    @staticmethod
+    def _find_stop(s: _Seq) -> int | None:
+        longest = max(len(x) for x in s.params.stop)
+        start = max(0, s.stop_scan_from - longest + 1)
+        best = None
+        for stop in s.params.stop:
+            if not stop:
+                continue
+            i = s.text.find(stop, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        s.stop_scan_from = len(s.text)
+        return best
+
+    @staticmethod
+    def _stop_holdback(s: _Seq) -> int:
+        """Length of the longest tail of the text that could be the start of a stop string."""
+        hold = 0
+        for stop in s.params.stop:
+            for k in range(min(len(stop) - 1, len(s.text)), hold, -1):
+                if s.text.endswith(stop[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _deliver(self, deliveries: dict) -> None:
+        for loop, items in deliveries.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumer's event loop is gone: nobody listens any more
+                for s, _ in items:
+                    s.cancelled = True
+                    s.done = True
+
+    def _finish_cancelled(self, s: _Seq) -> None:
+        if not s.done:
+            s.done = True
+            self.cancelled += 1
+
+    def _fail(self, seqs: list[_Seq], exc: BaseException) -> None:
+        deliveries: dict = {}
+        for s in seqs:
+            if s.done:
+                continue
+            s.done = True
+            deliveries.setdefault(s.loop, []).append((s, exc))
+        self._deliver(deliveries)
+
+
+def _put_all(items) -> None:
+    for s, item in items:
+        s.queue.put_nowait(item)
