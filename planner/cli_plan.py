@@ -134,6 +134,8 @@ def add_render_command(sub) -> None:
     k.add_argument("--upgrade-strategy", default="None", choices=UPGRADE_STRATEGIES,
                    help="None (default: Serve changes roll in place, no second cluster) or NewCluster (zero-downtime "
                         "cluster upgrades; needs the new cluster's GPUs free, printed in the header)")
+    k.add_argument("--ray-token-auth", action="store_true",
+                   help="Ray token authentication for the whole cluster (KubeRay authOptions; KubeRay >= 1.6)")
     k.add_argument("-o", "--output", default=None, metavar="FILE", help="write here instead of stdout")
 
 
@@ -148,12 +150,14 @@ def cmd_render(args) -> int:
              ("--hf-token-secret", args.hf_token_secret, None), ("--api-key-secret", args.api_key_secret, None),
              ("--model-cache-pvc", args.model_cache_pvc, None), ("--upgrade-strategy", args.upgrade_strategy, "None")]
     command = " ".join(["gpuplan render kuberay", args.deploy] + [
-        f"{flag} {shlex.quote(v)}" for flag, v, default in flags if v != default])
+        f"{flag} {shlex.quote(v)}" for flag, v, default in flags if v != default]
+        + (["--ray-token-auth"] if args.ray_token_auth else []))
     text = render_files(
         args.deploy, cluster_path=args.cluster, app=args.app, command=command, name=args.name,
         namespace=args.namespace, image=args.image, gpuplan_pip=args.gpuplan_pip or None,
         hf_token_secret=args.hf_token_secret, api_key_secret=args.api_key_secret,
         model_cache_pvc=args.model_cache_pvc, upgrade_strategy=args.upgrade_strategy,
+        ray_token_auth=args.ray_token_auth,
     )
     if args.gpuplan_pip == DEFAULT_GPUPLAN_PIP:
         print(f"gpuplan: note: the app installs gpuplan from the placeholder {DEFAULT_GPUPLAN_PIP!r}; pass "
