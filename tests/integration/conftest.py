@@ -1,0 +1,43 @@
+"""One shared Ray cluster for the integration tests: a head without GPUs and two worker nodes with fake GPUs of two
+types (Ray schedules fractional GPUs without CUDA; replicas then load on the CPU, as they would on a laptop)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+ray = pytest.importorskip("ray")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "models", "tiny-chat")
+GiB = 1024**3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from ray.cluster_utils import Cluster
+
+    # NOTE: CPU counts are Ray's bookkeeping, not real cores; fractional num_cpus keep replicas schedulable.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
+    cluster.add_node(num_cpus=4, num_gpus=2, resources={"accelerator_type:A10G": 1})
+    cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield {"cluster": cluster, "port": port}
+    serve.shutdown()
+    ray.shutdown()
+    cluster.shutdown()
