@@ -101,6 +101,10 @@ class Autoscaling(_Edge):
     """Seconds the load must stay above target before scaling up."""
     downscale_delay_s: float = Field(60.0, ge=0)
     """Seconds the load must stay below target before scaling down."""
+    look_back_period_s: float = Field(30.0, gt=0)
+    """Window over which Ray Serve averages ongoing requests."""
+    metrics_interval_s: float = Field(10.0, gt=0)
+    """How often replicas and handles report their load to the autoscaler."""
 
 
 class ModelEntry(_Edge):
@@ -161,7 +165,7 @@ class DeployArgs(_Edge):
     headroom: float = Field(0.10, ge=0, lt=1)
     """Fraction of each GPU's memory kept free by the plan."""
     gpu_reserve: Bytes | None = None
-    """Bytes per GPU no replica owns (driver, other tenants); default: the planner's measured default."""
+    """Bytes per GPU no replica owns (driver and firmware reservations); default 512 MiB (planner/packing.py)."""
     cluster: Union[Literal["auto"], ClusterDecl] = "auto"
     """`auto` probes every Ray node with NVML; or an inline declaration (same shape as --cluster files)."""
     models: list[ModelEntry] = Field(min_length=1)

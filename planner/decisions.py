@@ -118,7 +118,8 @@ def decide_load(
 
 def autoscaling_config(*, min_replicas: int, max_replicas: int, placed_replicas: int,
                        target_ongoing_requests: float, upscale_delay_s: float = 10.0,
-                       downscale_delay_s: float = 60.0) -> dict:
+                       downscale_delay_s: float = 60.0, look_back_period_s: float = 30.0,
+                       metrics_interval_s: float = 10.0) -> dict:
     """Ray Serve ``autoscaling_config``: bounds from the plan, never above the replicas the plan could place."""
     upper = max(min(max_replicas, placed_replicas), min_replicas)
     return {
@@ -128,4 +129,6 @@ def autoscaling_config(*, min_replicas: int, max_replicas: int, placed_replicas:
         "target_ongoing_requests": target_ongoing_requests,
         "upscale_delay_s": upscale_delay_s,
         "downscale_delay_s": downscale_delay_s,
+        "look_back_period_s": look_back_period_s,
+        "metrics_interval_s": metrics_interval_s,
     }

@@ -1,0 +1,127 @@
+"""End to end, as a user runs it: `python -m serve.run deploy.yaml` (what `make run` runs) in a subprocess, the
+official openai client against it, bad requests, 16 concurrent clients, and a clean stop on one SIGTERM."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import yaml
+
+pytestmark = pytest.mark.slow
+openai = pytest.importorskip("openai")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_running() -> bool:
+    out = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if ray_running():
+        pytest.fail("a Ray cluster is already running on this machine; the end-to-end test needs its own")
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
+    port = free_port()
+    cfg["http_options"]["port"] = port
+    for m in cfg["applications"][0]["args"]["models"]:
+        m["source"] = os.path.join(ROOT, "models", "tiny-chat")
+    path = tmp_path_factory.mktemp("e2e") / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = open(path.parent / "serve.log", "w")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("GPUPLAN_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "serve.run", str(path)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            log.flush()
+            proc.kill()
+            pytest.fail("serve run did not become ready:\n" + open(path.parent / "serve.log").read()[-4000:])
+        time.sleep(1)
+    yield {"base": base, "proc": proc, "log": path.parent / "serve.log"}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+
+
+def test_openai_client_chat_stream_and_completion(server):
+    client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused")
+    assert {m.id for m in client.models.list().data} == {"tiny-int8", "tiny-int4"}
+    r = client.chat.completions.create(model="tiny-int4", max_tokens=16, temperature=0,
+                                       messages=[{"role": "user", "content": "What does json.dumps do?"}])
+    assert r.choices[0].message.content and r.usage.completion_tokens >= 1
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny-int8", max_tokens=16, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What does os.getcwd do?"}]) if c.choices]
+    assert len(pieces) >= 2 and "".join(pieces)
+    c = client.completions.create(model="tiny-int4", prompt="import os\n", max_tokens=12, temperature=0.7, seed=3)
+    assert c.choices[0].text is not None and c.usage.completion_tokens >= 1
+
+
+def test_bad_requests_get_openai_errors(server):
+    base = server["base"]
+    bad_json = requests.post(f"{base}/v1/chat/completions", data="{nope", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "error" in bad_json.json()
+    unknown = requests.post(f"{base}/v1/chat/completions", json={"model": "nope", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert unknown.status_code == 404 and "tiny-int4" in unknown.json()["error"]["message"]
+    too_long = requests.post(f"{base}/v1/completions", json={"model": "tiny-int4", "prompt": "x", "max_tokens": 5000})
+    assert too_long.status_code == 400 and "256" in too_long.json()["error"]["message"]
+    form = requests.post(f"{base}/v1/completions", data="prompt=x", headers={"content-type": "text/plain"})
+    assert form.status_code == 415 and "error" in form.json()
+    assert requests.get(f"{base}/healthz").status_code == 200
+    plan = requests.get(f"{base}/plan").json()
+    assert plan["feasible"] and {m["name"] for m in plan["models"]} == {"tiny-int8", "tiny-int4"}
+
+
+def test_16_concurrent_clients_none_lost(server):
+    def one(i):
+        r = requests.post(server["base"] + "/v1/chat/completions", timeout=180, json={
+            "model": "tiny-int4" if i % 2 else "tiny-int8", "max_tokens": 24, "temperature": 0.8, "seed": i,
+            "messages": [{"role": "user", "content": f"What does module {i} do?"}]})
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        results = list(ex.map(one, range(16)))
+    assert len(results) == 16
+    for code, retry_after, body in results:
+        assert code in (200, 429, 503), (code, body)
+        if code != 200:
+            assert retry_after and "error" in body
+        else:
+            assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert sum(code == 200 for code, _, _ in results) >= 8
+
+
+def test_one_sigterm_stops_everything(server):
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=90)
+    deadline = time.time() + 30
+    while ray_running() and time.time() < deadline:
+        time.sleep(1)
+    assert not ray_running(), "Ray processes survived one SIGTERM"

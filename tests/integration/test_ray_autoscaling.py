@@ -1,0 +1,76 @@
+"""Autoscaling within the planned capacity: from min to more replicas under concurrent load, and back."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models",
+                    "tiny-chat")
+ARGS = {
+    "cluster": {"nodes": [{"name": "cpu-only", "cpu_memory": "6GiB", "gpus": []}]},
+    "models": [{
+        "name": "auto", "source": TINY, "quantization": "bf16", "max_model_len": 256, "max_num_seqs": 1,
+        "replicas": {"min": 1, "max": 3}, "max_ongoing_requests": 1, "max_queued_requests": -1,
+        "autoscaling": {"target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 2,
+                        "look_back_period_s": 2, "metrics_interval_s": 0.5},
+    }],
+}
+
+
+def running(app: str, dep: str) -> int:
+    st = serve.status().applications.get(app)
+    if not st or dep not in st.deployments:
+        return 0
+    return (st.deployments[dep].replica_states or {}).get("RUNNING", 0)
+
+
+def test_scales_up_under_load_and_back_down(ray_cluster):
+    from serve.app import build_app
+
+    serve.run(build_app(ARGS), name="scale", route_prefix="/scale", blocking=False)
+    base = f"http://127.0.0.1:{ray_cluster['port']}/scale"
+    deadline = time.time() + 240
+    while running("scale", "model-auto") < 1 or requests.get(f"{base}/readyz", timeout=5).status_code != 200:
+        assert time.time() < deadline, "app did not become ready"
+        time.sleep(1)
+    plan = requests.get(f"{base}/plan", timeout=10).json()
+    assert plan["models"][0]["placed_replicas"] == 3  # the planned capacity: max 3 fits in 6 GiB RAM
+
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def client():
+        while not stop.is_set():
+            r = requests.post(f"{base}/v1/completions", timeout=120, json={
+                "model": "auto", "prompt": "def ", "max_tokens": 200, "temperature": 1.0})
+            codes.append(r.status_code)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    peak, deadline = 1, time.time() + 120
+    try:
+        while time.time() < deadline and peak < 2:
+            peak = max(peak, running("scale", "model-auto"))
+            time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=150)
+    assert peak >= 2, "never scaled above min_replicas under 6 concurrent clients"
+    assert peak <= 3  # never above the planned capacity
+    assert codes and all(c == 200 for c in codes), sorted(set(codes))
+    deadline = time.time() + 120
+    while running("scale", "model-auto") > 1:
+        assert time.time() < deadline, "did not scale back down to min_replicas"
+        time.sleep(1)
+    serve.delete("scale")
