@@ -8,7 +8,6 @@ with units ("24GiB", "24GB") and become ints of bytes here; nothing inside gpupl
 from __future__ import annotations
 
 import os
-import re
 from typing import Annotated, Literal, Union
 
 import yaml
@@ -30,6 +29,12 @@ def _bytes(v):
 
 
 Bytes = Annotated[int, BeforeValidator(_bytes)]
+
+
+def _require_unique(what: str, names: list[str]) -> None:
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names must be unique, {dup[0]!r} appears {names.count(dup[0])} times")
 
 
 class _Edge(BaseModel):
@@ -69,10 +74,7 @@ class ClusterDecl(_Edge):
 
     @model_validator(mode="after")
     def _unique(self):
-        names = [n.name for n in self.nodes]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"node names must be unique, {dup[0]!r} appears {names.count(dup[0])} times")
+        _require_unique("node", [n.name for n in self.nodes])
         return self
 
 
@@ -175,10 +177,7 @@ class DeployArgs(_Edge):
 
     @model_validator(mode="after")
     def _unique_names(self):
-        names = [m.name for m in self.models]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"model names must be unique, {dup[0]!r} appears {names.count(dup[0])} times")
+        _require_unique("model", [m.name for m in self.models])
         return self
 
 
@@ -250,5 +249,3 @@ def load_cluster_file(path: str) -> ClusterDecl:
     except ValidationError as exc:
         raise InputError(_one_line(exc, path)) from None
 
-
-_SAFE = re.compile(r"[^A-Za-z0-9_-]")

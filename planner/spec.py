@@ -15,6 +15,7 @@ nn.Linear in transformers 5), ``buffer`` (non-parameter tensors such as rotary `
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -39,10 +40,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def module(self) -> str:

@@ -6,6 +6,7 @@ No tensor data is read. Format: https://github.com/huggingface/safetensors (READ
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -36,10 +37,7 @@ class StoredTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(path: str) -> tuple[dict, tuple[StoredTensor, ...]]:
