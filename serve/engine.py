@@ -40,6 +40,13 @@ _PREFIX_CONTEXT = 5  # prompt tokens decoded in front of the completion (keeps a
 _TPS_WINDOW_S = 10.0
 
 
+def _merge_chunks(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+    """Two consecutive chunks of one sequence as one (text and token ids concatenated, b's counters)."""
+    return GenerationChunk(text=a.text + b.text, token_ids=tuple(a.token_ids) + tuple(b.token_ids),
+                           finish_reason=b.finish_reason, prompt_tokens=b.prompt_tokens,
+                           completion_tokens=b.completion_tokens)
+
+
 class EngineClosed(RuntimeError):
     pass
 
@@ -213,7 +220,18 @@ class GenerationEngine:
                 item = await seq.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # When the consumer is slower than the model (HTTP + Ray streaming per token on a busy host),
+                # several steps wait in the queue: send them as one chunk instead of one message per token.
+                pending_error = None
+                while item.finish_reason is None and not seq.queue.empty():
+                    nxt = seq.queue.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        pending_error = nxt
+                        break
+                    item = _merge_chunks(item, nxt)
                 yield item
+                if pending_error is not None:
+                    raise pending_error
                 if item.finish_reason is not None:
                     return
         finally:
