@@ -62,7 +62,11 @@ class ModelReplica:
             torch.cuda.set_per_process_memory_fraction(self.decision.memory_fraction, idx)
         device = "cpu" if self.decision.mode == "cpu" else "cuda"
         if device == "cpu":
-            torch.set_num_threads(max(1, int(cfg.get("num_cpus", 1) or 1)))
+            # One torch thread per whole CPU the replica asked Ray for (at least one). Measured with
+            # benchmarks/serve_load.py on 2 cores: 2 threads made 1 client 20% slower and 8 clients no faster,
+            # since the HTTP proxy and the ingress need the other core. GPUPLAN_CPU_THREADS overrides.
+            torch.set_num_threads(int(os.environ.get("GPUPLAN_CPU_THREADS", 0))
+                                  or max(1, int(cfg.get("num_cpus", 1) or 1)))
         self.model, self.tokenizer = load_model(
             cfg["source"], quantization=cfg["quantization"], dtype=cfg.get("dtype") or "bf16", device=device,
             gpu_index=idx or 0, max_memory=self.decision.max_memory, trust_remote_code=cfg.get("trust_remote_code", False),
