@@ -58,7 +58,7 @@ def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_
     from serve.memory_probe import resident_bytes
 
     spec = load_spec(source)
-    model_dir = os.path.join(workdir, spec.name.replace("/", "--"))
+    model_dir = source if os.path.isdir(source) else os.path.join(workdir, "random", spec.name.replace("/", "--"))
     if not os.path.exists(os.path.join(model_dir, "model.safetensors.index.json")) and \
             not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         # random weights with the real shapes: config.json from the catalog / the given path, init on the device
@@ -138,7 +138,7 @@ def main() -> int:
     if a.tiny:
         from serve.calibration import save_random_model
 
-        models = [save_random_model("llama", workdir)[1]]
+        models = [save_random_model("llama", workdir)[0]]
         a.max_model_len, a.max_num_seqs = min(a.max_model_len, 128), min(a.max_num_seqs, 2)
     rows = []
     for m in models:
