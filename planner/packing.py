@@ -1654,7 +1654,7 @@ def plan(
             if not _place_cpu_replica(st, m):
                 raise _cpu_replica_error(P, st, m)
         reasons[m] = (
-            f"{d.options[r].quantization}: fits on no GPU even split; offload_cpu_bytes "
+            f"{d.options[r].quantization}: fits on no GPU even split; offload.cpu_memory "
             f"({format_bytes(d.offload_cpu_bytes)}) holds a whole replica, so it runs on CPU"
         )
 
@@ -1739,7 +1739,7 @@ def _cpu_replica_error(P: _Problem, st: _State, m: int) -> InfeasiblePlanError:
     o = d.options[st.choice[m]]
     ram = int(st.ram.max()) if P.nn else 0
     return InfeasiblePlanError(
-        f"model {d.name} fits on no GPU and runs on CPU (offload_cpu_bytes {format_bytes(d.offload_cpu_bytes)} covers a "
+        f"model {d.name} fits on no GPU and runs on CPU (offload.cpu_memory {format_bytes(d.offload_cpu_bytes)} covers a "
         f"replica), but its {d.min_replicas} CPU replica(s) need {format_bytes(o.replica_bytes + o.cpu_bytes)} RAM each "
         f"and the most host RAM left on a node is {format_bytes(ram)} (headroom {P.headroom:.0%}); fix: more host RAM, "
         "fewer min_replicas, or a larger GPU",
@@ -2221,10 +2221,10 @@ def _fits_nowhere_error(P: _Problem, hard: list[int], suggest) -> InfeasiblePlan
             fix = [f"a GPU of >= {format_bytes(need_total)} total"]
             split_need = max(size - largest, 0)
             if d.offload_cpu_bytes == 0:
-                fix.append(f"set offload_cpu_bytes >= {format_bytes(split_need)} to split it GPU+CPU")
+                fix.append(f"set offload.cpu_memory >= {format_bytes(split_need)} to split it GPU+CPU")
             elif d.offload_cpu_bytes < split_need:
                 fix.append(
-                    f"raise offload_cpu_bytes from {format_bytes(d.offload_cpu_bytes)} to >= {format_bytes(split_need)}"
+                    f"raise offload.cpu_memory from {format_bytes(d.offload_cpu_bytes)} to >= {format_bytes(split_need)}"
                 )
             ram_n = int(P.node_of[b])
             if o.cpu_bytes > int(P.ram_cap[ram_n]) and largest >= size:

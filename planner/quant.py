@@ -271,7 +271,7 @@ def stored_checkpoint_bytes(spec: ModelSpec, dtype: str) -> tuple[int, int, int,
         leaf = t.name.rsplit(".", 1)[-1]
         if leaf in ("qweight", "weight_scale_inv", "weight_scale", "SCB") or leaf.endswith(("_blocks",)) or \
                 ".weight.absmax" in t.name or t.name.endswith(".weight.quant_map"):
-            qmods.add(t.module if not ".weight." in t.name else t.name.split(".weight.")[0])
+            qmods.add(t.name.split(".weight.")[0] if ".weight." in t.name else t.module)
     bits = int(spec.checkpoint_quant.get("bits", 4) or 4)
     data = state = qparams = oparams = 0
     for t in spec.tensors:
@@ -287,7 +287,8 @@ def stored_checkpoint_bytes(spec: ModelSpec, dtype: str) -> tuple[int, int, int,
                 qparams += t.numel * 2
             elif leaf == "weight" and t.stored_dtype in ("F8_E4M3", "F8_E5M2", "I8", "U8"):
                 data += stored
-                qparams += t.numel * (2 if t.stored_dtype == "U8" and "bitsandbytes" in str(spec.checkpoint_quant) and not spec.checkpoint_quant.get("load_in_8bit") else 1)
+                packed_4bit = t.stored_dtype == "U8" and not spec.checkpoint_quant.get("load_in_8bit")
+                qparams += t.numel * (2 if packed_4bit else 1)  # bnb 4-bit packs two weights a byte
             elif leaf == "bias":
                 data += stored
                 oparams += t.numel

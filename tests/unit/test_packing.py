@@ -294,7 +294,7 @@ def test_offload_too_small_to_split_is_infeasible_with_the_fix():
     big = ModelDemand("big", (QuantOption("int4", 40 * GiB),), 1, 1, offload_cpu_bytes=5 * GiB)
     with pytest.raises(InfeasiblePlanError) as e:
         plan([big], c)
-    assert "raise offload_cpu_bytes" in str(e.value) and "GiB" in str(e.value)
+    assert "raise offload.cpu_memory" in str(e.value) and "GiB" in str(e.value)
 
 
 def test_model_runs_on_cpu_when_offload_covers_it_and_no_gpu_can_hold_a_share():
@@ -353,7 +353,7 @@ def test_fits_on_no_gpu_message():
         plan([one("huge", 30 * GiB)], c, suggest=lambda d, room: "use a 4-bit checkpoint")
     msg = str(e.value)
     assert "fits on no GPU" in msg and "30.0 GiB" in msg and "21.1 GiB" in msg
-    assert "offload_cpu_bytes" in msg and "use a 4-bit checkpoint" in msg and ">= 33.9 GiB total" in msg
+    assert "offload.cpu_memory" in msg and "use a 4-bit checkpoint" in msg and ">= 33.9 GiB total" in msg
 
 
 @pytest.mark.parametrize(
