@@ -196,15 +196,17 @@ def _from_dir(model_dir: str) -> ModelSpec:
         raise ModelSpecError(f"{model_dir}: no config.json in the model directory; download it with the weights")
     cfg = _read_config(cfg_path)
     name = os.path.basename(os.path.abspath(model_dir))
-    from_config = None
+    # Shapes derived from config.json, when the family is known: they supply the buffers checkpoints don't store
+    # and the KV dims. Without weights, a config that cannot be derived is the error to report.
+    config_error: ModelSpecError | None = None
     try:
         from_config = _from_config(cfg, name=name, path=model_dir)
-    except ModelSpecError:
-        from_config = None
+    except ModelSpecError as exc:
+        from_config, config_error = None, exc
     stored = read_checkpoint(model_dir)
     if stored is None:
-        if from_config is None:
-            _from_config(cfg, name=name, path=model_dir)  # re-raise the config error
+        if config_error is not None:
+            raise config_error
         return from_config
     return _from_stored(cfg, stored, name=name, path=model_dir, derived=from_config)
 
