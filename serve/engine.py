@@ -84,7 +84,7 @@ class GenerationEngine:
     """Batched generation for one replica's model (see the module docstring)."""
 
     def __init__(self, model, tokenizer, *, max_num_seqs: int, max_model_len: int, batch_wait_s: float = 0.005,
-                 continuous: bool = True):
+                 continuous: bool = True, max_num_batched_tokens: int | None = None):
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if max_model_len < 2:
@@ -95,6 +95,9 @@ class GenerationEngine:
         self.max_model_len = int(max_model_len)
         self.batch_wait_s = float(batch_wait_s)
         self.continuous = bool(continuous)
+        # A prefill forward pass holds at most this many (padded) tokens: the activation peak the planner sized
+        # (planner.memory: one prefill chunk of max_num_batched_tokens, default max_model_len).
+        self.max_num_batched_tokens = int(max_num_batched_tokens or max_model_len)
 
         self._device = self._input_device(model)
         pad = tokenizer.pad_token_id
@@ -255,12 +258,12 @@ class GenerationEngine:
                     newcomers = self._admit()
                     if newcomers is None:
                         break
-                    if newcomers:
+                    for group in self._prefill_groups(newcomers):
                         try:
-                            self._prefill(newcomers)
+                            self._prefill(group)
                         except Exception as exc:  # a bad batch must not kill the replica
                             log.exception("prefill failed")
-                            self._fail(newcomers, exc)
+                            self._fail(group, exc)
                             self._after_error()
                     if self._batch is not None:
                         try:
@@ -362,6 +365,18 @@ class GenerationEngine:
         if new_cache is None:
             new_cache = out.get("past_key_values")
         return out.logits[:, -1, :], new_cache
+
+    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Split newcomers so that each prefill pass (padded to its longest prompt) stays within
+        max_num_batched_tokens; a single prompt is never split (it is at most max_model_len)."""
+        groups: list[list[_Seq]] = []
+        for s in sorted(seqs, key=lambda x: len(x.prompt_ids)):
+            g = groups[-1] if groups else None
+            if g is not None and (len(g) + 1) * len(s.prompt_ids) <= self.max_num_batched_tokens:
+                g.append(s)
+            else:
+                groups.append([s])
+        return groups
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         lens = [len(s.prompt_ids) for s in seqs]

@@ -395,3 +395,31 @@ def test_sliding_window_model_runs_in_waves_and_matches_generate(tmp_path, tiny_
         eng.shutdown(timeout=10)
     assert [ids_of(o) for o in outs] == refs
     assert stats["joins"] == 0 and not stats["continuous_batching"]
+
+
+def test_prefill_passes_stay_within_the_token_budget(fp32, make_engine):
+    """The planner sizes activations for one prefill chunk of max_num_batched_tokens; the engine splits newcomers
+    so that no prefill pass (padded) holds more, and the output is still exactly greedy."""
+    model, tok = fp32
+    prompts = [tok.encode(p * 6) for p in PROMPTS]  # several tens of tokens each
+    budget = max(len(p) for p in prompts) + 8  # the longest prompt alone, a few short ones together
+    n = 6
+    refs = [reference(model, p, n) for p in prompts]
+    seen = []
+
+    async def main():
+        eng = make_engine(max_num_seqs=len(prompts), batch_wait_s=1.0, max_num_batched_tokens=budget)
+        orig = eng._forward
+
+        def spy(ids, mask, positions, cache):
+            if cache is None:  # a prefill pass
+                seen.append(ids.numel())
+            return orig(ids, mask, positions, cache)
+
+        eng._forward = spy
+        return await asyncio.gather(*[collect(eng, p, greedy(n)) for p in prompts])
+
+    outs = asyncio.run(main())
+    assert len(seen) >= 3 and max(seen) <= budget, seen
+    for ref, out in zip(refs, outs):
+        assert ids_of(out) == ref
