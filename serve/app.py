@@ -28,6 +28,10 @@ GPU_REPLICA_CPUS = 0.5
 CPU_REPLICA_CPUS = 0.5
 
 
+class PlanFailed(RuntimeError):
+    """The deploy.yaml args cannot be planned; the message has the numbers and the fix."""
+
+
 @ray.remote(num_cpus=0)
 class Registry:
     """What each replica reports about itself (placement, load decision, resident bytes) for GET /plan."""
@@ -180,8 +184,9 @@ def build_app(args: dict) -> serve.Application:
         parsed = parse_deploy_args(args or {}, base_dir=base)
         result = _plan_or_exit(parsed)
     except GpuplanError as exc:
-        # fail fast with the planner's one-line message, not a traceback wall
-        raise SystemExit(f"gpuplan: {exc}") from None
+        # the planner's message becomes the application's DEPLOY_FAILED message (`serve status`); a SystemExit
+        # here would kill the build worker and Ray would retry it forever
+        raise PlanFailed(f"gpuplan: {exc}") from None
     from planner.plan_report import render_text
 
     log.warning("gpuplan plan:\n%s", render_text(result.plan))

@@ -42,6 +42,31 @@ def check_stale_cluster() -> None:
               "Run `ray stop` first for a fresh local cluster.", file=sys.stderr)
 
 
+def preflight(config: str) -> int:
+    """Plan before starting Ray, so a bad or infeasible deploy.yaml fails in a second with one line (exit 2 or
+    3) instead of a crashing Serve application. `cluster: auto` is planned against this host's probe, which is what
+    `serve run` on this machine will see."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from planner.config import load_deploy_file
+    from planner.errors import GpuplanError
+    from planner.inventory import Cluster, Node, probe_local_gpus
+    from planner.planning import cluster_from_decl, make_plan
+
+    try:
+        args, _ = load_deploy_file(config)
+        if args.cluster == "auto":
+            probe = probe_local_gpus()
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            cluster = Cluster(nodes=(Node(name="local", cpu_memory_bytes=ram, gpus=probe.gpus),), source="probed")
+        else:
+            cluster = cluster_from_decl(args.cluster)
+        make_plan(args, cluster)
+    except GpuplanError as exc:
+        print(f"gpuplan: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
 def wait_ready(url: str, proc: subprocess.Popen, t0: float, timeout_s: float) -> float | None:
     while time.time() - t0 < timeout_s and proc.poll() is None:
         try:
@@ -68,6 +93,9 @@ def main(argv=None) -> int:
     host = http.get("host", "127.0.0.1")
     port = int(http.get("port", 8000))
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/readyz"
+    rc = preflight(a.config)
+    if rc:
+        return rc
     check_stale_cluster()
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
                GPUPLAN_CONFIG_DIR=os.path.dirname(os.path.abspath(a.config)))
