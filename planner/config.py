@@ -141,6 +141,9 @@ class ModelEntry(_Edge):
     """Requests waiting for a replica before the API sheds load with 429 (-1 = unbounded)."""
     request_timeout_s: float = Field(120.0, gt=0)
     """Seconds a request may take before the API answers 504."""
+    stream_interval_s: float = Field(0.1, ge=0)
+    """After the first token, tokens produced within this many seconds are streamed as one chunk (0 = every
+    token): fewer messages through Ray and HTTP for the same text (measured: +30% tokens/s at 8 clients on 2 CPUs)."""
 
     @field_validator("quantization", mode="before")
     @classmethod

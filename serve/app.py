@@ -75,6 +75,7 @@ def replica_configs(result: PlanningResult, args: DeployArgs) -> dict[str, dict]
                 "offload_cpu_bytes": entry.offload.cpu_memory if entry.offload else 0,
                 "trust_remote_code": entry.trust_remote_code, "num_gpus": num_gpus,
                 "num_cpus": actor["num_cpus"], "registry": REGISTRY,
+                "stream_interval_s": entry.stream_interval_s,
             },
             "options": {
                 "name": f"model-{entry.name}",

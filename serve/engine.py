@@ -40,11 +40,25 @@ _PREFIX_CONTEXT = 5  # prompt tokens decoded in front of the completion (keeps a
 _TPS_WINDOW_S = 10.0
 
 
-def _merge_chunks(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
+def merge_chunks(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
     """Two consecutive chunks of one sequence as one (text and token ids concatenated, b's counters)."""
     return GenerationChunk(text=a.text + b.text, token_ids=tuple(a.token_ids) + tuple(b.token_ids),
                            finish_reason=b.finish_reason, prompt_tokens=b.prompt_tokens,
                            completion_tokens=b.completion_tokens)
+
+
+async def coalesce(source: AsyncIterator[GenerationChunk], interval_s: float, clock=time.monotonic):
+    """Re-chunk a stream: the first chunk goes out at once, later ones are merged until ``interval_s`` has passed
+    since the last one sent; the final chunk (finish_reason set) is never held back."""
+    pending, last = None, None
+    async for chunk in source:
+        pending = chunk if pending is None else merge_chunks(pending, chunk)
+        now = clock()
+        if last is None or chunk.finish_reason is not None or now - last >= interval_s:
+            yield pending
+            pending, last = None, now
+    if pending is not None:
+        yield pending
 
 
 class EngineClosed(RuntimeError):
@@ -231,7 +245,7 @@ class GenerationEngine:
                     if isinstance(nxt, BaseException):
                         pending_error = nxt
                         break
-                    item = _merge_chunks(item, nxt)
+                    item = merge_chunks(item, nxt)
                 yield item
                 if pending_error is not None:
                     raise pending_error

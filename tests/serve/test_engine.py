@@ -423,3 +423,31 @@ def test_prefill_passes_stay_within_the_token_budget(fp32, make_engine):
     assert len(seen) >= 3 and max(seen) <= budget, seen
     for ref, out in zip(refs, outs):
         assert ids_of(out) == ref
+
+
+def test_coalesce_with_a_fake_clock():
+    from serve.engine import coalesce
+    from serve.types import GenerationChunk
+
+    t = {"now": 0.0}
+    steps = [(0.00, "a"), (0.02, "b"), (0.05, "c"), (0.11, "d"), (0.15, "e"), (0.16, "f")]
+
+    async def source():
+        for i, (at, text) in enumerate(steps):
+            t["now"] = at
+            last = i == len(steps) - 1
+            yield GenerationChunk(text=text, token_ids=(i,), finish_reason="stop" if last else None,
+                                  prompt_tokens=3, completion_tokens=i + 1)
+
+    async def main():
+        return [c async for c in coalesce(source(), 0.1, clock=lambda: t["now"])]
+
+    out = asyncio.run(main())
+    # first at once; then held until 0.1 s after the last send (0.11: "bcd"); the final chunk is never held
+    assert [c.text for c in out] == ["a", "bcd", "ef"]
+    assert out[1].token_ids == (1, 2, 3) and out[-1].finish_reason == "stop" and out[-1].completion_tokens == 6
+    assert [c.text for c in asyncio.run(_all(coalesce(source(), 0.0, clock=lambda: t["now"])))] == list("abcdef")
+
+
+async def _all(agen):
+    return [c async for c in agen]
