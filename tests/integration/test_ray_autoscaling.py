@@ -74,3 +74,36 @@ def test_scales_up_under_load_and_back_down(ray_cluster):
         assert time.time() < deadline, "did not scale back down to min_replicas"
         time.sleep(1)
     serve.delete("scale")
+
+
+def test_full_queue_is_shed_with_429_in_openai_shape(ray_cluster):
+    """Ray's own backpressure (max_queued_requests) comes back as 429 + Retry-After in the OpenAI error shape."""
+    import concurrent.futures
+
+    from serve.app import build_app
+
+    args = {"cluster": ARGS["cluster"], "models": [{
+        "name": "shed", "source": TINY, "quantization": "bf16", "max_model_len": 256, "max_num_seqs": 1,
+        "replicas": {"min": 1, "max": 1}, "max_ongoing_requests": 1, "max_queued_requests": 1}]}
+    serve.run(build_app(args), name="shed", route_prefix="/shed", blocking=False)
+    base = f"http://127.0.0.1:{ray_cluster['port']}/shed"
+    deadline = time.time() + 240
+    while requests.get(f"{base}/readyz", timeout=5).status_code != 200:
+        assert time.time() < deadline, "app did not become ready"
+        time.sleep(1)
+
+    def one(i):
+        r = requests.post(f"{base}/v1/completions", timeout=120, json={
+            "model": "shed", "prompt": "def ", "max_tokens": 150, "temperature": 1.0, "seed": i})
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(8)))
+    codes = [c for c, _, _ in results]
+    assert set(codes) <= {200, 429}, codes
+    assert 200 in codes and 429 in codes, codes
+    for code, retry_after, body in results:
+        if code == 429:
+            assert retry_after and int(retry_after) >= 1
+            assert body["error"]["type"] == "rate_limit_error" and "shed" in body["error"]["message"]
+    serve.delete("shed")
