@@ -99,7 +99,10 @@ def main(argv=None) -> int:
     check_stale_cluster()
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
                GPUPLAN_CONFIG_DIR=os.path.dirname(os.path.abspath(a.config)))
-    serve_bin = shutil.which("serve") or os.path.join(os.path.dirname(sys.executable), "serve")
+    # the `serve` CLI of this interpreter's environment (the venv), not whichever one is first on PATH
+    serve_bin = os.path.join(os.path.dirname(sys.executable), "serve")
+    if not os.path.exists(serve_bin):
+        serve_bin = shutil.which("serve") or serve_bin
     t0 = time.time()
     proc = subprocess.Popen([serve_bin, "run", a.config], env=env, start_new_session=True)
     stopping = {"sig": None}
