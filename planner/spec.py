@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 
 from .errors import ModelSpecError
@@ -406,7 +406,9 @@ def _decoder(cfg: dict, mt: str) -> tuple[tuple[TensorSpec, ...], ArchDims, tupl
             add(f"{m}.experts.gate_up_proj", (E, 2 * I, H), "experts", i)
             add(f"{m}.experts.down_proj", (E, H, I), "experts", i)
         elif mt in ("qwen2_moe", "qwen3_moe") and _is_moe_layer(cfg, i):
-            E, MI = _need(cfg, mt, "num_experts", "moe_intermediate_size")
+            # NOTE: hub Qwen MoE configs say num_experts; transformers 5's Qwen3MoeConfig says num_local_experts
+            E = _n_experts(cfg)
+            (MI,) = _need(cfg, mt, "moe_intermediate_size")
             n_experts = E
             add(f"{m}.gate.weight", (E, H), "router", i)
             add(f"{m}.experts.gate_up_proj", (E, 2 * MI, H), "experts", i)
@@ -477,11 +479,15 @@ def _decoder(cfg: dict, mt: str) -> tuple[tuple[TensorSpec, ...], ArchDims, tupl
     return tuple(T), dims, tuple(notes)
 
 
+def _n_experts(cfg: dict) -> int:
+    return int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+
+
 def _is_moe_layer(cfg: dict, i: int) -> bool:
     if i in (cfg.get("mlp_only_layers") or []):
         return False
     step = cfg.get("decoder_sparse_step", 1) or 1
-    return cfg.get("num_experts", 0) > 0 and (i + 1) % step == 0
+    return _n_experts(cfg) > 0 and (i + 1) % step == 0
 
 
 def _internvl_vision(cfg: dict, llm_hidden: int) -> tuple[tuple[TensorSpec, ...], tuple[str, ...]]:
@@ -562,9 +568,14 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
                 layer=int(m.group(1)) if m else None, stored_dtype=s.dtype, stored_bytes=s.nbytes,
             )
         )
-    # Buffers the loader creates that checkpoints do not store (rotary inv_freq, ...), taken from the derived spec.
+    # From the derived spec: buffers the loader creates that checkpoints do not store (rotary inv_freq, ...), and
+    # dtypes the loader pins whatever the checkpoint stores (DeepSeek's fp32 router).
     if derived is not None:
-        tensors += [t for t in derived.tensors if t.role == "buffer"]
+        by_name = {t.name: t for t in derived.tensors}
+        stored_names = {t.name for t in tensors}
+        tensors = [replace(t, fixed_dtype=by_name[t.name].fixed_dtype, role=by_name[t.name].role)
+                   if t.name in by_name and by_name[t.name].fixed_dtype else t for t in tensors]
+        tensors += [t for t in derived.tensors if t.role == "buffer" and t.name not in stored_names]
         dims = derived.dims
     else:
         dims = _dims_from_tensors(text, tensors)

@@ -29,6 +29,11 @@ FAMILIES: dict[str, dict] = {
     "gpt_neox": {"num_key_value_heads": None, "rotary_pct": 0.5},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen2_moe": {"num_experts": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128},
+    "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 64, "head_dim": 64, "num_experts_per_tok": 2},
+    "deepseek_v3": {"n_routed_experts": 4, "moe_intermediate_size": 64, "q_lora_rank": 64, "kv_lora_rank": 64,
+                    "qk_rope_head_dim": 64, "qk_nope_head_dim": 64, "v_head_dim": 64, "first_k_dense_replace": 1,
+                    "n_group": 1, "topk_group": 1, "num_experts_per_tok": 2, "n_shared_experts": 1},
+    "gpt_oss": {"num_local_experts": 4, "head_dim": 64, "num_experts_per_tok": 2},
 }
 
 
