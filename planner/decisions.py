@@ -66,7 +66,7 @@ def decide_load(
         return LoadDecision("cpu", f"{why_no_cuda}: loading {model} on the CPU")
     free = gpu_free_bytes if gpu_free_bytes is not None else gpu_total_bytes
     if free >= planned_bytes:
-        frac = min(1.0, math.ceil(planned_bytes * 10_000 / gpu_total_bytes) / 10_000)
+        frac = num_gpus_for(planned_bytes, gpu_total_bytes)
         return LoadDecision(
             "gpu",
             f"GPU {gpu_index} has {format_bytes(free)} free >= the planned {format_bytes(planned_bytes)}: loading "
@@ -103,7 +103,7 @@ def decide_load(
             f"needs besides weights: loading {model} on the CPU ({format_bytes(weights_bytes)} of weights in RAM)",
             cpu_weight_bytes=weights_bytes,
         )
-    frac = min(1.0, math.ceil(free * 10_000 / gpu_total_bytes) / 10_000)
+    frac = num_gpus_for(free, gpu_total_bytes)
     return LoadDecision(
         "offload",
         f"GPU {gpu_index} has {format_bytes(free)} free < the planned {format_bytes(planned_bytes)}: {model} keeps "

@@ -8,7 +8,7 @@ that ``planner`` imports no NVML bindings); it never raises for a missing driver
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)

@@ -971,7 +971,6 @@ def _colgen_fill(st: _State, models: Sequence[int], lo, hi, seed: "_State | None
         return True
 
     best_ub = float("inf")
-    converged = False
     iters = 0
     while time.perf_counter() < deadline and iters < 500:
         iters += 1
@@ -1009,7 +1008,6 @@ def _colgen_fill(st: _State, models: Sequence[int], lo, hi, seed: "_State | None
                         pat = None
         best_ub = min(best_ub, z + gap_sum)
         if gap_sum <= 1e-7:
-            converged = True
             break
         if not added:
             break
@@ -1359,11 +1357,11 @@ def _place_cpu_replica(st: _State, m: int) -> bool:
     P = st.P
     o = P.demands[m].options[st.choice[m]]
     need = o.replica_bytes + o.cpu_bytes
-    best = -1
+    best, bkey = -1, None
     for n in range(P.nn):
         if int(st.ram[n]) >= need:
             key = (int(st.cnt_node[m, n]), -int(st.ram[n]), n)
-            if best < 0 or key < bkey:
+            if bkey is None or key < bkey:
                 best, bkey = n, key
     if best < 0:
         return False

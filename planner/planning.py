@@ -4,10 +4,10 @@ model, hand the byte sizes to the packer, and explain failures with the memory m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import ClusterDecl, DeployArgs, ModelEntry
-from .errors import InputError
+from .errors import InputError, ModelSpecError
 from .inventory import Cluster, Gpu, Node, gpu_type_of
 from .memory import ReplicaEstimate, estimate_replica
 from .packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
@@ -71,10 +71,8 @@ def estimate_models(args: DeployArgs, device: str) -> tuple[dict, dict]:
     for entry in args.models:
         try:
             spec = load_spec(entry.source)
-        except InputError:
-            raise
-        except Exception as exc:  # ModelSpecError already names the file
-            raise type(exc)(f"models[{entry.name}].source: {exc}") from None
+        except ModelSpecError as exc:  # say which deploy.yaml entry it came from
+            raise ModelSpecError(f"models[{entry.name}].source: {exc}") from None
         specs[entry.name] = spec
         mpe = spec.dims.max_position_embeddings
         if mpe and entry.max_model_len > mpe:

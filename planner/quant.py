@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from .errors import InputError, ModelSpecError
 from .spec import ModelSpec, TensorSpec

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 from .errors import ModelSpecError

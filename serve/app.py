@@ -17,7 +17,7 @@ from planner.planning import PlanningResult, cluster_from_decl, make_plan
 from planner.decisions import autoscaling_config
 
 from .replica import ModelReplica
-from .types import GenerationChunk, ModelCard, Overloaded, SamplingParams, Unavailable
+from .types import ModelCard, Overloaded, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan")
 REGISTRY = "gpuplan-registry"
