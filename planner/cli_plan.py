@@ -67,13 +67,30 @@ def cmd_plan(args) -> int:
         with open(args.svg, "w", encoding="utf-8") as f:
             f.write(render_svg(result.plan))
     if args.json:
-        print(json.dumps(result.plan.to_json(), indent=2))
+        out = result.plan.to_json()
+        out["rollout"] = result.rollout.to_json()
+        print(json.dumps(out, indent=2))
     else:
         print(f"cluster: {describe_cluster(cluster)}")
         for n in cluster.notes:
             print(f"note: {n}")
         print(render_text(result.plan))
+        print(rollout_text(result.rollout))
     return 0
+
+
+def rollout_text(ro) -> str:
+    """How the plan runs on Ray Serve, in a few lines: its deployments and what best fit cannot bring up."""
+    lines = [f"Ray Serve: {len(ro.deployments)} deployment(s), one per model and node (model@node: num_gpus x max "
+             "replicas)"]
+    for m in ro.models:
+        deps = ro.of_model(m.name)
+        parts = ", ".join(f"{d.name} {d.num_gpus:g} x {d.planned}" if d.kind != "cpu" else f"{d.name} CPU x {d.planned}"
+                          for d in deps)
+        lines.append(f"  {m.name} (min {m.min_replicas}, max {m.max_replicas}): {parts or 'none'}")
+    for n in ro.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
 
 
 def _fit(args, parsed) -> int:

@@ -30,6 +30,7 @@ class Node:
     cpu_memory_bytes: int  # host RAM usable by replicas (CPU replicas and offload)
     gpus: tuple[Gpu, ...] = ()
     num_cpus: float | None = None
+    ray_node_id: str | None = None  # set for a probed node: the Ray node it is (replicas are pinned to it)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ Pipeline (each step documented on its helper):
    their least GPU share, then grown into the room left on their GPU), or CPU replicas when ``offload_cpu_bytes``
    covers a whole replica. With no GPU at all, every replica is a CPU replica sized against its node's RAM.
 6. ``num_gpus`` per replica: its bytes over the GPU's total (or usable, ``fraction_basis``), rounded up to 1e-4;
-   the per-GPU sum of those units is a packing constraint (<= 1), and a per-node start order is worked out so that
-   Ray's own fractional placement lands each replica where planned (:func:`ray_start_order`).
+   the per-GPU sum of those units is a packing constraint (<= 1). How the plan is brought up on Ray so that Ray's
+   own fractional placement reproduces it is planner/rollout.py's job.
 
 Sizes are ints of bytes; the results are frozen dataclasses with ``to_json()``. Pure Python: numpy and scipy are
 imported lazily inside the functions that need them.
@@ -293,30 +293,6 @@ class ModelPlan:
 
 
 @dataclass(frozen=True)
-class StartStep:
-    model: str
-    gpu: str
-    num_gpus: float
-
-    def to_json(self) -> dict:
-        return {"model": self.model, "gpu": self.gpu, "num_gpus": self.num_gpus}
-
-
-@dataclass(frozen=True)
-class NodeStartOrder:
-    """The order in which to start one node's GPU replicas so that Ray's own fractional-GPU placement lands each
-    on the GPU we planned (``matches_ray``: a simulation of Ray's rule reproduces the plan; see
-    :func:`ray_start_order`)."""
-
-    node: str
-    steps: tuple[StartStep, ...]
-    matches_ray: bool
-
-    def to_json(self) -> dict:
-        return {"node": self.node, "matches_ray": self.matches_ray, "steps": [s.to_json() for s in self.steps]}
-
-
-@dataclass(frozen=True)
 class SolverInfo:
     quantization_search: str  # "none" | "exhaustive" | "greedy"
     min_placement: str  # "none" | "spread" | "best-fit" | "exact" | "bound" (how the minimums were placed)
@@ -350,7 +326,6 @@ class Plan:
     gpus: tuple[GpuPlan, ...]
     cpu_replicas: tuple[CpuReplica, ...]
     offload: tuple[OffloadReplica, ...]
-    start_order: tuple[NodeStartOrder, ...]
     notes: tuple[str, ...]
     solver: SolverInfo
     fraction_basis: str = "total"  # what num_gpus is a fraction of: "total" or "usable" GPU bytes
@@ -372,7 +347,6 @@ class Plan:
             "gpus": [g.to_json() for g in self.gpus],
             "cpu_replicas": [c.to_json() for c in self.cpu_replicas],
             "offload": [o.to_json() for o in self.offload],
-            "start_order": [s.to_json() for s in self.start_order],
             "notes": list(self.notes),
             "solver": self.solver.to_json(),
         }
@@ -453,9 +427,14 @@ class _Problem:
                 [usable_gpu_bytes(g, headroom=headroom, gpu_reserve_bytes=reserve) for g in gpus], dtype=np.int64
             )
             self.total = np.array([g.total_bytes for g in gpus], dtype=np.int64)
-            self.denom = np.array(
-                [ray_basis_bytes(g, basis, headroom=headroom, gpu_reserve_bytes=reserve) for g in gpus], dtype=np.int64
-            )
+            # NOTE: Ray puts a fractional request on any GPU of the node that has room, so every GPU of one node
+            # carries one basis: the smallest of the node's GPUs (a replica sized for the node's big GPU may land
+            # on its small one, where its fraction must still cover its bytes). One GPU size per node: no change.
+            basis_of = [ray_basis_bytes(g, basis, headroom=headroom, gpu_reserve_bytes=reserve) for g in gpus]
+            node_min: dict[str, int] = {}
+            for g, b in zip(gpus, basis_of):
+                node_min[g.node] = min(b, node_min.get(g.node, b))
+            self.denom = np.array([node_min[g.node] for g in gpus], dtype=np.int64)
             self.node_of = np.array([node_idx.get(g.node, -1) for g in gpus], dtype=np.int64)
             missing = sorted({g.node for g in gpus if g.node not in node_idx})
             if missing:
@@ -1406,94 +1385,6 @@ def _grow_offload(st: _State, models: Sequence[int]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ray start order
-
-
-def _simulate_ray(node_gpus: list[int], requests: list[tuple[int, int]]) -> list[int] | None:
-    """Ray's fractional GPU rule per request (units): a demand < 1 goes to the instance whose remaining fraction after
-    the allocation is smallest (best fit), ties to the lowest index; a whole-GPU demand takes the first fully free
-    instance. Returns the instance position of each request, or None if one is refused."""
-    avail = [RAY_GPU_UNITS] * len(node_gpus)
-    out = []
-    for _, u in requests:
-        best = -1
-        if u >= RAY_GPU_UNITS:
-            best = next((i for i, a in enumerate(avail) if a == RAY_GPU_UNITS), -1)
-        else:
-            for i, a in enumerate(avail):
-                if a >= u and (best < 0 or a - u < avail[best] - u):
-                    best = i
-        if best < 0:
-            return None
-        avail[best] -= u
-        out.append(best)
-    return out
-
-
-def ray_start_order(gpus: Sequence[GpuPlan]) -> tuple[NodeStartOrder, ...]:
-    """Per node, an order in which to start the GPU replicas so that Ray's own placement puts each one on the GPU
-    this plan chose.
-
-    Assumptions (best-effort): Ray assigns a fractional ``num_gpus`` request to one GPU instance of the node by best
-    fit -- the GPU whose remaining fraction after the allocation is smallest, ties to the lowest index
-    (``NodeResourceInstanceSet::TryAllocate`` in ray/src/ray/common/scheduling/resource_instance_set.cc; older Ray
-    versions differ); replicas on a node are started one at a time in this order, each scheduled before the next
-    starts; nothing else holds GPU resources on the node; Ray's GPU instance order is the CUDA ordinal
-    (``Gpu.index``); and which *node* a replica lands on is pinned by the serving layer (e.g. a node resource).
-    GPUs with the same total, usable bytes and type are interchangeable, so Ray putting one GPU's planned replicas
-    on an identical GPU still counts as a match. Candidate orders tried: GPU by GPU in index order (largest
-    replica first), fullest GPU first, and all replicas largest first; ``matches_ray`` is False when none of them
-    reproduces the plan under the simulated rule (the first order is then returned).
-    """
-    by_node: dict[str, list[GpuPlan]] = {}
-    for g in gpus:
-        by_node.setdefault(g.node, []).append(g)
-    out = []
-    for node, gs in by_node.items():
-        gs = sorted(gs, key=lambda g: g.index)
-        reqs_per_gpu = []
-        for pos, g in enumerate(gs):
-            items = sorted(
-                ((r.model, int(round(r.num_gpus * RAY_GPU_UNITS))) for r in g.replicas), key=lambda t: (-t[1], t[0])
-            )
-            reqs_per_gpu.append(items)
-        if not any(reqs_per_gpu):
-            continue
-        key_of = [(g.total_bytes, g.usable_bytes, g.gpu_type, g.ray_basis_bytes) for g in gs]
-        target: dict = {}
-        for pos, items in enumerate(reqs_per_gpu):
-            target.setdefault(key_of[pos], []).append(tuple(sorted(items)))
-        target = {k: sorted(v) for k, v in target.items()}
-
-        def candidate(order_pos):
-            return [(pos, it) for pos in order_pos for it in reqs_per_gpu[pos]]
-
-        cands = [
-            candidate(range(len(gs))),
-            candidate(sorted(range(len(gs)), key=lambda p: (-sum(u for _, u in reqs_per_gpu[p]), p))),
-            sorted(candidate(range(len(gs))), key=lambda t: (-t[1][1], t[0])),
-        ]
-        chosen, matches = cands[0], False
-        for cand in cands:
-            got = _simulate_ray(list(range(len(gs))), [(0, it[1]) for _, it in cand])
-            if got is None:
-                continue
-            contents: list[list] = [[] for _ in gs]
-            for (pos, it), inst in zip(cand, got):
-                contents[inst].append(it)
-            result: dict = {}
-            for inst, items in enumerate(contents):
-                result.setdefault(key_of[inst], []).append(tuple(sorted(items)))
-            result = {k: sorted(v) for k, v in result.items()}
-            if result == target:
-                chosen, matches = cand, True
-                break
-        steps = tuple(StartStep(it[0], gs[pos].id, round(it[1] / RAY_GPU_UNITS, 4)) for pos, it in chosen)
-        out.append(NodeStartOrder(node, steps, matches))
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The planner
 
 
@@ -1545,7 +1436,7 @@ def plan(
     ``fraction_basis``: what a replica's ``num_gpus`` is a fraction of. ``"total"`` (default): ``replica_bytes /
     total_bytes`` rounded up to 1e-4. Ray then sees ``1 - sum(num_gpus)`` free on a planned GPU -- the headroom and
     reserve included -- and may start a small replica there (Ray puts a fractional request on the best-fitting GPU
-    of the node), which the memory plan would not admit; ``start_order``/notes flag nodes where this can happen.
+    of the node), which the memory plan would not admit.
     ``"usable"``: ``replica_bytes / (floor(total * (1 - headroom)) - reserve)``: Ray's sum <= 1 then means "fits in
     the usable memory", so Ray's accounting never admits more than the plan (at the cost of rounding on exact
     fits).
@@ -1848,12 +1739,6 @@ def _build_plan(
                 why_not_max=why_not,
             )
         )
-        if len(num_by_type[m]) > 1:
-            notes.append(
-                f"model {d.name}: replicas on GPU types {', '.join(sorted(num_by_type[m]))} need different num_gpus "
-                f"({', '.join(f'{t}={v}' for t, v in sorted(num_by_type[m].items()))}); Ray Serve sets num_gpus per "
-                "deployment, so deploy one per GPU type (accelerator_type)"
-            )
     for mp in models_out:
         if mp.why_not_max:
             notes.append(f"model {mp.name}: {mp.placed_replicas} of max {mp.max_replicas} replicas; {mp.why_not_max}")
@@ -1864,14 +1749,6 @@ def _build_plan(
         assert g.used_bytes <= g.usable_bytes, g
         assert sum(int(round(r.num_gpus * RAY_GPU_UNITS)) for r in g.replicas) <= RAY_GPU_UNITS, g
     assert (st.ram >= 0).all()
-    start = ray_start_order(gpus_out) if gpus_out else ()
-    for s in start:
-        if not s.matches_ray:
-            notes.append(
-                f"node {s.node}: no start order found for which Ray's best-fit fractional placement reproduces this "
-                "plan (Ray would put a replica in room the plan keeps free); pin replicas to GPUs, or plan with "
-                "fraction_basis='usable'" + (" (it is already)" if P.basis == "usable" else "")
-            )
     placed = int(sum(mp.placed_replicas for mp in models_out))
     solver = SolverInfo(qsearch, min_method, fill_method, optimal, status, placed, bound, time.perf_counter() - t0)
     return Plan(
@@ -1883,7 +1760,6 @@ def _build_plan(
         gpus=tuple(gpus_out),
         cpu_replicas=tuple(cpu_out),
         offload=tuple(off_out),
-        start_order=start,
         notes=tuple(notes),
         solver=solver,
         fraction_basis=P.basis,

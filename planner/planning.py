@@ -11,6 +11,7 @@ from .errors import InputError, ModelSpecError
 from .inventory import Cluster, Gpu, Node, gpu_type_of
 from .memory import ReplicaEstimate, estimate_replica
 from .packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
+from .rollout import ModelRule, Rollout, realize
 from .spec import ModelSpec, load_spec
 from .units import format_bytes
 
@@ -22,6 +23,7 @@ class PlanningResult:
     demands: tuple[ModelDemand, ...]
     cluster: Cluster
     device: str  # "cuda" when the cluster has GPUs, else "cpu"
+    rollout: Rollout | None = None  # the plan as Ray Serve deployments (planner/rollout.py)
 
     def estimate_for(self, model: str) -> ReplicaEstimate:
         q = next(m.quantization for m in self.plan.models if m.name == model)
@@ -33,6 +35,8 @@ class PlanningResult:
             name: {q: e.to_json()["bytes"] for q, e in by_q.items()} for name, by_q in self.estimates.items()
         }
         out["cluster"] = self.cluster.to_json()
+        if self.rollout is not None:
+            out["rollout"] = self.rollout.to_json()
         return out
 
 
@@ -137,7 +141,14 @@ def make_plan(args: DeployArgs, cluster: Cluster) -> PlanningResult:
     # memory, whichever GPU Ray picks; a share of the total would let Ray eat the headroom (see docs/ray-gpu-fractions.md)
     p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
              suggest=_suggester(args, specs, device), fraction_basis="usable")
-    return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device)
+    return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
+                          rollout=realize(p, model_rules(args)))
+
+
+def model_rules(args: DeployArgs) -> dict[str, ModelRule]:
+    """Each model's scaling knobs from deploy.yaml, for planner.rollout."""
+    return {m.name: ModelRule(m.name, m.replicas.min, m.replicas.max, m.autoscaling.target_ongoing_requests,
+                              m.autoscaling.upscale_delay_s, m.autoscaling.downscale_delay_s) for m in args.models}
 
 
 def describe_cluster(cluster: Cluster) -> str:

@@ -1,31 +1,36 @@
-"""``serve run deploy.yaml`` entry point: ``build_app(args)`` plans, then builds one deployment per model behind an
-OpenAI-compatible FastAPI ingress. Thin Ray glue; every decision is in planner/."""
+"""``serve run deploy.yaml`` entry point: ``build_app(args)`` plans, binds every plan node to a Ray node, and builds
+one deployment per (model, node, fraction) of the plan (planner/rollout.py) behind an OpenAI-compatible FastAPI
+ingress that routes each model's requests over its deployments. Thin Ray glue; every decision is in planner/."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import random
 import time
 
 import ray
 from ray import serve
 
-from planner.config import DeployArgs, parse_deploy_args
+from planner.config import DeployArgs, ModelEntry, parse_deploy_args
 from planner.errors import GpuplanError
-from planner.planning import PlanningResult, cluster_from_decl, make_plan
-from planner.decisions import autoscaling_config
+from planner.planning import PlanningResult, cluster_from_decl, make_plan, model_rules
+from planner.rollout import (DeploymentSpec, NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes,
+                             pick_deployment, placements, realize)
 
 from .replica import ModelReplica
 from .types import ModelCard, Overloaded, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan")
 REGISTRY = "gpuplan-registry"
+POLICY = "serve.autoscale:PlanPolicy"
 # NOTE: fractional CPUs so that an ingress and several replicas schedule on a 2-core laptop (Ray Serve's own
 # controller and proxy also need CPU); a CPU replica asks for one whole core to run its matmuls.
 INGRESS_CPUS = 0.1
 GPU_REPLICA_CPUS = 0.5
 CPU_REPLICA_CPUS = 0.5
+GRACEFUL_SHUTDOWN_S = 30  # planner.rollout.GHOST_S covers it
 
 
 class PlanFailed(RuntimeError):
@@ -47,78 +52,116 @@ class Registry:
         return list(self.replicas.values())
 
 
-def replica_configs(result: PlanningResult, args: DeployArgs) -> dict[str, dict]:
-    """Per model: what ModelReplica needs, and the deployment options the plan implies (pure)."""
+def deployment_options(spec: DeploymentSpec, entry: ModelEntry, binding: NodeBinding | None, plan_id: str) -> dict:
+    """The Serve options of one rollout deployment (pure): the plan's fraction of its node's GPUs, pinned to the node
+    by label, bounds [0, planned] and gpuplan's policy, which decides every deployment's replicas together."""
+    actor: dict = {"num_cpus": CPU_REPLICA_CPUS if spec.kind == "cpu" else GPU_REPLICA_CPUS}
+    if spec.kind == "cpu":
+        actor["memory"] = spec.replica_bytes
+    else:
+        actor["num_gpus"] = spec.num_gpus
+    if binding is not None:
+        actor["label_selector"] = dict(binding.selector)
+    a = entry.autoscaling
+    return {
+        "name": spec.name,
+        "ray_actor_options": actor,
+        "autoscaling_config": {
+            # min 0 and no Serve-side delays: planner.rollout.decide_scale keeps each model's minimum, applies the
+            # delays per model and opens each node only as fast as Ray's best fit keeps the plan reachable
+            "min_replicas": 0, "initial_replicas": 0, "max_replicas": spec.planned,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "look_back_period_s": a.look_back_period_s, "metrics_interval_s": a.metrics_interval_s,
+            "policy": {"policy_function": POLICY, "policy_kwargs": {"plan_id": plan_id}},
+        },
+        "max_ongoing_requests": entry.max_ongoing_requests,
+        "max_queued_requests": entry.max_queued_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+    }
+
+
+def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout | None = None,
+                    bindings: tuple[NodeBinding, ...] = ()) -> dict[str, dict]:
+    """Per rollout deployment: what ModelReplica needs and its Serve options (pure)."""
+    rollout = rollout or result.rollout or realize(result.plan, model_rules(args))
+    by_node = {b.node: b for b in bindings}
+    entries = {m.name: m for m in args.models}
+    plans = {m.name: m for m in result.plan.models}
     out = {}
-    by_name = {m.name: m for m in result.plan.models}
-    for entry in args.models:
-        mp = by_name[entry.name]
-        est = result.estimates[entry.name][mp.quantization]
-        gpu_reps = [r for g in result.plan.gpus for r in g.replicas if r.model == entry.name]
-        num_gpus = max((r.num_gpus for r in gpu_reps), default=0.0)
-        placed = mp.placed_replicas
-        cpu_bytes = max((r.bytes for r in result.plan.cpu_replicas if r.model == entry.name), default=0)
-        gpu_types = {g.gpu_type for g in result.plan.gpus for r in g.replicas if r.model == entry.name}
-        actor = {"num_cpus": GPU_REPLICA_CPUS if num_gpus else CPU_REPLICA_CPUS}
-        if num_gpus:
-            actor["num_gpus"] = num_gpus
-            if entry.gpu_type or (len({g.gpu_type for g in result.cluster.gpus}) > 1 and len(gpu_types) == 1):
-                actor["accelerator_type"] = (entry.gpu_type or next(iter(gpu_types))).upper()
-        elif cpu_bytes:
-            actor["memory"] = cpu_bytes
-        planned = int(mp.replica_bytes)
-        out[entry.name] = {
+    for spec in rollout.deployments:
+        entry, mp = entries[spec.model], plans[spec.model]
+        est = result.estimates[spec.model][mp.quantization]
+        opts = deployment_options(spec, entry, by_node.get(spec.node), rollout.plan_id)
+        out[spec.name] = {
             "replica": {
-                "name": entry.name, "source": entry.source, "quantization": mp.quantization, "dtype": entry.dtype,
+                "name": entry.name, "deployment": spec.name, "node": spec.node, "source": entry.source,
+                "quantization": mp.quantization, "dtype": entry.dtype,
                 "max_model_len": entry.max_model_len, "max_num_seqs": entry.max_num_seqs,
-                "planned_bytes": planned, "weights_bytes": est.weights,
+                "planned_bytes": int(mp.replica_bytes), "weights_bytes": est.weights,
                 "offload_cpu_bytes": entry.offload.cpu_memory if entry.offload else 0,
-                "trust_remote_code": entry.trust_remote_code, "num_gpus": num_gpus,
-                "num_cpus": actor["num_cpus"], "registry": REGISTRY,
+                "trust_remote_code": entry.trust_remote_code, "num_gpus": spec.num_gpus,
+                "num_cpus": opts["ray_actor_options"]["num_cpus"], "registry": REGISTRY,
                 "stream_interval_s": entry.stream_interval_s,
             },
-            "options": {
-                "name": f"model-{entry.name}",
-                "ray_actor_options": actor,
-                "autoscaling_config": autoscaling_config(
-                    min_replicas=entry.replicas.min, max_replicas=entry.replicas.max, placed_replicas=placed,
-                    target_ongoing_requests=entry.autoscaling.target_ongoing_requests,
-                    upscale_delay_s=entry.autoscaling.upscale_delay_s,
-                    downscale_delay_s=entry.autoscaling.downscale_delay_s,
-                    look_back_period_s=entry.autoscaling.look_back_period_s,
-                    metrics_interval_s=entry.autoscaling.metrics_interval_s),
-                "max_ongoing_requests": entry.max_ongoing_requests,
-                "max_queued_requests": entry.max_queued_requests,
-                "health_check_period_s": 10,
-                "health_check_timeout_s": 60,
-                "graceful_shutdown_wait_loop_s": 2,
-                "graceful_shutdown_timeout_s": 30,
-            },
-            "card": ModelCard(name=entry.name, source=entry.source, max_model_len=entry.max_model_len,
-                              quantization=mp.quantization, max_queued_requests=entry.max_queued_requests,
-                              request_timeout_s=entry.request_timeout_s,
-                              extra={"min_replicas": entry.replicas.min, "placed_replicas": placed}),
+            "options": opts,
         }
     return out
+
+
+def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
+    plans = {m.name: m for m in result.plan.models}
+    return [ModelCard(name=e.name, source=e.source, max_model_len=e.max_model_len,
+                      quantization=plans[e.name].quantization, max_queued_requests=e.max_queued_requests,
+                      request_timeout_s=e.request_timeout_s,
+                      extra={"min_replicas": e.replicas.min, "placed_replicas": plans[e.name].placed_replicas})
+            for e in args.models]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": INGRESS_CPUS}, max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
-    """The HTTP front: routes by model name to each model's deployment handle (the Backend of openai_api)."""
+    """The HTTP front (the Backend of openai_api): routes each request for a model to one of the model's
+    deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
 
-    def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, api_key_env: str):
-        self.handles = handles
+    def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, rollout_json: dict,
+                 bindings_json: list, api_key_env: str):
+        self.handles = {model: [(name, h) for name, h in pairs] for model, pairs in handles.items()}
         self._cards = cards
         self._plan = plan_json
+        self.rollout = Rollout.from_json(rollout_json)
+        self.bindings = tuple(NodeBinding(b["node"], b["selector"], b["ray_node_id"], b["how"], b.get("note"))
+                              for b in bindings_json)
         self.app_name = serve.get_replica_context().app_name
         self.api_key = os.environ.get(api_key_env) or None
-        self._ready_cache: tuple[float, bool, dict] | None = None
+        self.inflight: dict[str, int] = {}
+        self._status: tuple[float, dict] | None = None
+        self._logged: set[str] = set()
 
     def __serve_build_asgi_app__(self):
         from .openai_api import create_app
 
         return create_app(self, api_key=self.api_key)
+
+    async def _deployments(self) -> dict:
+        """Serve's status of this app's deployments, read at most once a second."""
+        now = time.time()
+        if self._status and now - self._status[0] < 1.0:
+            return self._status[1]
+        status = await asyncio.to_thread(serve.status)
+        deps = status.applications[self.app_name].deployments
+        self._status = (now, deps)
+        return deps
+
+    async def _running(self) -> dict[str, int]:
+        try:
+            deps = await self._deployments()
+        except Exception:
+            return {}
+        return {name: (d.replica_states or {}).get("RUNNING", 0) for name, d in deps.items()}
 
     # ---- Backend protocol
     def cards(self) -> list[ModelCard]:
@@ -127,7 +170,15 @@ class Ingress:
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-        handle = self.handles[model].options(stream=True)
+        pairs = self.handles.get(model) or []
+        if not pairs:
+            raise Unavailable(f"model {model!r} has no replica in the plan (it fit nowhere); see GET /plan",
+                              retry_after_s=60.0)
+        running = await self._running()
+        name = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
+                               random.random) or pairs[0][0]
+        handle = dict(pairs)[name].options(stream=True)
+        self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
             gen = handle.generate.remote(prompt_ids, params)
             async for chunk in gen:
@@ -136,35 +187,51 @@ class Ingress:
             raise Overloaded(f"model {model!r} has a full queue: {exc}", retry_after_s=1.0) from None
         except DeploymentUnavailableError as exc:
             raise Unavailable(f"model {model!r} has no replica available: {exc}", retry_after_s=5.0) from None
+        finally:
+            self.inflight[name] -= 1
 
     async def readiness(self) -> tuple[bool, dict]:
-        now = time.time()
-        if self._ready_cache and now - self._ready_cache[0] < 1.0:
-            return self._ready_cache[1], self._ready_cache[2]
-        detail, ok = {}, True
         try:
-            status = await asyncio.to_thread(serve.status)
-            deps = status.applications[self.app_name].deployments
+            deps = await self._deployments()
         except Exception as exc:
             return False, {"error": f"cannot read Serve status: {exc}"}
+        detail, ok = {}, True
         for card in self._cards:
-            d = deps.get(f"model-{card.name}")
-            running = (d.replica_states or {}).get("RUNNING", 0) if d else 0
+            names = [n for n, _ in self.handles.get(card.name, [])]
+            running = sum((deps[n].replica_states or {}).get("RUNNING", 0) for n in names if n in deps)
             need = card.extra.get("min_replicas", 1)
             detail[card.name] = {"running_replicas": running, "min_replicas": need,
-                                 "status": str(d.status) if d else "MISSING"}
-            ok = ok and running >= max(need, 1)
-        self._ready_cache = (now, ok, detail)
+                                 "deployments": {n: str(deps[n].status) if n in deps else "MISSING" for n in names}}
+            ok = ok and running >= need
         return ok, detail
 
     async def plan(self) -> dict:
         out = dict(self._plan)
+        out["rollout"] = self.rollout.to_json()
+        out["node_bindings"] = [b.to_json() for b in self.bindings]
         try:
             reg = ray.get_actor(REGISTRY)
             replicas = await reg.all.remote()
         except Exception:
             replicas = []
-        out["replicas"] = sorted(replicas, key=lambda r: (r["model"], r["replica_id"]))
+        reports = [ReplicaReport(r["replica_id"], r.get("deployment", ""), r.get("node_id"),
+                                 int(r["gpu_ids"][0]) if r.get("gpu_ids") else None, r.get("node_label"))
+                   for r in replicas]
+        where = {p["replica_id"]: p for p in placements(self.rollout, reports, self.bindings)}
+        rows = []
+        for r in replicas:
+            p = where.get(r["replica_id"], {})
+            row = dict(r, planned_node=p.get("planned_node"), node=p.get("node"), gpu=p.get("gpu"),
+                       gpu_type=p.get("gpu_type"), planned_gpu=p.get("planned_gpu"),
+                       matches_plan=p.get("matches_plan", False))
+            rows.append(row)
+            if not row["matches_plan"] and r["replica_id"] not in self._logged and row.get("gpu_ids") is not None:
+                self._logged.add(r["replica_id"])
+                log.warning("gpuplan: replica %s of %s runs on node %s GPU %s; the plan put it on node %s (%s)",
+                            r["replica_id"], r.get("model"), row["node"] or r.get("node_id"), row["gpu"],
+                            row["planned_node"], "no GPU there holds what the plan put on it"
+                            if row["node"] == row["planned_node"] else "another node")
+        out["replicas"] = sorted(rows, key=lambda r: (r.get("model") or "", r["replica_id"]))
         return out
 
 
@@ -176,6 +243,17 @@ def _plan_or_exit(args: DeployArgs) -> PlanningResult:
     else:
         cluster = cluster_from_decl(args.cluster)
     return make_plan(args, cluster)
+
+
+def ray_nodes() -> list[RayNode]:
+    """Ray's nodes as planner.rollout sees them: id, labels, GPUs and accelerator type."""
+    out = []
+    for n in ray.nodes():
+        res = n.get("Resources", {}) or {}
+        types = sorted(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
+        out.append(RayNode(n["NodeID"], dict(n.get("Labels") or {}), int(res.get("GPU", 0)),
+                           types[0] if types else None, bool(n.get("Alive"))))
+    return out
 
 
 def build_app(args: dict) -> serve.Application:
@@ -190,8 +268,23 @@ def build_app(args: dict) -> serve.Application:
         raise PlanFailed(f"gpuplan: {exc}") from None
     from planner.plan_report import render_text
 
+    from .scale_board import publish
+
     log.warning("gpuplan plan:\n%s", render_text(result.plan))
+    bindings = bind_nodes(result.cluster.nodes, ray_nodes())
+    for b in bindings:
+        if b.note:
+            log.warning("gpuplan: %s", b.note)
+    rollout = result.rollout
+    for n in rollout.notes:
+        log.warning("gpuplan: %s", n)
+    publish(rollout)
     Registry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
-    cfgs = replica_configs(result, parsed)
-    handles = {name: ModelReplica.options(**c["options"]).bind(c["replica"]) for name, c in cfgs.items()}
-    return Ingress.bind(handles, [c["card"] for c in cfgs.values()], result.to_json(), parsed.http.api_key_env)
+    cfgs = replica_configs(result, parsed, rollout, bindings)
+    handles: dict[str, list] = {m.name: [] for m in parsed.models}
+    for model, slots in rollout.fill:
+        for name in dict.fromkeys(slots):
+            c = cfgs[name]
+            handles[model].append([name, ModelReplica.options(**c["options"]).bind(c["replica"])])
+    return Ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
+                        [b.to_json() for b in bindings], parsed.http.api_key_env)

@@ -9,6 +9,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from planner.inventory import Cluster, Gpu, Node, probe_local_gpus
+from planner.rollout import GPUPLAN_NODE_LABEL
 
 log = logging.getLogger("gpuplan")
 
@@ -19,7 +20,9 @@ def _probe(node_name: str):
 
 
 def _node_name(n: dict) -> str:
-    return n.get("NodeName") or n.get("NodeManagerAddress") or n["NodeID"][:8]
+    """A probed node's plan name: its gpuplan.io/node label when it has one, else Ray's node name or address."""
+    label = (n.get("Labels") or {}).get(GPUPLAN_NODE_LABEL)
+    return label or n.get("NodeName") or n.get("NodeManagerAddress") or n["NodeID"][:8]
 
 
 def gather_cluster(timeout_s: float = 60.0) -> Cluster:
@@ -27,14 +30,16 @@ def gather_cluster(timeout_s: float = 60.0) -> Cluster:
     machine without a driver) cannot be sized, so they are left out with a note; declare the cluster to plan them."""
     nodes, notes = [], []
     alive = [n for n in ray.nodes() if n.get("Alive")]
+    names = [_node_name(n) for n in alive]
+    # several Ray nodes on one host share its name and address (ray.cluster_utils, or one raylet per GPU group)
+    names = [f"{nm}-{n['NodeID'][:6]}" if names.count(nm) > 1 else nm for nm, n in zip(names, alive)]
     refs = []
-    for n in alive:
+    for n, name in zip(alive, names):
         strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
-        refs.append(_probe.options(scheduling_strategy=strategy).remote(_node_name(n)))
+        refs.append(_probe.options(scheduling_strategy=strategy).remote(name))
     results = ray.get(refs, timeout=timeout_s)
-    for n, probe in zip(alive, results):
+    for n, name, probe in zip(alive, names, results):
         res = n.get("Resources", {})
-        name = _node_name(n)
         ray_gpus = int(res.get("GPU", 0))
         gpus = tuple(probe.gpus)
         if ray_gpus and not gpus:
@@ -48,7 +53,7 @@ def gather_cluster(timeout_s: float = 60.0) -> Cluster:
         mem = int(res.get("memory", 0))
         nodes.append(Node(name=name, cpu_memory_bytes=mem, gpus=tuple(
             Gpu(id=g.id, name=g.name, total_bytes=g.total_bytes, free_bytes=g.free_bytes, node=name, index=g.index,
-                gpu_type=g.gpu_type) for g in gpus), num_cpus=res.get("CPU")))
+                gpu_type=g.gpu_type) for g in gpus), num_cpus=res.get("CPU"), ray_node_id=n["NodeID"]))
     for line in notes:
         log.warning(line)
     return Cluster(nodes=tuple(nodes), source="probed", notes=tuple(notes))

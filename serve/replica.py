@@ -13,7 +13,9 @@ from ray import serve
 
 from planner.decisions import decide_load
 from planner.errors import InfeasiblePlanError
+from planner.rollout import GPUPLAN_NODE_LABEL
 
+from .scale_board import GPU_METRIC
 from .types import SamplingParams
 
 log = logging.getLogger("gpuplan")
@@ -42,6 +44,11 @@ class ModelReplica:
         self.cfg = cfg
         self.name = cfg["name"]
         t0 = time.time()
+        self.decision = None
+        self.resident = {"total": 0}
+        self.load_s = None
+        self.engine = None
+        self._report(loading=True)  # where Ray put it, before the (slow) load
         cuda, idx, total, free, why = _cuda_state()
         try:
             self.decision = decide_load(
@@ -94,13 +101,20 @@ class ModelReplica:
                                     tag_keys=("model",))
         self._m_tps.set_default_tags({"model": self.name})
 
-    def info(self) -> dict:
+    def info(self, loading: bool = False) -> dict:
         ctx = serve.get_replica_context()
-        stats = self.engine.stats()
+        rc = ray.get_runtime_context()
+        try:
+            labels = rc.get_node_labels()
+        except Exception:  # older Ray: no node labels
+            labels = {}
         return {
             "model": self.name,
+            "deployment": self.cfg.get("deployment", ""),
             "replica_id": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "state": "loading" if loading else "running",
+            "node_id": rc.get_node_id(),
+            "node_label": labels.get(GPUPLAN_NODE_LABEL),
             "node_ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
@@ -109,18 +123,24 @@ class ModelReplica:
             "planned_bytes": self.cfg["planned_bytes"],
             "resident_weight_bytes": self.resident["total"],
             "estimated_weight_bytes": self.cfg["weights_bytes"],
-            "load_decision": self.decision.to_json(),
+            "load_decision": self.decision.to_json() if self.decision else None,
             "load_seconds": self.load_s,
             "pid": os.getpid(),
-            "stats": stats,
+            "stats": self.engine.stats() if self.engine else {},
         }
 
-    def _report(self) -> None:
+    def _report(self, loading: bool = False) -> None:
         try:
             reg = ray.get_actor(self.cfg["registry"], namespace=self.cfg.get("registry_namespace"))
-            reg.put.remote(self.info())
+            reg.put.remote(self.info(loading))
         except Exception:  # the registry is only for /plan; serving does not depend on it
             pass
+
+    def record_autoscaling_stats(self) -> dict:
+        """Custom autoscaling metric: the GPU Ray gave this replica (-1: none), so that gpuplan's policy knows what
+        each GPU holds (serve/scale_board.py)."""
+        ids = ray.get_gpu_ids()
+        return {GPU_METRIC: float(ids[0]) if ids else -1.0}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         """Stream chunks; after the first, steps produced within ``stream_interval_s`` go out as one message

@@ -1,5 +1,6 @@
-"""One shared Ray cluster for the integration tests: a head without GPUs and two worker nodes with fake GPUs of two
-types (Ray schedules fractional GPUs without CUDA; replicas then load on the CPU, as they would on a laptop)."""
+"""One shared Ray cluster for the integration tests: a head without GPUs and three worker nodes with fake GPUs of
+two types, labelled as declared nodes (``gpuplan.io/node``). Ray schedules fractional GPUs without CUDA; replicas then
+load on the CPU, as they would on a laptop."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ ray = pytest.importorskip("ray")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "models", "tiny-chat")
 GiB = 1024**3
+# (declared node name = its gpuplan.io/node label, GPUs, type)
+GPU_NODES = [("a10g-1", 2, "A10G"), ("a10g-2", 1, "A10G"), ("l4-1", 1, "L4")]
 
 
 def free_port() -> int:
@@ -29,8 +32,9 @@ def ray_cluster():
 
     # NOTE: CPU counts are Ray's bookkeeping, not real cores; fractional num_cpus keep replicas schedulable.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 0})
-    cluster.add_node(num_cpus=4, num_gpus=2, resources={"accelerator_type:A10G": 1})
-    cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1})
+    for name, gpus, kind in GPU_NODES:
+        cluster.add_node(num_cpus=4, num_gpus=gpus, resources={f"accelerator_type:{kind}": 1},
+                         labels={"gpuplan.io/node": name})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     from ray import serve

@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 import yaml
+from ray_helpers import wait_ready
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -49,18 +50,10 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "serve.run", str(path)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            log.flush()
-            proc.kill()
-            pytest.fail("serve run did not become ready:\n" + open(path.parent / "serve.log").read()[-4000:])
-        time.sleep(1)
+    if not wait_ready(base, 300, gave_up=lambda: proc.poll() is not None):
+        log.flush()
+        proc.kill()
+        pytest.fail("serve run did not become ready:\n" + open(path.parent / "serve.log").read()[-4000:])
     yield {"base": base, "proc": proc, "log": path.parent / "serve.log"}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)

@@ -26,11 +26,13 @@ ARGS = {
 }
 
 
-def running(app: str, dep: str) -> int:
+def running(app: str, model: str) -> int:
+    """RUNNING replicas of a model, over its deployments (one per node: "<model>@<node>")."""
     st = serve.status().applications.get(app)
-    if not st or dep not in st.deployments:
+    if not st:
         return 0
-    return (st.deployments[dep].replica_states or {}).get("RUNNING", 0)
+    return sum((d.replica_states or {}).get("RUNNING", 0) for name, d in st.deployments.items()
+               if name.startswith(f"{model}@"))
 
 
 def test_scales_up_under_load_and_back_down(ray_cluster):
@@ -39,7 +41,7 @@ def test_scales_up_under_load_and_back_down(ray_cluster):
     serve.run(build_app(ARGS), name="scale", route_prefix="/scale", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/scale"
     deadline = time.time() + 240
-    while running("scale", "model-auto") < 1 or requests.get(f"{base}/readyz", timeout=5).status_code != 200:
+    while running("scale", "auto") < 1 or requests.get(f"{base}/readyz", timeout=5).status_code != 200:
         assert time.time() < deadline, "app did not become ready"
         time.sleep(1)
     plan = requests.get(f"{base}/plan", timeout=10).json()
@@ -60,7 +62,7 @@ def test_scales_up_under_load_and_back_down(ray_cluster):
     peak, deadline = 1, time.time() + 120
     try:
         while time.time() < deadline and peak < 2:
-            peak = max(peak, running("scale", "model-auto"))
+            peak = max(peak, running("scale", "auto"))
             time.sleep(1)
     finally:
         stop.set()
@@ -70,7 +72,7 @@ def test_scales_up_under_load_and_back_down(ray_cluster):
     assert peak <= 3  # never above the planned capacity
     assert codes and all(c == 200 for c in codes), sorted(set(codes))
     deadline = time.time() + 120
-    while running("scale", "model-auto") > 1:
+    while running("scale", "auto") > 1:
         assert time.time() < deadline, "did not scale back down to min_replicas"
         time.sleep(1)
     serve.delete("scale")

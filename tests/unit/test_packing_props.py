@@ -73,6 +73,15 @@ def _bins(cluster, headroom, reserve):
     return gpus, caps, ram
 
 
+def _node_min(gpus, value) -> dict:
+    """Per node, the smallest ``value(gpu)`` of its GPUs: Ray may put a fractional request on any GPU of the node,
+    so one node's GPUs share the fraction basis of its smallest."""
+    out: dict = {}
+    for g in gpus:
+        out[g.node] = min(value(g), out.get(g.node, value(g)))
+    return out
+
+
 def _eligible(d, g):
     return d.gpu_type is None or d.gpu_type.upper() == g.gpu_type.upper()
 
@@ -80,6 +89,7 @@ def _eligible(d, g):
 def _fits(layout, demands, choice, gpus, caps, ram):
     """layout[m][b] replicas of model m on gpu b: bytes, Ray units and node RAM all within limits."""
     used_ram = {k: 0 for k in ram}
+    basis = _node_min(gpus, lambda g: g.total_bytes)
     for b, g in enumerate(gpus):
         used = units = 0
         for m, d in enumerate(demands):
@@ -90,7 +100,7 @@ def _fits(layout, demands, choice, gpus, caps, ram):
                 return False
             o = d.options[choice[m]]
             used += k * o.replica_bytes
-            units += k * ray_gpu_units(o.replica_bytes, g.total_bytes)
+            units += k * ray_gpu_units(o.replica_bytes, basis[g.node])
             used_ram[g.node] += k * o.cpu_bytes
         if used > caps[b] or units > RAY_GPU_UNITS:
             return False
@@ -133,6 +143,8 @@ def assert_never_overcommitted(p, cluster, headroom, reserve):
     gpus, caps, ram = _bins(cluster, headroom, reserve)
     used_ram = {k: 0 for k in ram}
     by_name = {d.name: d for d in p.models}
+    total_basis = _node_min(gpus, lambda g: g.total_bytes)
+    usable_basis = _node_min(gpus, lambda g: max(1, math.floor(g.total_bytes * (1 - headroom)) - reserve))
     for g, src, cap in zip(p.gpus, gpus, caps):
         assert g.id == src.id and g.usable_bytes == cap
         assert sum(r.bytes for r in g.replicas) == g.used_bytes <= cap
@@ -140,9 +152,9 @@ def assert_never_overcommitted(p, cluster, headroom, reserve):
         assert units <= RAY_GPU_UNITS and sum(r.num_gpus for r in g.replicas) <= 1.0 + 1e-9
         for r in g.replicas:
             if p.fraction_basis == "total":
-                assert g.ray_basis_bytes == g.total_bytes
+                assert g.ray_basis_bytes == total_basis[g.node]
             else:
-                assert g.ray_basis_bytes == max(1, math.floor(g.total_bytes * (1 - headroom)) - reserve)
+                assert g.ray_basis_bytes == usable_basis[g.node]
             assert r.num_gpus == round(ray_gpu_units(r.bytes, g.ray_basis_bytes) / RAY_GPU_UNITS, 4)
             used_ram[g.node] += by_name[r.model].cpu_bytes
     for c in p.cpu_replicas:
