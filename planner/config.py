@@ -8,6 +8,7 @@ with units ("24GiB", "24GB") and become ints of bytes here; nothing inside gpupl
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Literal, Union
 
 import yaml
@@ -16,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import InputError
 from .units import parse_bytes
 
+# a node's name is its Ray node label value (gpuplan.io/node), which follows Kubernetes' label value syntax
+NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,54}[A-Za-z0-9])?$")
 QUANTIZATIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "int4", "awq", "gptq", "fp8", "mxfp4", "gguf")
 
 
@@ -53,7 +56,10 @@ class GpuDecl(_Edge):
 
 class NodeDecl(_Edge):
     name: str
-    """Node name, unique in the cluster (a Ray node, or a KubeRay worker group member)."""
+    """Node name, unique in the cluster. It is the Ray node label `gpuplan.io/node` of the node (`ray start --labels
+    gpuplan.io/node=<name>`, or the KubeRay worker group's labels), so it is a label value: letters, digits, '-',
+    '_' and '.', starting and ending with a letter or digit, at most 56 characters (room for the "-<i>" of
+    `replicas`)."""
     cpu_memory: Bytes = Field(default=16 * 1024**3)
     """Host RAM the node gives replicas (CPU replicas and CPU offload), bytes or "64GiB"."""
     num_cpus: float | None = Field(None, gt=0)
@@ -65,7 +71,16 @@ class NodeDecl(_Edge):
     tolerations: list[dict] = Field(default_factory=list)
     """Kubernetes tolerations for this node's worker group (KubeRay rendering only)."""
     replicas: int = Field(1, ge=1)
-    """How many identical nodes this entry stands for (a KubeRay worker group of N pods)."""
+    """How many identical nodes this entry stands for (named <name>-0 ... <name>-<N-1>)."""
+
+    @field_validator("name")
+    @classmethod
+    def _label_value(cls, v: str) -> str:
+        if not NODE_NAME.match(v):
+            fix = re.sub(r"[^A-Za-z0-9._-]+", "-", v).strip("-._")[:56] or "node-0"
+            raise ValueError(f"{v!r} cannot be a node label value (gpuplan.io/node={v}): use letters, digits, '-', "
+                             f"'_' and '.', starting and ending with a letter or digit, at most 56, e.g. {fix!r}")
+        return v
 
 
 class ClusterDecl(_Edge):
@@ -186,15 +201,19 @@ class DeployArgs(_Edge):
 
 def _one_line(exc: ValidationError, what: str) -> str:
     parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"]) or what
+    errors = exc.errors()
+    # `cluster: auto | {nodes: ...}`: a bad declaration also fails the `auto` branch; say only what is wrong in it
+    branch = [e for e in errors if not any(str(p).startswith("literal[") for p in e["loc"])]
+    errors = branch or errors
+    for err in errors[:3]:
+        loc = ".".join(str(p) for p in err["loc"] if "[" not in str(p)) or what
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the README's deploy.yaml fields)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         parts.append(f"{loc}: {msg}")
-    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
     return f"{what}: " + "; ".join(parts) + more
 
 

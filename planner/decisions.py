@@ -2,7 +2,6 @@
 
 - ``decide_load``: at replica start, given the real free memory of its GPU, load on the GPU (and cap itself at its
   planned share), spill weights to CPU (accelerate ``device_map="auto"`` + ``max_memory``), or load on the CPU.
-- ``autoscaling_config``: Ray Serve autoscaling bounds from the plan (max never above planned capacity).
 - ``num_gpus_for``: the fractional GPU request that turns Ray's accounting into a memory ledger.
 """
 
@@ -114,21 +113,3 @@ def decide_load(
         gpu_weight_bytes=gpu_weights,
         cpu_weight_bytes=cpu_weights,
     )
-
-
-def autoscaling_config(*, min_replicas: int, max_replicas: int, placed_replicas: int,
-                       target_ongoing_requests: float, upscale_delay_s: float = 10.0,
-                       downscale_delay_s: float = 60.0, look_back_period_s: float = 30.0,
-                       metrics_interval_s: float = 10.0) -> dict:
-    """Ray Serve ``autoscaling_config``: bounds from the plan, never above the replicas the plan could place."""
-    upper = max(min(max_replicas, placed_replicas), min_replicas)
-    return {
-        "min_replicas": min_replicas,
-        "initial_replicas": min_replicas,
-        "max_replicas": max(upper, 1),
-        "target_ongoing_requests": target_ongoing_requests,
-        "upscale_delay_s": upscale_delay_s,
-        "downscale_delay_s": downscale_delay_s,
-        "look_back_period_s": look_back_period_s,
-        "metrics_interval_s": metrics_interval_s,
-    }

@@ -25,9 +25,10 @@ from dataclasses import dataclass, replace
 
 import yaml
 
-from .config import ClusterDecl, DeployArgs, NodeDecl
+from .config import ClusterDecl, DeployArgs, NodeDecl, parse_deploy_args
 from .errors import InputError
-from .planning import PlanningResult
+from .planning import PlanningResult, cluster_from_decl, make_plan
+from .rollout import GPUPLAN_NODE_LABEL, deployment_options
 from .units import GiB, MiB, format_bytes
 
 # NOTE: the Ray image matching the Ray the project is tested with (ray[serve] 2.60 in the venv); `-gpu` images
@@ -61,14 +62,15 @@ _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """One KubeRay worker group: the pods of one node declaration."""
+    """One KubeRay worker group: the pod of one planned node (a declaration with ``replicas: N`` is N nodes)."""
 
     name: str  # groupName
     node: NodeDecl
+    node_name: str  # the plan's node: the pod's Ray node label gpuplan.io/node, which its deployments select
     gpus_per_pod: int
     gpu_type: str | None  # Ray's accelerator type, as the plan and serve/app.py name it ("A10G")
-    min_pods: int  # pods that hold every model's minimum replicas, as the plan places them
-    max_pods: int  # pods in the declaration
+    min_pods: int  # 1 when the node holds a minimum replica (the first min_replicas slots of a model's fill order)
+    max_pods: int  # 1
     cpus: float
 
     @property
@@ -134,49 +136,30 @@ def _nodes_by_decl(decl: ClusterDecl, result: PlanningResult) -> list[tuple[Node
     return out
 
 
-def minimum_plan(result: PlanningResult):
-    """The plan of every model's minimum replicas only, at the quantization the full plan chose: the packer's own
-    first step (spread-first), so these are the nodes that must exist for Serve's ``min_replicas`` to run."""
-    from .packing import plan
-
-    demands = []
-    for d in result.demands:
-        if d.min_replicas == 0:
-            continue
-        q = result.plan.model(d.name).quantization
-        demands.append(replace(d, options=tuple(o for o in d.options if o.quantization == q),
-                               max_replicas=d.min_replicas))
-    if not demands:
-        return None
-    return plan(demands, result.cluster, headroom=result.plan.headroom,
-                gpu_reserve_bytes=result.plan.gpu_reserve_bytes, exact=False)
-
-
 def worker_groups(decl: ClusterDecl, result: PlanningResult) -> list[WorkerGroup]:
-    """One worker group per node declaration: ``max_pods`` = the declaration's ``replicas``; ``min_pods`` = how many
-    of its nodes hold a replica when only every model's minimum replicas are placed (:func:`minimum_plan`)."""
+    """One worker group per planned node (a declaration with ``replicas: N`` gives N groups, named like the plan's
+    nodes, ``<name>-<i>``), each of one pod whose Ray node carries the label ``gpuplan.io/node=<node>`` that the
+    node's deployments select; ``min_pods`` is 1 for a node that holds a minimum replica (the rollout's minimum
+    slots), else 0 (the autoscaler starts the pod when a replica pinned to it is pending)."""
     pairs = _nodes_by_decl(decl, result)
-    mp = minimum_plan(result)
-    used: set[str] = set()
-    if mp is not None:
-        used |= {g.node for g in mp.gpus if g.replicas}
-        used |= {c.node for c in mp.cpu_replicas}
-        used |= {o.node for o in mp.offload}
+    ro = result.rollout
+    holds_min = {d.node for d in ro.deployments if d.min_slots} if ro is not None else set()
     groups, seen = [], {}
     for nd, nodes in pairs:
-        name = group_name(nd.name)
-        if name in seen:
-            raise InputError(f"nodes {seen[name]!r} and {nd.name!r} give the same worker group name {name!r}; "
-                             "rename one (lowercase letters, digits and '-')")
-        seen[name] = nd.name
-        gpus = nodes[0].gpus if nodes else ()
-        gpu_type = (gpus[0].gpu_type or gpus[0].name).upper() if gpus else None
-        cpus = nd.num_cpus if nd.num_cpus is not None else (
-            DEFAULT_CPUS_PER_GPU * len(gpus) if gpus else DEFAULT_CPUS_CPU_NODE)
-        groups.append(WorkerGroup(
-            name=name, node=nd, gpus_per_pod=len(gpus), gpu_type=gpu_type,
-            min_pods=sum(1 for n in nodes if n.name in used), max_pods=nd.replicas, cpus=cpus,
-        ))
+        for node in nodes:
+            name = group_name(node.name)
+            if name in seen:
+                raise InputError(f"nodes {seen[name]!r} and {node.name!r} give the same worker group name {name!r}; "
+                                 "rename one (lowercase letters, digits and '-')")
+            seen[name] = node.name
+            gpus = node.gpus
+            gpu_type = (gpus[0].gpu_type or gpus[0].name).upper() if gpus else None
+            cpus = nd.num_cpus if nd.num_cpus is not None else (
+                DEFAULT_CPUS_PER_GPU * len(gpus) if gpus else DEFAULT_CPUS_CPU_NODE)
+            groups.append(WorkerGroup(
+                name=name, node=nd, node_name=node.name, gpus_per_pod=len(gpus), gpu_type=gpu_type,
+                min_pods=1 if node.name in holds_min else 0, max_pods=1, cpus=cpus,
+            ))
     return groups
 
 
@@ -246,7 +229,7 @@ def check_sources(raw_args: dict, args: DeployArgs, *, model_cache: bool = False
 def bake_args(raw_args: dict, args: DeployArgs, result: PlanningResult, decl: ClusterDecl, *,
               model_cache: bool = False) -> dict:
     """The gpuplan app's args with the plan baked in: one quantization per model (the plan's), ``replicas.max``
-    clamped to what the plan placed (as :func:`planner.decisions.autoscaling_config` clamps it), and ``cluster:``
+    clamped to what the plan placed, and ``cluster:``
     the inline declaration. Everything else is kept as the user wrote it."""
     check_sources(raw_args, args, model_cache=model_cache)
     by_name = {m.name: m for m in result.plan.models}
@@ -280,11 +263,25 @@ def _gpuplan_app_index(apps: list, app: str | None) -> int:
                      + (f" named {app!r}" if app else ""))
 
 
+def inside_plan(deploy_file: dict, args: DeployArgs, result: PlanningResult, decl: ClusterDecl, *,
+                app: str | None = None, model_cache: bool = False) -> tuple[dict, PlanningResult]:
+    """(the gpuplan app's baked args, the plan build_app makes of them inside the cluster): the deployments and
+    worker groups are rendered from the latter, so the manifest names exactly what runs."""
+    if "applications" in deploy_file:
+        raw = deploy_file["applications"][_gpuplan_app_index(deploy_file["applications"], app)].get("args") or {}
+    else:
+        raw = deploy_file
+    baked = bake_args(raw, args, result, decl, model_cache=model_cache)
+    parsed = parse_deploy_args(baked, what="baked args")
+    return baked, make_plan(parsed, cluster_from_decl(parsed.cluster))
+
+
 def serve_config(deploy_file: dict, args: DeployArgs, result: PlanningResult, decl: ClusterDecl, *,
                  app: str | None = None, gpuplan_pip: str | None = DEFAULT_GPUPLAN_PIP,
-                 model_cache: bool = False) -> dict:
+                 model_cache: bool = False, inside: tuple[dict, PlanningResult] | None = None) -> dict:
     """The Serve config (``ServeDeploySchema`` shape) the RayService runs: the deploy file with the gpuplan app's args
-    baked (:func:`bake_args`), a runtime_env that installs gpuplan, and HTTP on 0.0.0.0:8000 behind a proxy on every
+    baked (:func:`bake_args`), its deployments as build_app makes them (one per model and node, pinned by the node's
+    ``gpuplan.io/node`` label), a runtime_env that installs gpuplan, and HTTP on 0.0.0.0:8000 behind a proxy on every
     node (KubeRay's serve Service selects the pods whose proxy is healthy)."""
     if "applications" in deploy_file:
         cfg = copy.deepcopy(deploy_file)
@@ -294,7 +291,14 @@ def serve_config(deploy_file: dict, args: DeployArgs, result: PlanningResult, de
     apps = cfg["applications"]
     i = _gpuplan_app_index(apps, app)
     a = dict(apps[i])
-    a["args"] = bake_args(a.get("args") or {}, args, result, decl, model_cache=model_cache)
+    baked, planned = inside or inside_plan(deploy_file, args, result, decl, app=app, model_cache=model_cache)
+    a["args"] = baked
+    ro = planned.rollout
+    entries = {m.name: m for m in parse_deploy_args(baked, what="baked args").models}
+    ours = [deployment_options(d, entries[d.model], {GPUPLAN_NODE_LABEL: d.node}, ro.plan_id)
+            for d in ro.deployments]
+    names = {d["name"] for d in ours}
+    a["deployments"] = [d for d in (a.get("deployments") or []) if d.get("name") not in names] + ours
     env = dict(a.get("runtime_env") or {})
     if gpuplan_pip and not {"pip", "uv", "conda"} & env.keys():
         env["pip"] = {"packages": [gpuplan_pip], "pip_check": False}
@@ -381,9 +385,10 @@ def render_rayservice(deploy_file: dict, args: DeployArgs, result: PlanningResul
         raise InputError(f"--ray-token-auth needs Ray >= 2.52.0 (KubeRay's authOptions), the image has {ray_version}; "
                          "use a newer --image or leave token auth off")
     check_declaration(decl)
-    groups = worker_groups(decl, result)
+    inside = inside_plan(deploy_file, args, result, decl, app=app, model_cache=bool(model_cache_pvc))
+    groups = worker_groups(decl, inside[1])
     cfg = serve_config(deploy_file, args, result, decl, app=app, gpuplan_pip=gpuplan_pip,
-                       model_cache=bool(model_cache_pvc))
+                       model_cache=bool(model_cache_pvc), inside=inside)
     env, mounts, volumes = _env_and_volumes(model_cache_pvc, hf_token_secret, api_key_secret, args.http.api_key_env)
 
     def container(cname: str, resources: dict, ports: list) -> dict:
@@ -435,6 +440,9 @@ def render_rayservice(deploy_file: dict, args: DeployArgs, result: PlanningResul
             "replicas": g.min_pods,
             "minReplicas": g.min_pods,
             "maxReplicas": g.max_pods,
+            # the Ray node label (KubeRay >= 1.5) its deployments select; the autoscaler (v2) reads it to start
+            # this group when a replica pinned to it is pending
+            "labels": {GPUPLAN_NODE_LABEL: g.node_name},
             "rayStartParams": params,
             "template": {"spec": pod_spec(container("ray-worker", {"requests": dict(res), "limits": dict(res)},
                                                     ports), g.node)},
@@ -453,7 +461,8 @@ def render_rayservice(deploy_file: dict, args: DeployArgs, result: PlanningResul
             "rayClusterConfig": {
                 "rayVersion": ray_version,
                 "enableInTreeAutoscaling": True,
-                "autoscalerOptions": {"idleTimeoutSeconds": WORKER_IDLE_TIMEOUT_S},
+                # v2: the autoscaler that understands label selectors (each deployment selects its node's label)
+                "autoscalerOptions": {"version": "v2", "idleTimeoutSeconds": WORKER_IDLE_TIMEOUT_S},
                 "headGroupSpec": head,
                 "workerGroupSpecs": workers,
             },
@@ -482,7 +491,8 @@ _Dumper.add_representer(str, _str)
 
 
 def summary_lines(result: PlanningResult, args: DeployArgs, doc: dict) -> list[str]:
-    """The plan and the worker groups of a rendered RayService in a few lines, for the manifest's header."""
+    """The plan, the deployments and the worker groups of a rendered RayService in a few lines, for the manifest's
+    header."""
     p = result.plan
     lines = [f"Plan: headroom {p.headroom:.0%}, reserve {format_bytes(p.gpu_reserve_bytes)}/GPU, "
              f"{len(result.cluster.gpus)} GPUs declared"]
@@ -491,16 +501,25 @@ def summary_lines(result: PlanningResult, args: DeployArgs, doc: dict) -> list[s
     for m in p.models:
         e = entries[m.name]
         upper = max(min(e.replicas.max, m.placed_replicas), e.replicas.min, 1)
-        labels = ", ".join(f"{t} {v:g}" for t, v in m.num_gpus_by_gpu_type) or "CPU"
-        lines.append(f"  {m.name:{w}}  {m.quantization:5} {format_bytes(m.replica_bytes)}/replica  num_gpus "
-                     f"{labels}  replicas {e.replicas.min}..{upper} (asked max {e.replicas.max})")
-    lines.append("Worker groups (min pods: those holding every model's min replicas in the plan; max: declared):")
+        lines.append(f"  {m.name:{w}}  {m.quantization:5} {format_bytes(m.replica_bytes)}/replica  replicas "
+                     f"{e.replicas.min}..{upper} (asked max {e.replicas.max})")
+    cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    app = cfg["applications"][_gpuplan_app_index(cfg["applications"], None)]
+    deps = [d for d in app.get("deployments") or [] if "@" in d.get("name", "")]
+    lines.append(f"Deployments ({len(deps)}, one per model and node; num_gpus is the plan's share of that node's "
+                 "GPUs, label_selector pins the node):")
+    for d in deps:
+        actor = d["ray_actor_options"]
+        share = f"num_gpus {actor['num_gpus']:g}" if "num_gpus" in actor else f"memory {format_bytes(actor['memory'])}"
+        lines.append(f"  {d['name']}: {share}, up to {d['autoscaling_config']['max_replicas']} replicas")
+    lines.append("Worker groups (one pod per planned node, Ray label gpuplan.io/node=<node>; min 1 where a model's "
+                 "minimum replicas run):")
     for wg in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         res = wg["template"]["spec"]["containers"][0]["resources"]["limits"]
         acc = json.loads(wg["rayStartParams"]["resources"].strip("'")) if "resources" in wg["rayStartParams"] else {}
         kind = (f"{res['nvidia.com/gpu']} x " + ", ".join(k.split(":", 1)[1] for k in acc)
                 if "nvidia.com/gpu" in res else "no GPU")
-        lines.append(f"  {wg['groupName']}: {wg['minReplicas']}..{wg['maxReplicas']} pods of {kind}, {res['cpu']} "
+        lines.append(f"  {wg['groupName']}: {wg['minReplicas']}..{wg['maxReplicas']} pod of {kind}, {res['cpu']} "
                      f"CPU, {res['memory']}")
     spare, total = upgrade_spare_gpus(doc)
     if doc["spec"]["upgradeStrategy"]["type"] == "None":
@@ -511,6 +530,9 @@ def summary_lines(result: PlanningResult, args: DeployArgs, doc: dict) -> list[s
                      f"(the new cluster's min pods); the declaration has {total}.")
     for n in p.notes:
         lines.append(f"Note: {n}")
+    if result.rollout is not None:
+        for n in result.rollout.notes:
+            lines.append(f"Note: {n}")
     return lines
 
 

@@ -52,6 +52,12 @@ DECISION_BUDGET = 20_000
 # realize(): rounds of lowering unreachable deployments one replica at a time before taking what bring_up reaches
 REALIZE_ROUNDS = 12
 KIND_RANK = {"gpu": 0, "offload": 1, "cpu": 2}
+POLICY = "serve.autoscale:PlanPolicy"  # the Serve autoscaling policy every deployment carries (serve/)
+# NOTE: fractional CPUs so that an ingress and several replicas schedule on a 2-core laptop (Ray Serve's own
+# controller and proxy also need CPU).
+GPU_REPLICA_CPUS = 0.5
+CPU_REPLICA_CPUS = 0.5
+GRACEFUL_SHUTDOWN_S = 30  # Serve's graceful_shutdown_timeout_s per replica; GHOST_S covers it
 # The node gate's searches remember their answers (keyed by sorted rooms and replica counts, so a hit is exact);
 # the memory is dropped when it holds more than this many.
 MEMO_MAX = 500_000
@@ -263,6 +269,40 @@ def rollout_from_plan(plan: Plan, rules: Mapping[str, ModelRule] | None = None) 
     return Rollout(_plan_id(deployments, nodes, models_t, fill), deployments, nodes, models_t, fill)
 
 
+def deployment_options(spec: DeploymentSpec, entry, selector: Mapping[str, str] | None, plan_id: str) -> dict:
+    """The Serve options of one deployment (``entry`` is its model's deploy.yaml entry, ``selector`` the label
+    selector of its node): the plan's fraction of the node's GPUs, pinned to the node, bounds [0, planned] and
+    gpuplan's policy, which decides every deployment's replicas together. build_app and the KubeRay render both use
+    it, so the manifest shows what runs."""
+    actor: dict = {"num_cpus": CPU_REPLICA_CPUS if spec.kind == "cpu" else GPU_REPLICA_CPUS}
+    if spec.kind == "cpu":
+        actor["memory"] = spec.replica_bytes
+    else:
+        actor["num_gpus"] = spec.num_gpus
+    if selector:
+        actor["label_selector"] = dict(selector)
+    a = entry.autoscaling
+    return {
+        "name": spec.name,
+        "ray_actor_options": actor,
+        "autoscaling_config": {
+            # min 0 and no Serve-side delays: decide_scale keeps each model's minimum, applies the delays per model
+            # and opens each node only as fast as Ray's best fit keeps the plan reachable
+            "min_replicas": 0, "initial_replicas": 0, "max_replicas": spec.planned,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+            "look_back_period_s": a.look_back_period_s, "metrics_interval_s": a.metrics_interval_s,
+            "policy": {"policy_function": POLICY, "policy_kwargs": {"plan_id": plan_id}},
+        },
+        "max_ongoing_requests": entry.max_ongoing_requests,
+        "max_queued_requests": entry.max_queued_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 60,
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Ray's GPU choice, and the node gate
 
@@ -469,7 +509,8 @@ def completion_order(rooms: Sequence[int], remaining: Mapping[int, int], *, late
                      budget: int = DEEP_SEARCH_BUDGET, pool: _Budget | None = None) -> tuple[int, ...] | None:
     """An order (the units of each replica, one at a time) in which a node whose GPUs have ``rooms`` free can start
     ``remaining`` and then ``later`` so that Ray's best fit lands every one; None when none was found within
-    ``budget`` states. Each order found is remembered by its state, so following it step by step costs nothing."""
+    ``budget`` states (raises the budget's exception when ``pool``, the decision's allowance, ran out first). Each
+    order found is remembered by its state, so following it step by step costs nothing."""
     classes = _classes(remaining, later)
     first, then = _vectors(classes, remaining, later)
     memo = _memo()
@@ -480,7 +521,7 @@ def completion_order(rooms: Sequence[int], remaining: Mapping[int, int], *, late
         found = _Search(classes, _Budget(budget, pool)).order(tuple(sorted(rooms)), (first, then))
     except _TooBig as exc:
         if exc.pool:
-            return None
+            raise  # the decision's allowance ran out: not an answer, ask again next decision
         found = None
     memo[top] = found
     return found
@@ -717,11 +758,14 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
         if not complete or any(st.unknown.values()) or any(st.new.values()) or st.ghosts:
             return False
         first, then = remaining(d.node)
-        order = completion_order(st.rooms, first, later=then, pool=work)
-        if order is not None:
-            return bool(order) and order[0] == d.units
-        if completion_order(st.rooms, {}, later=first + then, pool=work) is not None:
-            return False  # a mixed order exists: the minimum pass shapes the node instead
+        try:
+            order = completion_order(st.rooms, first, later=then, pool=work)
+            if order is not None:
+                return bool(order) and order[0] == d.units
+            if completion_order(st.rooms, {}, later=first + then, pool=work) is not None:
+                return False  # a mixed order exists: the minimum pass shapes the node instead
+        except _TooBig:
+            return False  # this decision's search allowance is spent: the next decision goes on
         rest = first + then
         rest[d.units] -= 1
         return no_regret(st.rooms, d.units, rest)
@@ -729,28 +773,33 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
     def settled(st: _NodeState) -> bool:
         return not (any(st.unknown.values()) or any(st.new.values()) or st.ghosts)
 
-    def shape(r: ModelRule, d: DeploymentSpec) -> bool:
+    def shape(r: ModelRule, d: DeploymentSpec) -> str:
         """A minimum slot whose node cannot start every minimum first in an order best fit follows: take the first
-        step of an order that brings up all the node's planned replicas, minimums and extras mixed. True when that
-        step is this slot; otherwise it starts another deployment's planned replica out of turn (a scaffold) and
-        this slot waits for the next decision."""
+        step of an order that brings up all the node's planned replicas, minimums and extras mixed. "take" when that
+        step is this slot; "shaped" when it started another deployment's planned replica out of turn (a scaffold)
+        and this slot waits for the next decision; "wait" when the decision's search allowance ran out; "none" when
+        no such order was found."""
         st = nodes[d.node]
         first, then = remaining(d.node)
-        order = completion_order(st.rooms, {}, later=first + then, pool=work)
+        try:
+            order = completion_order(st.rooms, {}, later=first + then, pool=work)
+        except _TooBig:
+            return "wait"
         if not order:
-            return False
+            return "none"
         if order[0] == d.units:
-            return True
+            return "take"
         e = next((x for x in rollout.on_node(d.node) if x.kind != "cpu" and x.units == order[0]
                   and max(baseline[x.name], alloc[x.name]) < x.planned), None)
-        if e is not None:
-            alloc[e.name] += 1
-            st.new[e.units] += 1
-            n, _ = scaffold.get(e.name, (0, None))
-            scaffold[e.name] = (n + 1, None)
-            waits.append(f"{r.name}: on {d.node} a replica of {e.model} starts first (out of turn) so that Ray's "
-                         "best fit leaves room for every planned replica there")
-        return False
+        if e is None:
+            return "none"
+        alloc[e.name] += 1
+        st.new[e.units] += 1
+        n, _ = scaffold.get(e.name, (0, None))
+        scaffold[e.name] = (n + 1, None)
+        waits.append(f"{r.name}: on {d.node} a replica of {e.model} starts first (out of turn) so that Ray's "
+                     "best fit leaves room for every planned replica there")
+        return "shaped"
 
     def take(r: ModelRule, limit: int, complete: bool) -> None:
         count = sum(alloc[d.name] for d in rollout.of_model(r.name))
@@ -773,9 +822,10 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
                                      "a planned replica of the node without a GPU")
                     continue
                 if not complete:
-                    if not shape(r, d):
-                        if any(st.new.values()):
-                            continue  # a scaffold started instead
+                    how = shape(r, d)
+                    if how in ("shaped", "wait"):
+                        continue  # a replica started out of turn instead, or the next decision goes on
+                    if how == "none":
                         waits.append(f"{r.name}: starting a minimum replica on {d.node} although the node's other "
                                      "planned replicas may then not all fit")
                 st.new[d.units] += 1

@@ -16,7 +16,7 @@ from ray import serve
 from planner.config import DeployArgs, ModelEntry, parse_deploy_args
 from planner.errors import GpuplanError
 from planner.planning import PlanningResult, cluster_from_decl, make_plan, model_rules
-from planner.rollout import (DeploymentSpec, NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes,
+from planner.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes, deployment_options,
                              pick_deployment, placements, realize)
 
 from .replica import ModelReplica
@@ -24,13 +24,7 @@ from .types import ModelCard, Overloaded, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan")
 REGISTRY = "gpuplan-registry"
-POLICY = "serve.autoscale:PlanPolicy"
-# NOTE: fractional CPUs so that an ingress and several replicas schedule on a 2-core laptop (Ray Serve's own
-# controller and proxy also need CPU); a CPU replica asks for one whole core to run its matmuls.
-INGRESS_CPUS = 0.1
-GPU_REPLICA_CPUS = 0.5
-CPU_REPLICA_CPUS = 0.5
-GRACEFUL_SHUTDOWN_S = 30  # planner.rollout.GHOST_S covers it
+INGRESS_CPUS = 0.1  # see planner/rollout.py for the replicas' CPUs
 
 
 class PlanFailed(RuntimeError):
@@ -52,38 +46,6 @@ class Registry:
         return list(self.replicas.values())
 
 
-def deployment_options(spec: DeploymentSpec, entry: ModelEntry, binding: NodeBinding | None, plan_id: str) -> dict:
-    """The Serve options of one rollout deployment (pure): the plan's fraction of its node's GPUs, pinned to the node
-    by label, bounds [0, planned] and gpuplan's policy, which decides every deployment's replicas together."""
-    actor: dict = {"num_cpus": CPU_REPLICA_CPUS if spec.kind == "cpu" else GPU_REPLICA_CPUS}
-    if spec.kind == "cpu":
-        actor["memory"] = spec.replica_bytes
-    else:
-        actor["num_gpus"] = spec.num_gpus
-    if binding is not None:
-        actor["label_selector"] = dict(binding.selector)
-    a = entry.autoscaling
-    return {
-        "name": spec.name,
-        "ray_actor_options": actor,
-        "autoscaling_config": {
-            # min 0 and no Serve-side delays: planner.rollout.decide_scale keeps each model's minimum, applies the
-            # delays per model and opens each node only as fast as Ray's best fit keeps the plan reachable
-            "min_replicas": 0, "initial_replicas": 0, "max_replicas": spec.planned,
-            "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
-            "look_back_period_s": a.look_back_period_s, "metrics_interval_s": a.metrics_interval_s,
-            "policy": {"policy_function": POLICY, "policy_kwargs": {"plan_id": plan_id}},
-        },
-        "max_ongoing_requests": entry.max_ongoing_requests,
-        "max_queued_requests": entry.max_queued_requests,
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 60,
-        "graceful_shutdown_wait_loop_s": 2,
-        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
-    }
-
-
 def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout | None = None,
                     bindings: tuple[NodeBinding, ...] = ()) -> dict[str, dict]:
     """Per rollout deployment: what ModelReplica needs and its Serve options (pure)."""
@@ -95,7 +57,8 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
     for spec in rollout.deployments:
         entry, mp = entries[spec.model], plans[spec.model]
         est = result.estimates[spec.model][mp.quantization]
-        opts = deployment_options(spec, entry, by_node.get(spec.node), rollout.plan_id)
+        b = by_node.get(spec.node)
+        opts = deployment_options(spec, entry, b.selector if b else None, rollout.plan_id)
         out[spec.name] = {
             "replica": {
                 "name": entry.name, "deployment": spec.name, "node": spec.node, "source": entry.source,
@@ -209,6 +172,12 @@ class Ingress:
         out = dict(self._plan)
         out["rollout"] = self.rollout.to_json()
         out["node_bindings"] = [b.to_json() for b in self.bindings]
+        try:
+            from .scale_board import fetch_decision
+
+            out["scaling"] = await asyncio.to_thread(fetch_decision, self.rollout.plan_id)
+        except Exception:
+            out["scaling"] = None
         try:
             reg = ray.get_actor(REGISTRY)
             replicas = await reg.all.remote()

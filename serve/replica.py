@@ -48,7 +48,10 @@ class ModelReplica:
         self.resident = {"total": 0}
         self.load_s = None
         self.engine = None
-        self._report(loading=True)  # where Ray put it, before the (slow) load
+        info = self._report(loading=True)  # where Ray put it, before the (slow) load
+        if info and info.get("node_label") and cfg.get("node") and info["node_label"] != cfg["node"]:
+            log.warning("gpuplan replica %s of %s: Ray put it on node %s (GPU %s); the plan put it on node %s",
+                        info["replica_id"], self.name, info["node_label"], info["gpu_ids"], cfg["node"])
         cuda, idx, total, free, why = _cuda_state()
         try:
             self.decision = decide_load(
@@ -129,12 +132,14 @@ class ModelReplica:
             "stats": self.engine.stats() if self.engine else {},
         }
 
-    def _report(self, loading: bool = False) -> None:
+    def _report(self, loading: bool = False) -> dict | None:
         try:
+            info = self.info(loading)
             reg = ray.get_actor(self.cfg["registry"], namespace=self.cfg.get("registry_namespace"))
-            reg.put.remote(self.info(loading))
+            reg.put.remote(info)
+            return info
         except Exception:  # the registry is only for /plan; serving does not depend on it
-            pass
+            return None
 
     def record_autoscaling_stats(self) -> dict:
         """Custom autoscaling metric: the GPU Ray gave this replica (-1: none), so that gpuplan's policy knows what

@@ -22,6 +22,7 @@ log = logging.getLogger("ray.serve")
 GPU_METRIC = "gpuplan_gpu"  # replicas report the GPU Ray gave them (record_autoscaling_stats); -1 = none
 KV_NAMESPACE = "gpuplan"
 DECIDE_EVERY_S = 0.5
+PUBLISH_EVERY_S = 5.0  # how often the latest decision is written for GET /plan when nothing changed
 # NOTE: a fresh board (app deployed, or the controller restarted) waits until every deployment of the plan has
 # reported once (Serve calls every policy in its first tick), at most this long, so that no decision is made on
 # half the picture; until then each deployment keeps its target.
@@ -38,6 +39,21 @@ def publish(rollout: Rollout) -> None:
 
     _internal_kv_put(kv_key(rollout.plan_id), json.dumps(rollout.to_json()).encode(), overwrite=True,
                      namespace=KV_NAMESPACE)
+
+
+def publish_decision(plan_id: str, decision: dict) -> None:
+    """The latest decision, for GET /plan (``scaling``)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(f"decision/{plan_id}".encode(), json.dumps(decision).encode(), overwrite=True,
+                     namespace=KV_NAMESPACE)
+
+
+def fetch_decision(plan_id: str) -> dict | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(f"decision/{plan_id}".encode(), namespace=KV_NAMESPACE)
+    return json.loads(raw) if raw else None
 
 
 def fetch(plan_id: str) -> Rollout:
@@ -61,6 +77,7 @@ class Board:
         self.decided_at = -1e18
         self.dirty = True
         self.last_targets: dict[str, int] = {}
+        self.published_at = -1e18
         self.lock = threading.Lock()
 
     def target(self, name: str, obs: DeploymentObs, now: float) -> int:
@@ -83,6 +100,12 @@ class Board:
                     log.info("gpuplan scale %s: %s%s", self.rollout.plan_id, json.dumps(changed, sort_keys=True),
                              "".join(f"\n  {w}" for w in self.decision.waits))
                     self.last_targets = dict(self.decision.targets)
+                if changed or now - self.published_at >= PUBLISH_EVERY_S:
+                    try:
+                        publish_decision(self.rollout.plan_id, dict(self.decision.to_json(), decided_at=now))
+                        self.published_at = now
+                    except Exception:  # only GET /plan reads it
+                        pass
             t = int(self.decision.targets.get(name, obs.target))
             self.memory = applied(self.memory, name, t)
             return t

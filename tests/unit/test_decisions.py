@@ -1,8 +1,8 @@
-"""Pure run-time decisions: where a replica loads, Ray's GPU fraction, autoscaling bounds."""
+"""Pure run-time decisions: where a replica loads, Ray's GPU fraction. (Autoscaling bounds: tests/unit/test_rollout.py.)"""
 
 import pytest
 
-from planner.decisions import OFFLOAD_SLACK_MIN, autoscaling_config, decide_load, num_gpus_for
+from planner.decisions import OFFLOAD_SLACK_MIN, decide_load, num_gpus_for
 from planner.errors import InfeasiblePlanError
 
 GiB = 1024**3
@@ -57,10 +57,3 @@ def test_gpu_too_small_even_for_kv_goes_cpu():
     d = decide_load(model="m", planned_bytes=10 * GiB, weights_bytes=8 * GiB, cuda_available=True, gpu_index=0,
                     gpu_total_bytes=24 * GiB, gpu_free_bytes=1 * GiB, offload_cpu_bytes=16 * GiB)
     assert d.mode == "cpu" and d.cpu_weight_bytes == 8 * GiB
-
-
-def test_autoscaling_never_above_planned_capacity():
-    a = autoscaling_config(min_replicas=1, max_replicas=8, placed_replicas=3, target_ongoing_requests=2)
-    assert (a["min_replicas"], a["max_replicas"], a["initial_replicas"]) == (1, 3, 1)
-    b = autoscaling_config(min_replicas=2, max_replicas=4, placed_replicas=6, target_ongoing_requests=2)
-    assert b["max_replicas"] == 4

@@ -63,7 +63,7 @@ DEPLOY = (ROOT / "k8s" / "deploy.yaml").read_text()
 MIXED_CLUSTER = {
     "nodes": [
         {"name": "a10g", "replicas": 2, "cpu_memory": "64GiB", "gpus": [{"name": "A10G", "count": 4}]},
-        {"name": "L4 pool", "replicas": 3, "cpu_memory": "32GiB", "num_cpus": 7.5, "gpus": [{"name": "L4"}],
+        {"name": "L4_pool", "replicas": 3, "cpu_memory": "32GiB", "num_cpus": 7.5, "gpus": [{"name": "L4"}],
          "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}},
         {"name": "custom", "cpu_memory": "48GiB", "gpus": [{"name": "MI-X", "memory": "40GiB", "count": 2}]},
         {"name": "cpu", "cpu_memory": "32GiB"},
@@ -121,8 +121,11 @@ def test_example_plan_is_the_one_the_readme_describes(tmp_path):
     doc, args, decl = _render(tmp_path, "example")
     models = {m["name"]: m for m in _gpuplan_app(doc)["args"]["models"]}
     assert models["llama-3.1-8b"]["quantization"] == "int4" and models["qwen2.5-7b"]["quantization"] == "int8"
-    (wg,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    assert (wg["minReplicas"], wg["maxReplicas"], wg["rayStartParams"]["num-gpus"]) == (2, 2, "4")
+    wgs = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    # one group per planned node (the declaration's 2 replicas), each labelled as the node its deployments select
+    assert [(w["groupName"], w["labels"]) for w in wgs] == [("a10g-0", {"gpuplan.io/node": "a10g-0"}),
+                                                             ("a10g-1", {"gpuplan.io/node": "a10g-1"})]
+    assert all((w["minReplicas"], w["maxReplicas"], w["rayStartParams"]["num-gpus"]) == (1, 1, "4") for w in wgs)
     assert upgrade_spare_gpus(doc) == (8, 8)  # k8s/README.md: a NewCluster upgrade needs the whole cluster again
 
 
@@ -193,7 +196,7 @@ def test_baked_args_plan_identically_inside_the_cluster(tmp_path, key):
 
 
 def _group_gpus(doc) -> dict:
-    """groupName -> (GPUs per pod, min pods, max pods, advertised Ray resources)"""
+    """groupName -> (GPUs per pod, min pods, max pods, advertised Ray resources, Ray labels)"""
     out = {}
     for wg in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         c = wg["template"]["spec"]["containers"][0]["resources"]
@@ -201,51 +204,60 @@ def _group_gpus(doc) -> dict:
         n = int(c["limits"].get("nvidia.com/gpu", 0))
         assert wg["rayStartParams"]["num-gpus"] == str(n)
         res = json.loads(wg["rayStartParams"]["resources"].strip("'")) if "resources" in wg["rayStartParams"] else {}
-        out[wg["groupName"]] = (n, wg["minReplicas"], wg["maxReplicas"], res)
+        out[wg["groupName"]] = (n, wg["minReplicas"], wg["maxReplicas"], res, wg.get("labels", {}))
     return out
 
 
 @pytest.mark.parametrize("key", sorted(SCENARIOS))
-def test_replicas_fit_the_gpus_the_manifest_asks_for(tmp_path, key):
-    from serve.app import replica_configs
+def test_deployments_fit_the_gpus_their_worker_group_asks_for(tmp_path, key):
+    """Every deployment of the manifest selects one worker group's node label, and per group the deployments'
+    num_gpus x max replicas fit its pod's GPUs (per GPU too, as the plan lays them out)."""
+    from ray.serve.schema import ServeDeploySchema
 
     doc, _, _ = _render(tmp_path, key)
-    baked = parse_deploy_args(_gpuplan_app(doc)["args"])
-    result = make_plan(baked, cluster_from_decl(baked.cluster))
     groups = _group_gpus(doc)
-    total_gpus = sum(n * mx for n, _, mx, _ in groups.values())
-    advertised = {k for *_, res in groups.values() for k in res}
-    asked = 0.0
-    for name, cfg in replica_configs(result, baked).items():
-        actor, auto = cfg["options"]["ray_actor_options"], cfg["options"]["autoscaling_config"]
+    by_label = {labels["gpuplan.io/node"]: name for name, (*_, labels) in groups.items()}
+    app = _gpuplan_app(doc)
+    deps = [d for d in app["deployments"] if "@" in d["name"]]
+    assert deps
+    asked: dict = {}
+    for d in deps:
+        actor, auto = d["ray_actor_options"], d["autoscaling_config"]
+        node = actor["label_selector"]["gpuplan.io/node"]
+        assert node in by_label, (d["name"], node)
+        assert d["name"].split("@")[1].split(".")[0] == node
+        assert auto["min_replicas"] == 0 and auto["policy"]["policy_function"] == "serve.autoscale:PlanPolicy"
         num_gpus = actor.get("num_gpus", 0.0)
         assert num_gpus <= 1.0
-        assert num_gpus * auto["max_replicas"] <= total_gpus, name
-        asked += num_gpus * auto["max_replicas"]
-        if "accelerator_type" in actor:
-            assert f"accelerator_type:{actor['accelerator_type']}" in advertised
-    assert asked <= total_gpus + 1e-9
-    for g in result.plan.gpus:  # as the plan placed them, Ray's fractional ledger never exceeds one GPU
+        asked[by_label[node]] = asked.get(by_label[node], 0.0) + num_gpus * auto["max_replicas"]
+    for group, used in asked.items():
+        assert used <= groups[group][0] + 1e-9, (group, used)
+    # what build_app makes of the baked args inside the cluster: the same deployments, and per GPU within one GPU
+    baked = parse_deploy_args(app["args"])
+    inside = make_plan(baked, cluster_from_decl(baked.cluster))
+    assert {d.name: (d.num_gpus, d.planned) for d in inside.rollout.deployments if d.kind != "cpu"} == {
+        d["name"]: (d["ray_actor_options"]["num_gpus"], d["autoscaling_config"]["max_replicas"]) for d in deps
+        if "num_gpus" in d["ray_actor_options"]}
+    for g in inside.plan.gpus:
         assert sum(r.num_gpus for r in g.replicas) <= 1.0 + 1e-9, g.id
+    ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
 
 
 @pytest.mark.parametrize("key", sorted(SCENARIOS))
-def test_min_pods_hold_every_models_min_replicas(tmp_path, key):
-    """A cluster of only each group's minReplicas pods is feasible for every model's minimum replicas."""
-    doc, args, decl = _render(tmp_path, key)
+def test_min_pods_are_the_nodes_of_every_models_minimum(tmp_path, key):
+    """The groups that keep a pod (minReplicas 1) are the nodes where the first min_replicas slots of each model's
+    fill order are, and they hold every model's minimum."""
+    doc, _, _ = _render(tmp_path, key)
     groups = _group_gpus(doc)
-    from planner.kuberay import group_name
-
-    nodes = [nd.model_copy(update={"replicas": groups[group_name(nd.name)][1]}) for nd in decl.nodes
-             if groups[group_name(nd.name)][1] > 0]
+    kept = {labels["gpuplan.io/node"] for (_, mn, mx, _, labels) in groups.values() if mn == 1}
+    assert all(mx == 1 for (_, _, mx, _, _) in groups.values())
     baked = parse_deploy_args(_gpuplan_app(doc)["args"])
-    if not any(m.replicas.min for m in baked.models):
-        return
-    mins = baked.model_copy(update={"models": [m.model_copy(update={"replicas": m.replicas.model_copy(
-        update={"max": max(m.replicas.min, 1)})}) for m in baked.models]})
-    small = make_plan(mins, cluster_from_decl(ClusterDecl(nodes=nodes)))
-    for m in small.plan.models:
-        assert m.placed_replicas >= m.min_replicas
+    ro = make_plan(baked, cluster_from_decl(baked.cluster)).rollout
+    for r in ro.models:
+        mins = ro.slots(r.name)[:r.min_replicas]
+        assert {ro.deployment(n).node for n in mins} <= kept
+        assert len(mins) == r.min_replicas
+    assert kept == {d.node for d in ro.deployments if d.min_slots}
 
 
 def test_worker_groups_follow_the_declaration(tmp_path):
@@ -255,14 +267,16 @@ def test_worker_groups_follow_the_declaration(tmp_path):
     head = rc["headGroupSpec"]
     assert head["rayStartParams"] == {"num-cpus": "0", "num-gpus": "0"}
     wgs = {w["groupName"]: w for w in rc["workerGroupSpecs"]}
-    assert list(wgs) == ["a10g", "l4-pool", "custom", "cpu"]
-    l4 = wgs["l4-pool"]
-    assert l4["maxReplicas"] == 3
+    assert list(wgs) == ["a10g-0", "a10g-1", "l4-pool-0", "l4-pool-1", "l4-pool-2", "custom", "cpu"]
+    assert all(w["labels"] == {"gpuplan.io/node": w["groupName"].replace("l4-pool", "L4_pool")} for w in wgs.values())
+    assert rc["autoscalerOptions"]["version"] == "v2"
+    l4 = wgs["l4-pool-1"]
+    assert l4["maxReplicas"] == 1
     assert l4["template"]["spec"]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
     c = l4["template"]["spec"]["containers"][0]
     assert c["resources"]["requests"] == {"cpu": "7500m", "memory": "32Gi", "nvidia.com/gpu": "1"}
     assert l4["rayStartParams"]["resources"] == "'{\"accelerator_type:L4\": 1}'"
-    assert wgs["a10g"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "16"  # 4 per GPU
+    assert wgs["a10g-0"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] == "16"  # 4 per GPU
     assert "nvidia.com/gpu" not in wgs["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert wgs["cpu"]["rayStartParams"] == {"num-gpus": "0"}
     env = {e["name"]: e for e in c["env"]}
@@ -277,14 +291,18 @@ def test_worker_groups_follow_the_declaration(tmp_path):
 
 
 def test_autoscaler_reads_the_groups_as_the_manifest_means_them(tmp_path):
-    """Ray's own KubeRay autoscaler config reader sees the GPUs, CPUs, memory and accelerator type of each group."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+    """Ray's own KubeRay autoscaler config reader sees the GPUs, CPUs, memory, accelerator type and node label of each
+    group."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (_get_labels_from_group_spec,
+                                                                    _get_ray_resources_from_group_spec)
 
     doc, _, _ = _render(tmp_path, "mixed-all-options")
     rc = doc["spec"]["rayClusterConfig"]
     by = {w["groupName"]: _get_ray_resources_from_group_spec(w, False) for w in rc["workerGroupSpecs"]}
-    assert by["a10g"] == {"CPU": 16, "GPU": 4, "memory": 64 * 1024**3, "accelerator_type:A10G": 1}
-    assert by["l4-pool"]["GPU"] == 1 and by["l4-pool"]["accelerator_type:L4"] == 1
+    assert by["a10g-1"] == {"CPU": 16, "GPU": 4, "memory": 64 * 1024**3, "accelerator_type:A10G": 1}
+    assert by["l4-pool-0"]["GPU"] == 1 and by["l4-pool-0"]["accelerator_type:L4"] == 1
+    labels = {w["groupName"]: _get_labels_from_group_spec(w, w["groupName"]) for w in rc["workerGroupSpecs"]}
+    assert labels["a10g-1"] == {"gpuplan.io/node": "a10g-1"} and labels["cpu"] == {"gpuplan.io/node": "cpu"}
     assert "GPU" not in by["cpu"] or by["cpu"]["GPU"] == 0
     assert _get_ray_resources_from_group_spec(rc["headGroupSpec"], True)["CPU"] == 0
 

@@ -1,0 +1,67 @@
+"""serve/scale_board.py without Ray: Serve's autoscaling context as planner.rollout sees it, and the board every
+deployment's policy shares (warm-up, one decision per interval, each deployment's own target)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from serve.scale_board import DECIDE_EVERY_S, GPU_METRIC, WARMUP_S, Board, obs_from_context
+
+from planner.packing import GpuPlan, GpuReplica, ModelPlan, Plan, SolverInfo
+from planner.rollout import rollout_from_plan
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Rid:  # Serve's ReplicaID: hashable, with unique_id
+    unique_id: str
+
+
+@dataclass
+class Ctx:  # the fields of Serve's AutoscalingContext the board reads
+    deployment_name: str
+    target_num_replicas: int
+    running_replicas: list = field(default_factory=list)
+    total_num_requests: float = 0.0
+    aggregated_metrics: dict = field(default_factory=dict)
+
+
+def two_models_on_one_gpu():
+    reps = (GpuReplica("a", 4 * GiB, 0.5, "bf16"), GpuReplica("b", 4 * GiB, 0.5, "bf16"))
+    g = GpuPlan("n/gpu-0", "L4", "n", 0, "L4", 10 * GiB, 8 * GiB, 8 * GiB, reps, 8 * GiB)
+    models = tuple(ModelPlan(m, "bf16", 0, 4 * GiB, 0, 1, 1, 1, 1, 0, 0, None, 1, 1, (), "", None) for m in "ab")
+    p = Plan(True, "gpu", 0.1, 0, models, (g,), (), (), (), SolverInfo("none", "none", "spread", None, "", 2, None,
+                                                                       0.0), "usable")
+    return rollout_from_plan(p)
+
+
+def test_context_becomes_an_observation_with_each_replicas_gpu():
+    r1, r2 = Rid("r1"), Rid("r2")
+    ctx = Ctx("a@n", 2, [r2, r1], 3.0, {GPU_METRIC: {r1: 1.0, r2: -1.0}})
+    obs = obs_from_context(ctx)
+    assert obs.target == 2 and obs.load == 3.0
+    assert obs.running == (("r1", 1), ("r2", None))  # -1: the replica has no GPU; sorted by id
+    assert obs_from_context(Ctx("a@n", 0)).running == ()
+
+
+def test_board_waits_for_every_deployment_then_hands_each_its_own_target():
+    b = Board(two_models_on_one_gpu(), now=0.0)
+    # only a@n has reported: no decision on half the picture, its target stays
+    assert b.target("a@n", obs_from_context(Ctx("a@n", 0)), 0.1) == 0
+    t_b = b.target("b@n", obs_from_context(Ctx("b@n", 0)), 0.2)
+    t_a = b.target("a@n", obs_from_context(Ctx("a@n", 0)), 0.3)
+    # both minimums, one GPU: the two 0.5s may start together (they fill it exactly whatever the order)
+    assert (t_a, t_b) == (1, 1)
+    decided = b.decided_at
+    b.target("a@n", obs_from_context(Ctx("a@n", 1)), 0.3 + DECIDE_EVERY_S / 2)
+    assert b.decided_at != decided  # a target changed: decided again at once
+    decided = b.decided_at
+    b.target("a@n", obs_from_context(Ctx("a@n", 1)), decided + DECIDE_EVERY_S / 2)
+    assert b.decided_at == decided  # nothing changed: the last decision stands until the interval passes
+
+
+def test_a_board_that_never_hears_from_a_deployment_decides_after_the_warmup():
+    b = Board(two_models_on_one_gpu(), now=0.0)
+    assert b.target("a@n", obs_from_context(Ctx("a@n", 0)), 1.0) == 0
+    assert b.target("a@n", obs_from_context(Ctx("a@n", 0)), WARMUP_S + 1) == 1
