@@ -644,11 +644,12 @@ def _want(rule: ModelRule, load: float) -> int:
     return max(rule.min_replicas, min(rule.max_replicas, w))
 
 
-def _goal(rule: ModelRule, want: int, now: float, goal: dict, up: dict, down: dict) -> str:
+def _goal(rule: ModelRule, want: int, now: float, goal: dict, up: dict, down: dict, current: int = 0) -> str:
     """Move the model's goal to ``want`` once it has wanted it for the delay (up and down timed apart); returns
-    why, in words. ``goal``/``up``/``down`` are updated in place."""
+    why, in words. ``goal``/``up``/``down`` are updated in place. A model without a goal yet (a fresh board, e.g.
+    after Serve's controller restarted) starts from the ``current`` replicas Serve runs, so nothing drops at once."""
     m = rule.name
-    g = max(goal.get(m, rule.min_replicas), rule.min_replicas)
+    g = max(goal.get(m, min(current, rule.max_replicas)), rule.min_replicas)
     why = "steady"
     if want == g:
         up.pop(m, None)
@@ -725,7 +726,7 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
     for r in models:
         load = sum(obs[d.name].load for d in rollout.of_model(r.name) if d.name in obs)
         want = _want(r, load)
-        why = _goal(r, want, now, goal, up, down)
+        why = _goal(r, want, now, goal, up, down, sum(baseline[d.name] for d in rollout.of_model(r.name)))
         scales[r.name] = [load, want, why]
 
     def asked(model: str) -> int:

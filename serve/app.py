@@ -76,11 +76,14 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
 
 
 def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
+    """What the API says of each model; ``placed_replicas`` is what the rollout runs at most (planner.rollout)."""
     plans = {m.name: m for m in result.plan.models}
+    ro = result.rollout or realize(result.plan, model_rules(args))
     return [ModelCard(name=e.name, source=e.source, max_model_len=e.max_model_len,
                       quantization=plans[e.name].quantization, max_queued_requests=e.max_queued_requests,
                       request_timeout_s=e.request_timeout_s,
-                      extra={"min_replicas": e.replicas.min, "placed_replicas": plans[e.name].placed_replicas})
+                      extra={"min_replicas": ro.rule(e.name).min_replicas,
+                             "placed_replicas": ro.rule(e.name).max_replicas})
             for e in args.models]
 
 

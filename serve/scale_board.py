@@ -115,11 +115,13 @@ _BOARDS: dict[str, Board] = {}
 _LOCK = threading.Lock()
 
 
-def board(plan_id: str, now: float) -> Board:
+def board(plan_id: str, app: str, now: float) -> Board:
+    """The board of one app's plan (two apps made of the same plan keep two boards)."""
+    key = f"{app}/{plan_id}"
     with _LOCK:
-        b = _BOARDS.get(plan_id)
+        b = _BOARDS.get(key)
         if b is None:
-            b = _BOARDS[plan_id] = Board(fetch(plan_id), now)
+            b = _BOARDS[key] = Board(fetch(plan_id), now)
             # an app redeployed with another plan leaves its old board: keep the few latest
             for old in sorted(_BOARDS, key=lambda k: _BOARDS[k].created)[:-8]:
                 _BOARDS.pop(old, None)
@@ -147,7 +149,8 @@ def decide(plan_id: str, ctx) -> tuple[int, dict]:
     """The policy body: (target replicas, policy state). Never raises: on error the target stays."""
     now = time.time()
     try:
-        return board(plan_id, now).target(ctx.deployment_name, obs_from_context(ctx), now), {}
+        b = board(plan_id, str(getattr(ctx, "app_name", "") or ""), now)
+        return b.target(ctx.deployment_name, obs_from_context(ctx), now), {}
     except Exception:
         log.exception("gpuplan autoscaling policy failed for %s; keeping its target", ctx.deployment_name)
         return int(ctx.target_num_replicas), {}

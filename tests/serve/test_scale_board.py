@@ -65,3 +65,39 @@ def test_a_board_that_never_hears_from_a_deployment_decides_after_the_warmup():
     b = Board(two_models_on_one_gpu(), now=0.0)
     assert b.target("a@n", obs_from_context(Ctx("a@n", 0)), 1.0) == 0
     assert b.target("a@n", obs_from_context(Ctx("a@n", 0)), WARMUP_S + 1) == 1
+
+
+def test_replica_configs_give_each_deployment_its_nodes_fraction_and_selector():
+    """serve/app.py's pure part on a mixed declared cluster: one deployment per (model, node), the plan's fraction
+    for that node's GPUs, the binding's label selector, and gpuplan's policy with the rollout's id."""
+    from serve.app import model_cards, replica_configs
+
+    from planner.config import parse_deploy_args
+    from planner.planning import cluster_from_decl, make_plan
+    from planner.rollout import POLICY, RayNode, bind_nodes
+
+    args = parse_deploy_args({
+        "headroom": 0.1, "gpu_reserve": 0,
+        "cluster": {"nodes": [{"name": "l4", "gpus": [{"name": "L4", "memory": "16GiB", "count": 2}]},
+                              {"name": "h100", "gpus": [{"name": "H100", "memory": "80GiB", "count": 1}]}]},
+        "models": [{"name": "m", "source": "Qwen/Qwen2.5-7B-Instruct", "quantization": "int4",
+                    "max_model_len": 1024, "replicas": {"min": 1, "max": 6}}]})
+    result = make_plan(args, cluster_from_decl(args.cluster))
+    bindings = bind_nodes(result.cluster.nodes, [RayNode("id-l4", {"gpuplan.io/node": "l4"}, 2, "L4"),
+                                                RayNode("id-h", {}, 1, "H100")])
+    cfgs = replica_configs(result, args, result.rollout, bindings)
+    assert set(cfgs) == {"m@l4", "m@h100"}
+    for name, c in cfgs.items():
+        spec = result.rollout.deployment(name)
+        actor, auto = c["options"]["ray_actor_options"], c["options"]["autoscaling_config"]
+        planned = {r.num_gpus for g in result.plan.gpus if g.node == spec.node for r in g.replicas}
+        assert {actor["num_gpus"]} == planned and c["replica"]["num_gpus"] == actor["num_gpus"]
+        assert auto["max_replicas"] == spec.planned and auto["min_replicas"] == 0
+        assert auto["policy"] == {"policy_function": POLICY, "policy_kwargs": {"plan_id": result.rollout.plan_id}}
+        assert c["replica"]["deployment"] == name and c["replica"]["node"] == spec.node
+    assert cfgs["m@l4"]["options"]["ray_actor_options"]["label_selector"] == {"gpuplan.io/node": "l4"}
+    assert cfgs["m@h100"]["options"]["ray_actor_options"]["label_selector"] == {"ray.io/node-id": "id-h"}
+    assert cfgs["m@h100"]["options"]["ray_actor_options"]["num_gpus"] < cfgs["m@l4"]["options"][
+        "ray_actor_options"]["num_gpus"]
+    (card,) = model_cards(result, args)
+    assert card.name == "m" and card.extra["placed_replicas"] == result.rollout.rule("m").max_replicas

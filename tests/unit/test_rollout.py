@@ -157,6 +157,17 @@ def test_minimums_start_at_once_then_load_scales_up_after_the_delay_and_down_in_
     assert d.models[0].goal == 1 and d.targets == {"m@a": 1, "m@b": 0}  # the last slots go first
 
 
+def test_a_fresh_board_keeps_what_serve_runs_until_the_delay_says_otherwise():
+    # Serve's controller restarted: the decision has no memory, 4 replicas run and the load asks for 1
+    p = hand_plan({"a": [[("m", 3000)] * 3], "b": [[("m", 3000)] * 3]}, {"m": 1})
+    ro = rollout_from_plan(p, {"m": ModelRule("m", 1, 6, 2.0, 10.0, 30.0)})
+    running = {"m@a": [("r1", 0), ("r2", 0)], "m@b": [("r3", 0), ("r4", 0)]}
+    d = decide_scale(ro, obs_of({"m@a": 2, "m@b": 2}, running, {"m@a": 1.0}), ScaleMemory(), 100.0)
+    assert d.targets == {"m@a": 2, "m@b": 2} and "waiting 30.0s" in d.models[0].why
+    d = decide_scale(ro, obs_of({"m@a": 2, "m@b": 2}, running, {"m@a": 1.0}), d.memory, 130.0)
+    assert d.targets == {"m@a": 1, "m@b": 0}
+
+
 def test_a_model_never_scales_above_its_planned_replicas():
     p = hand_plan({"a": [[("m", 5000)] * 2]}, {"m": 1})
     ro = rollout_from_plan(p, {"m": ModelRule("m", 1, 99, 1.0, 0.0, 0.0)})
