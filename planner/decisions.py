@@ -3,12 +3,14 @@
 - ``decide_load``: at replica start, given the real free memory of its GPU, load on the GPU (and cap itself at its
   planned share), spill weights to CPU (accelerate ``device_map="auto"`` + ``max_memory``), or load on the CPU.
 - ``num_gpus_for``: the fractional GPU request that turns Ray's accounting into a memory ledger.
+- ``classify_load_failure`` / ``next_load_decision`` / ``backoff_s``: when a load fails, what ran out, where to try
+  next (GPU → GPU + CPU offload → CPU, as deploy.yaml allows), and how long to wait before giving up.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import InfeasiblePlanError
 from .units import MiB, format_bytes
@@ -113,3 +115,73 @@ def decide_load(
         gpu_weight_bytes=gpu_weights,
         cpu_weight_bytes=cpu_weights,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# When a load fails
+
+
+LOAD_MODES = ("gpu", "offload", "cpu")
+# NOTE: a replica that gives up waits before it fails, so that Serve's restarts of a model that cannot load back
+# off (5, 10, 20, 40 s, then a minute) instead of loading and failing in a tight loop.
+BACKOFF_BASE_S = 5.0
+BACKOFF_MAX_S = 60.0
+
+
+def classify_load_failure(exc_type: str, message: str) -> str:
+    """What a failed load ran out of: "gpu_memory", "host_memory", "files" (missing or corrupt; no other placement
+    helps) or "other"."""
+    t, m = exc_type.lower(), message.lower()
+    if "outofmemory" in t or "cuda out of memory" in m or "cudaerrormemoryallocation" in m or \
+            ("cuda" in m and "out of memory" in m):
+        return "gpu_memory"
+    if t == "memoryerror" or "cannot allocate memory" in m or "bad_alloc" in m or "out of memory" in m:
+        return "host_memory"
+    if t in ("filenotfounderror", "isadirectoryerror", "notadirectoryerror", "safetensorerror", "jsondecodeerror",
+             "headertoolarge", "unpicklingerror") or "no such file" in m or "does not appear to have" in m or \
+            "safetensor" in m or "corrupt" in m or "invalid header" in m or "incomplete metadata" in m:
+        return "files"
+    return "other"
+
+
+def next_load_decision(*, failed: list[str], failure: str, model: str, planned_bytes: int, weights_bytes: int,
+                       cuda_available: bool, gpu_index: int | None, gpu_total_bytes: int | None,
+                       gpu_free_bytes: int | None, offload_cpu_bytes: int) -> LoadDecision | None:
+    """After loads in the modes ``failed`` failed for ``failure``: the next placement to try, stepping down GPU →
+    GPU + CPU offload → CPU as far as deploy.yaml allows (offload needs ``offload.cpu_memory``; the CPU needs it to
+    hold every weight), or None (give up: missing or corrupt files, or nothing left). ``gpu_free_bytes`` is the free
+    memory measured after the failure."""
+    if failure == "files" or not failed:
+        return None
+    start = max(LOAD_MODES.index(m) for m in failed) + 1
+    for mode in LOAD_MODES[start:]:
+        if mode == "offload":
+            if not cuda_available or offload_cpu_bytes <= 0 or gpu_index is None or not gpu_total_bytes:
+                continue
+            # the GPU did not hold the planned bytes: at most what it has free now, and less than the plan
+            free = min(gpu_free_bytes if gpu_free_bytes is not None else gpu_total_bytes, planned_bytes - 1)
+            try:
+                d = decide_load(model=model, planned_bytes=planned_bytes, weights_bytes=weights_bytes,
+                                cuda_available=True, gpu_index=gpu_index, gpu_total_bytes=gpu_total_bytes,
+                                gpu_free_bytes=free, offload_cpu_bytes=offload_cpu_bytes)
+            except InfeasiblePlanError:
+                continue
+            if d.mode == "offload":
+                return replace(d, reason=f"after {failure.replace('_', ' ')} in mode {failed[-1]}: {d.reason}")
+        elif mode == "cpu":
+            if failure == "host_memory":
+                continue  # the host RAM ran out already
+            if cuda_available and offload_cpu_bytes < weights_bytes:
+                continue  # deploy.yaml gives this model no RAM for all its weights
+            return LoadDecision("cpu", f"after {failure.replace('_', ' ')} in mode {failed[-1]}: loading {model} on "
+                                       f"the CPU ({format_bytes(weights_bytes)} of weights in RAM)",
+                                cpu_weight_bytes=weights_bytes)
+    return None
+
+
+def backoff_s(recent_failures: int) -> float:
+    """How long a replica that gave up waits before it fails (``recent_failures`` of its deployment, this one
+    counted): 5 s, 10 s, 20 s, 40 s, then 60 s."""
+    if recent_failures <= 0:
+        return 0.0
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (recent_failures - 1))

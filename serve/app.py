@@ -5,6 +5,7 @@ ingress that routes each model's requests over its deployments. Thin Ray glue; e
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -12,6 +13,7 @@ import time
 
 import ray
 from ray import serve
+from ray.exceptions import RayActorError
 
 from planner.config import DeployArgs, ModelEntry, parse_deploy_args
 from planner.errors import GpuplanError
@@ -20,30 +22,78 @@ from planner.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_
                              pick_deployment, placements, realize)
 
 from .replica import ModelReplica
-from .types import ModelCard, Overloaded, SamplingParams, Unavailable
+from .types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan")
 REGISTRY = "gpuplan-registry"
 INGRESS_CPUS = 0.1  # see planner/rollout.py for the replicas' CPUs
+AVOID_AFTER_LOSS_S = 5.0  # a deployment whose replica just died gets no new request while another can take it
 
 
 class PlanFailed(RuntimeError):
     """The deploy.yaml args cannot be planned; the message has the numbers and the fix."""
 
 
-@ray.remote(num_cpus=0)
-class Registry:
-    """What each replica reports about itself (placement, load decision, resident bytes) for GET /plan."""
+class ReplicaBook:
+    """What each replica reports about itself (placement, load decision, resident bytes, failed loads) for GET /plan
+    and /readyz, and the replicas that died: one Serve no longer lists that did not say it stopped. Plain Python;
+    ``Registry`` is its Ray actor."""
 
     def __init__(self):
         self.replicas: dict[str, dict] = {}
+        self.stopped_ids: set[str] = set()
+        self.deaths: dict[str, list] = {}  # model -> [(replica_id, when it was found gone)]
+        self.failures: list[dict] = []  # failed loads, newest last
 
     def put(self, info: dict) -> None:
+        if info["replica_id"] in self.stopped_ids:
+            return  # a late report of a replica that has stopped
         info = dict(info, reported_at=time.time())
         self.replicas[info["replica_id"]] = info
 
+    def load_failed(self, info: dict) -> None:
+        """A replica's load failed (it may step down and try again, or give up)."""
+        self.failures.append(dict(info, at=time.time()))
+        del self.failures[:-200]
+
+    def recent_failures(self, deployment: str, within_s: float = 600.0) -> int:
+        """Replicas of ``deployment`` that gave up loading in the last ``within_s`` (sets the back-off)."""
+        now = time.time()
+        return sum(1 for f in self.failures if f["deployment"] == deployment and f["gave_up"]
+                   and now - f["at"] < within_s)
+
+    def failures_of(self, app: str | None, within_s: float = 600.0) -> dict:
+        """model -> its last few failed loads (for /readyz), of the last ``within_s``."""
+        now, out = time.time(), {}
+        for f in self.failures:
+            if (app is None or f.get("app") in (None, app)) and now - f["at"] < within_s:
+                out.setdefault(f["model"], []).append(f)
+        return {m: fs[-5:] for m, fs in out.items()}
+
+    def stopped(self, replica_id: str) -> None:
+        """A replica shutting down the graceful way (scale-down, redeploy): not a death."""
+        self.stopped_ids.add(replica_id)
+        self.replicas.pop(replica_id, None)
+
+    def prune(self, live: list[str], app: str | None = None) -> dict:
+        """Forget replicas Serve no longer lists (``live``: every replica id Serve has for the app's deployments,
+        starting ones included); those that did not stop the graceful way count as restarts of their model."""
+        keep = set(live)
+        now = time.time()
+        for rid, info in list(self.replicas.items()):
+            if app is not None and info.get("app") not in (None, app):
+                continue
+            if rid not in keep:
+                self.replicas.pop(rid)
+                if rid not in self.stopped_ids:
+                    self.deaths.setdefault(info.get("model", "?"), []).append((rid, now))
+        return {m: {"count": len(d), "last": max(t for _, t in d)} for m, d in self.deaths.items()}
+
     def all(self) -> list[dict]:
         return list(self.replicas.values())
+
+
+Registry = ray.remote(num_cpus=0)(ReplicaBook)
 
 
 def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout | None = None,
@@ -104,6 +154,8 @@ class Ingress:
         self.app_name = serve.get_replica_context().app_name
         self.api_key = os.environ.get(api_key_env) or None
         self.inflight: dict[str, int] = {}
+        self._lost: dict[str, float] = {}  # deployment -> when a request found one of its replicas dead
+        self.draining: float | None = None  # when draining began
         self._status: tuple[float, dict] | None = None
         self._logged: set[str] = set()
 
@@ -127,7 +179,26 @@ class Ingress:
             deps = await self._deployments()
         except Exception:
             return {}
-        return {name: (d.replica_states or {}).get("RUNNING", 0) for name, d in deps.items()}
+        now = time.time()
+        out = {name: (d.replica_states or {}).get("RUNNING", 0) for name, d in deps.items()}
+        # a deployment that just lost a replica is passed over while another has one running (Serve takes a
+        # moment to stop routing to a dead replica)
+        recent = {n for n, t in self._lost.items() if now - t < AVOID_AFTER_LOSS_S}
+        if recent and any(v for n, v in out.items() if n not in recent):
+            out = {n: (0 if n in recent else v) for n, v in out.items()}
+        return out
+
+    def _live_replica_ids(self) -> list[str] | None:
+        """Every replica Serve has for this app's deployments (starting, running, stopping), from Serve's own
+        details; None when they cannot be read."""
+        from ray.serve.context import _get_global_client
+
+        try:
+            details = _get_global_client().get_serve_details()
+        except Exception:
+            return None
+        app = (details.get("applications") or {}).get(self.app_name) or {}
+        return [r["replica_id"] for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []]
 
     # ---- Backend protocol
     def cards(self) -> list[ModelCard]:
@@ -136,6 +207,9 @@ class Ingress:
     async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams):
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+        if self.draining:
+            raise Unavailable("the server is shutting down (draining); send the request again in a few seconds "
+                              "or to another instance", retry_after_s=5.0)
         pairs = self.handles.get(model) or []
         if not pairs:
             raise Unavailable(f"model {model!r} has no replica in the plan (it fit nowhere); see GET /plan",
@@ -153,8 +227,29 @@ class Ingress:
             raise Overloaded(f"model {model!r} has a full queue: {exc}", retry_after_s=1.0) from None
         except DeploymentUnavailableError as exc:
             raise Unavailable(f"model {model!r} has no replica available: {exc}", retry_after_s=5.0) from None
+        except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone or unreachable
+            self._lost[name] = time.time()
+            raise ReplicaLost(f"a replica of {name} died or could not be reached ({type(exc).__name__})",
+                              retry_after_s=2.0) from None
         finally:
             self.inflight[name] -= 1
+
+    def drain(self) -> dict:
+        """Stop taking new requests; the ones in flight go on (the Backend's drain)."""
+        if self.draining is None:
+            self.draining = time.time()
+            log.warning("gpuplan: draining: %d request(s) in flight finish, new ones get 503",
+                        sum(self.inflight.values()))
+        return {"draining": True, "since": self.draining, "in_flight": sum(self.inflight.values())}
+
+    async def check_health(self) -> None:
+        """Serve's health check of the ingress, also the moment to forget replicas Serve no longer has."""
+        try:
+            live = await asyncio.to_thread(self._live_replica_ids)
+            if live is not None:
+                await ray.get_actor(REGISTRY).prune.remote(live, self.app_name)
+        except Exception:  # /plan prunes again when it is read
+            pass
 
     async def readiness(self) -> tuple[bool, dict]:
         try:
@@ -169,6 +264,17 @@ class Ingress:
             detail[card.name] = {"running_replicas": running, "min_replicas": need,
                                  "deployments": {n: str(deps[n].status) if n in deps else "MISSING" for n in names}}
             ok = ok and running >= need
+        try:
+            failures = await ray.get_actor(REGISTRY).failures_of.remote(self.app_name)
+        except Exception:
+            failures = {}
+        for model, fs in failures.items():
+            if model in detail:
+                detail[model]["load_failures"] = [
+                    {k: f.get(k) for k in ("mode", "kind", "message", "gave_up", "at", "replica_id")} for f in fs]
+        if self.draining:
+            detail["draining"] = {"since": self.draining, "in_flight": sum(self.inflight.values())}
+            ok = False
         return ok, detail
 
     async def plan(self) -> dict:
@@ -183,7 +289,9 @@ class Ingress:
             out["scaling"] = None
         try:
             reg = ray.get_actor(REGISTRY)
-            replicas = await reg.all.remote()
+            live = await asyncio.to_thread(self._live_replica_ids)
+            out["restarts"] = await reg.prune.remote(live, self.app_name) if live is not None else None
+            replicas = [r for r in await reg.all.remote() if live is None or r["replica_id"] in live]
         except Exception:
             replicas = []
         reports = [ReplicaReport(r["replica_id"], r.get("deployment", ""), r.get("node_id"),
@@ -253,6 +361,12 @@ def build_app(args: dict) -> serve.Application:
     publish(rollout)
     Registry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
     cfgs = replica_configs(result, parsed, rollout, bindings)
+    # test hook: GPUPLAN_FAULTS={"<model>": {"cuda": {"total": bytes, "free": bytes}, "fail": ["gpu", ...]}} makes
+    # that model's replicas see a GPU that is not there and fail their loads in those modes (tests/integration)
+    faults = json.loads(os.environ.get("GPUPLAN_FAULTS") or "{}")
+    for c in cfgs.values():
+        if c["replica"]["name"] in faults:
+            c["replica"]["faults"] = faults[c["replica"]["name"]]
     handles: dict[str, list] = {m.name: [] for m in parsed.models}
     for model, slots in rollout.fill:
         for name in dict.fromkeys(slots):

@@ -13,13 +13,19 @@ Endpoints::
     GET  /healthz                      liveness: always 200 {"status": "ok"}
     GET  /readyz                       200 if backend.readiness() says ready, else 503 (with the detail dict)
     GET  /plan                         backend.plan()
+    POST /admin/drain                  backend.drain(): finish what is in flight, 503 for new requests
 
 Every error is in the OpenAI shape ``{"error": {"message", "type", "code", "param"}}`` (FastAPI's own 404/405/422
 and unexpected exceptions included). Status codes: 400 bad body or values, context too long; 401 bad or missing
 bearer key (when ``api_key`` is set; /healthz and /readyz are open); 404 unknown model or route; 405; 413 body over
 ``max_body_bytes``; 415 Content-Type not application/json; 429 ``Overloaded`` (+ Retry-After); 503 ``Unavailable``
-(+ Retry-After); 504 no answer within ``ModelCard.request_timeout_s``; 500 unexpected backend failure (traceback
-logged, short message returned).
+(+ Retry-After), or ``ReplicaLost`` on every try; 504 no answer within ``ModelCard.request_timeout_s``; 500 unexpected
+backend failure (traceback logged, short message returned).
+
+A replica that dies (``ReplicaLost``) before anything of its answer reached the client -- a request without
+streaming at any point, a stream before its first chunk -- costs the client nothing: the request is sent again, up
+to ``RETRY_LIMIT`` more times within its deadline (the backend routes it to another replica). Mid-stream, the
+client gets an error event with code ``replica_died``, then ``[DONE]``.
 
 Defaults chosen here:
 
@@ -67,11 +73,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import sse
-from .types import GenerationChunk, ModelCard, Overloaded, SamplingParams, Unavailable
+from .types import GenerationChunk, ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan.api")
 
 DEFAULT_MAX_TOKENS = 512
+RETRY_LIMIT = 2  # more tries of a request whose replica died before the client saw anything
 MAX_STOP_SEQUENCES = 4
 MAX_BODY_BYTES = 16 * 1024 * 1024
 OWNED_BY = "gpuplan"
@@ -534,6 +541,14 @@ def _backend_error(exc: BaseException, model: str, timeout: float | None, stream
     if isinstance(exc, Unavailable):
         return ApiError(503, _short(exc) or f"model {model!r} is unavailable; retry later",
                         code="model_unavailable", headers=retry_after_headers(exc.retry_after_s))
+    if isinstance(exc, ReplicaLost):
+        if streaming:  # part of the answer is out: say so, the client decides what to do with it
+            return ApiError(503, f"model {model!r}: the replica generating this answer died ({_short(exc, 200)}); "
+                                 "the text so far is incomplete", code="replica_died",
+                            headers=retry_after_headers(exc.retry_after_s))
+        return ApiError(503, f"model {model!r}: the replica serving the request died and no other took it after "
+                             f"{RETRY_LIMIT} more tries ({_short(exc, 200)}); retry later", code="replica_lost",
+                        headers=retry_after_headers(exc.retry_after_s))
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):  # distinct classes before Python 3.11
         what = "no new output" if streaming else "the generation did not finish"
         limit = f"within request_timeout_s={timeout:g}s" if timeout else "in time"
@@ -731,21 +746,41 @@ def create_app(
         created = int(time.time())
         tally = _Tally(len(ids), max_tokens)
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout else None
+
+        def retry(exc: ReplicaLost, attempt: int) -> bool:
+            """Try again? (a replica died before the client saw anything of the answer)"""
+            if attempt > RETRY_LIMIT or (deadline is not None and loop.time() >= deadline):
+                return False
+            log.warning("model %r: %s; sending request %s again (try %d of %d)", card.name, exc, rid, attempt + 1,
+                        RETRY_LIMIT + 1)
+            return True
+
         if not req.stream:
-            async def collect() -> None:
+            async def collect(t: _Tally) -> None:
                 it = await open_generation(card.name, ids, params)
                 try:
                     async for chunk in it:
-                        tally.add(chunk)
+                        t.add(chunk)
                         if chunk.finish_reason:
                             break
                 finally:
                     await _aclose(it)
 
-            try:
-                await asyncio.wait_for(collect(), timeout)
-            except Exception as exc:
-                raise _backend_error(exc, card.name, timeout, streaming=False) from None
+            attempt = 0
+            while True:
+                tally = _Tally(len(ids), max_tokens)  # a retry starts the answer over
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    await asyncio.wait_for(collect(tally), left)
+                    break
+                except ReplicaLost as exc:
+                    attempt += 1
+                    if not retry(exc, attempt):
+                        raise _backend_error(exc, card.name, timeout, streaming=False) from None
+                except Exception as exc:
+                    raise _backend_error(exc, card.name, timeout, streaming=False) from None
             text = "".join(tally.parts)
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -757,15 +792,25 @@ def create_app(
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": card.name,
                                  "choices": [choice], "usage": tally.usage()})
 
-        # stream: wait for the first chunk before committing to 200, so early failures keep their status code
-        it = None
-        try:
-            it = await open_generation(card.name, ids, params)
-            first = await _next(it, timeout)
-        except Exception as exc:
-            if it is not None:
-                await _aclose(it)
-            raise _backend_error(exc, card.name, timeout, streaming=False) from None
+        # stream: wait for the first chunk before committing to 200, so early failures keep their status code (and a
+        # replica that dies before it costs nothing: the request goes again)
+        attempt = 0
+        while True:
+            it = None
+            try:
+                it = await open_generation(card.name, ids, params)
+                first = await _next(it, timeout)
+                break
+            except ReplicaLost as exc:
+                if it is not None:
+                    await _aclose(it)
+                attempt += 1
+                if not retry(exc, attempt):
+                    raise _backend_error(exc, card.name, timeout, streaming=False) from None
+            except Exception as exc:
+                if it is not None:
+                    await _aclose(it)
+                raise _backend_error(exc, card.name, timeout, streaming=False) from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = stream_events(kind, rid, created, card.name, first, it, timeout, tally, include_usage)
         return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
@@ -835,6 +880,20 @@ def create_app(
     async def plan() -> Response:
         """The placement plan and what each replica reports (backend.plan())."""
         return JSONResponse(jsonable_encoder(await _maybe_await(backend.plan())))
+
+    @app.post("/admin/drain", tags=["gpuplan"])
+    async def drain(request: Request) -> Response:
+        """Start draining (`make run` calls it on SIGTERM): requests in flight finish, new ones get 503 with
+        Retry-After, /readyz answers 503 with the count still in flight. With no API key set, only a client on
+        this machine may ask."""
+        host = (request.client.host if request.client else "") or ""
+        if api_key is None and host not in ("127.0.0.1", "::1", "localhost", "testclient"):
+            raise ApiError(403, "draining is for the server's own host (or a client with the API key)",
+                           code="forbidden")
+        fn = getattr(backend, "drain", None)
+        if fn is None:
+            raise ApiError(404, "this backend cannot drain", code="not_found")
+        return JSONResponse(jsonable_encoder(await _maybe_await(fn())))
 
     def model_object(card: ModelCard) -> dict:
         return {"id": card.name, "object": "model", "created": started_at, "owned_by": OWNED_BY,

@@ -11,7 +11,7 @@ import time
 import ray
 from ray import serve
 
-from planner.decisions import decide_load
+from planner.decisions import backoff_s, classify_load_failure, decide_load, next_load_decision
 from planner.errors import InfeasiblePlanError
 from planner.rollout import GPUPLAN_NODE_LABEL
 
@@ -21,8 +21,11 @@ from .types import SamplingParams
 log = logging.getLogger("gpuplan")
 
 
-def _cuda_state() -> tuple[bool, int | None, int | None, int | None, str]:
-    """(cuda usable, local index, total bytes, free bytes, why not) for the GPU Ray assigned to this replica."""
+def _cuda_state(fake: dict | None = None) -> tuple[bool, int | None, int | None, int | None, str]:
+    """(cuda usable, local index, total bytes, free bytes, why not) for the GPU Ray assigned to this replica.
+    ``fake`` ({"total", "free"} bytes; the GPUPLAN_FAULTS test hook) stands in for a GPU that is not there."""
+    if fake:
+        return True, 0, int(fake["total"]), int(fake["free"]), ""
     ids = ray.get_gpu_ids()
     if not ids:
         return False, None, None, None, "Ray assigned this replica no GPU"
@@ -52,22 +55,61 @@ class ModelReplica:
         if info and info.get("node_label") and cfg.get("node") and info["node_label"] != cfg["node"]:
             log.warning("gpuplan replica %s of %s: Ray put it on node %s (GPU %s); the plan put it on node %s",
                         info["replica_id"], self.name, info["node_label"], info["gpu_ids"], cfg["node"])
-        cuda, idx, total, free, why = _cuda_state()
+        faults = cfg.get("faults") or {}
+        cuda, idx, total, free, why = _cuda_state(faults.get("cuda"))
         try:
             self.decision = decide_load(
                 model=self.name, planned_bytes=cfg["planned_bytes"], weights_bytes=cfg["weights_bytes"],
                 cuda_available=cuda, gpu_index=idx, gpu_total_bytes=total, gpu_free_bytes=free,
                 offload_cpu_bytes=cfg.get("offload_cpu_bytes", 0), why_no_cuda=why or "no CUDA",
             )
-        except InfeasiblePlanError as exc:
-            log.error("%s", exc)
-            raise RuntimeError(str(exc)) from None
-        log.info("gpuplan replica %s: %s", self.name, self.decision.reason)
+        except InfeasiblePlanError as exc:  # the GPU's free memory is below plan and offload is off
+            self._report_failure("gpu", "gpu_memory", str(exc), gave_up=True)
+            self._give_up("gpu", "gpu_memory", str(exc))
+        tried: list[str] = []
+        while True:
+            log.info("gpuplan replica %s: %s", self.name, self.decision.reason)
+            try:
+                self._load(idx, faults)
+                break
+            except Exception as exc:  # a failed load: say why, step down if deploy.yaml allows, else back off
+                kind = classify_load_failure(type(exc).__name__, str(exc))
+                msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+                tried.append(self.decision.mode)
+                log.error("gpuplan replica %s: loading in mode %s failed (%s): %s", self.name, self.decision.mode,
+                          kind, msg)
+                self._free_partial_load()
+                cuda, idx, total, free, why = _cuda_state(faults.get("cuda"))
+                nxt = next_load_decision(
+                    failed=tried, failure=kind, model=self.name, planned_bytes=cfg["planned_bytes"],
+                    weights_bytes=cfg["weights_bytes"], cuda_available=cuda, gpu_index=idx, gpu_total_bytes=total,
+                    gpu_free_bytes=free, offload_cpu_bytes=cfg.get("offload_cpu_bytes", 0))
+                self._report_failure(self.decision.mode, kind, msg, gave_up=nxt is None)
+                if nxt is None:
+                    self._give_up(self.decision.mode, kind, msg)
+                self.decision = nxt
+        from .engine import GenerationEngine
+
+        self.engine = GenerationEngine(self.model, self.tokenizer, max_num_seqs=cfg["max_num_seqs"],
+                                       max_model_len=cfg["max_model_len"])
+        from .memory_probe import resident_bytes
+
+        self.resident = resident_bytes(self.model)
+        self.load_s = round(time.time() - t0, 2)
+        self.started = time.time()
+        self._metrics()
+        self._report()
+
+    def _load(self, idx: int | None, faults: dict) -> None:
+        """Load the model as ``self.decision`` says (GPU, GPU + CPU offload, or CPU)."""
         import torch
 
-        from .engine import GenerationEngine
         from .loader import load_model
 
+        if self.decision.mode in faults.get("fail", ()):  # test hook (GPUPLAN_FAULTS): this mode fails
+            raise MemoryError(f"injected failure of mode {self.decision.mode}") if self.decision.mode == "cpu" \
+                else RuntimeError(f"CUDA out of memory (injected failure of mode {self.decision.mode})")
+        cfg = self.cfg
         if self.decision.mode in ("gpu", "offload"):
             torch.cuda.set_per_process_memory_fraction(self.decision.memory_fraction, idx)
         device = "cpu" if self.decision.mode == "cpu" else "cuda"
@@ -81,15 +123,52 @@ class ModelReplica:
             cfg["source"], quantization=cfg["quantization"], dtype=cfg.get("dtype") or "bf16", device=device,
             gpu_index=idx or 0, max_memory=self.decision.max_memory, trust_remote_code=cfg.get("trust_remote_code", False),
         )
-        self.engine = GenerationEngine(self.model, self.tokenizer, max_num_seqs=cfg["max_num_seqs"],
-                                       max_model_len=cfg["max_model_len"])
-        from .memory_probe import resident_bytes
 
-        self.resident = resident_bytes(self.model)
-        self.load_s = round(time.time() - t0, 2)
-        self.started = time.time()
-        self._metrics()
-        self._report()
+    def _free_partial_load(self) -> None:
+        self.model = self.tokenizer = None
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:
+            pass
+
+    def _registry(self):
+        return ray.get_actor(self.cfg["registry"], namespace=self.cfg.get("registry_namespace"))
+
+    def _report_failure(self, mode: str, kind: str, message: str, gave_up: bool) -> None:
+        try:
+            ctx = serve.get_replica_context()
+            self._registry().load_failed.remote({
+                "model": self.name, "deployment": self.cfg.get("deployment", ""), "app": ctx.app_name,
+                "replica_id": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)), "mode": mode,
+                "kind": kind, "message": message, "gave_up": gave_up})
+        except Exception:  # the registry is only for /readyz and /plan
+            pass
+
+    def _give_up(self, mode: str, kind: str, message: str):
+        """No placement left: wait (so that Serve's restarts back off), then fail the constructor."""
+        recent = 1
+        try:
+            recent = int(ray.get(self._registry().recent_failures.remote(self.cfg.get("deployment", "")),
+                                 timeout=5))
+        except Exception:
+            pass
+        wait = backoff_s(max(1, recent))
+        fix = {"gpu_memory": "free GPU memory, lower max_model_len/max_num_seqs, use a lower-bit quantization, or "
+                             "set offload.cpu_memory",
+               "host_memory": "give the node more RAM or lower offload.cpu_memory's share",
+               "files": "check the model files (a missing or corrupt config.json or *.safetensors)"}.get(
+            kind, "see the error above")
+        log.error("gpuplan replica %s: giving up after mode %s (%s): %s; %s. Failing in %.0f s (%d recent "
+                  "failure(s) of %s), Serve will start another replica", self.name, mode, kind, message, fix, wait,
+                  recent, self.cfg.get("deployment", ""))
+        time.sleep(wait)
+        raise RuntimeError(f"{self.name}: cannot load ({kind}) after mode {mode}: {message}; {fix}")
 
     def _metrics(self) -> None:
         from ray.serve import metrics
@@ -113,6 +192,7 @@ class ModelReplica:
             labels = {}
         return {
             "model": self.name,
+            "app": ctx.app_name,
             "deployment": self.cfg.get("deployment", ""),
             "replica_id": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)),
             "state": "loading" if loading else "running",
@@ -167,6 +247,14 @@ class ModelReplica:
         self._report()
 
     async def __del__(self):
+        """Serve's graceful shutdown (scale-down, redeploy, shutdown): say so, so that /plan does not count it as a
+        death, then stop the engine."""
+        try:
+            ctx = serve.get_replica_context()
+            reg = ray.get_actor(self.cfg["registry"], namespace=self.cfg.get("registry_namespace"))
+            reg.stopped.remote(getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)))
+        except Exception:
+            pass
         try:
             await self.engine.close()
         except Exception:

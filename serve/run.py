@@ -1,5 +1,6 @@
-"""`make run`: serve a deploy.yaml with `serve run`, stop completely on one SIGTERM or Ctrl-C, and report the cold
-start (seconds until GET /readyz answers 200).
+"""`make run`: serve a deploy.yaml with `serve run`, drain and stop completely on one SIGTERM or Ctrl-C (requests in
+flight finish, new ones get 503; a second signal stops at once), and report the cold start (seconds until GET
+/readyz answers 200).
 
 Why a wrapper: `serve run` starts its own local Ray. A `ray start --head` before it would leave a gcs_server that
 ignores SIGTERM; a stale /tmp/ray/ray_current_cluster left by a killed cluster makes `serve run` hang while it tries
@@ -15,11 +16,15 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import yaml
 
 STALE = "/tmp/ray/ray_current_cluster"
+# NOTE: how long a SIGTERM waits for requests in flight to finish: Serve's graceful_shutdown_timeout_s of a replica
+# (planner/rollout.py GRACEFUL_SHUTDOWN_S), which bounds the same wait inside Serve.
+DRAIN_TIMEOUT_S = 30.0
 
 
 def ray_processes() -> list[str]:
@@ -67,8 +72,40 @@ def preflight(config: str) -> int:
     return 0
 
 
-def wait_ready(url: str, proc: subprocess.Popen, t0: float, timeout_s: float) -> float | None:
-    while time.time() - t0 < timeout_s and proc.poll() is None:
+def drain(base: str, timeout_s: float) -> None:
+    """Ask the ingress to drain (POST /admin/drain), then wait until nothing is in flight or ``timeout_s`` passed:
+    running requests and streams finish, new ones get 503 + Retry-After meanwhile."""
+    import json
+
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("GPUPLAN_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    t0 = time.time()
+    try:
+        req = urllib.request.Request(f"{base}/admin/drain", data=b"{}", headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            left = json.loads(r.read()).get("in_flight", 0)
+    except Exception as exc:
+        print(f"gpuplan: could not drain ({exc}); stopping", file=sys.stderr, flush=True)
+        return
+    print(f"gpuplan: draining: {left} request(s) in flight; new ones get 503", flush=True)
+    while left and time.time() - t0 < timeout_s:
+        time.sleep(0.5)
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:  # 503 while draining, with the detail
+            body = json.loads(e.read() or b"{}")
+        except Exception:
+            break
+        left = ((body.get("detail") or {}).get("draining") or {}).get("in_flight", 0)
+    print(f"gpuplan: drained in {time.time() - t0:.1f} s" + (f" ({left} still in flight)" if left else ""),
+          flush=True)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, t0: float, timeout_s: float, stop=lambda: False) -> float | None:
+    while time.time() - t0 < timeout_s and proc.poll() is None and not stop():
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -105,27 +142,41 @@ def main(argv=None) -> int:
         serve_bin = shutil.which("serve") or serve_bin
     t0 = time.time()
     proc = subprocess.Popen([serve_bin, "run", a.config], env=env, start_new_session=True)
-    stopping = {"sig": None}
+    stopping = {"sig": None, "killed": False}
 
-    def stop(signum, _frame):
-        stopping["sig"] = signum
+    def kill_serve() -> None:
+        stopping["killed"] = True
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
 
+    def stop(signum, _frame):
+        if stopping["sig"] is not None:  # a second signal: stop now, drained or not
+            kill_serve()
+            return
+        stopping["sig"] = signum
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    ready = wait_ready(url, proc, t0, a.ready_timeout)
+    ready = wait_ready(url, proc, t0, a.ready_timeout, lambda: stopping["sig"] is not None)
     if ready is not None:
         print(f"gpuplan: ready in {ready:.1f} s (cold start to GET /readyz 200) at http://{host}:{port}", flush=True)
     elif proc.poll() is None and stopping["sig"] is None:
         print(f"gpuplan: not ready after {a.ready_timeout:.0f} s; still waiting (see the log above)", flush=True)
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        stop(signal.SIGINT, None)
-        rc = proc.wait()
+    base = url.rsplit("/", 1)[0]
+    while True:
+        try:
+            rc = proc.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:
+            stop(signal.SIGINT, None)
+        if stopping["sig"] is not None and not stopping["killed"]:
+            if ready is not None:
+                drain(base, DRAIN_TIMEOUT_S)
+            kill_serve()
     # make sure nothing of the local cluster outlives us
     deadline = time.time() + 20
     while ray_processes() and time.time() < deadline:

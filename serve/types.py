@@ -52,3 +52,12 @@ class Unavailable(Exception):
     def __init__(self, message: str, retry_after_s: float = 5.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ReplicaLost(Exception):
+    """The replica serving a request died or could not be reached. Nothing of the answer has reached the client
+    when the API sees this before the first chunk (or, without streaming, at any point), so it retries elsewhere."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -4,6 +4,7 @@ official openai client against it, bad requests, 16 concurrent clients, and a cl
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -110,9 +111,39 @@ def test_16_concurrent_clients_none_lost(server):
     assert sum(code == 200 for code, _, _ in results) >= 8
 
 
-def test_one_sigterm_stops_everything(server):
-    proc = server["proc"]
+def test_one_sigterm_drains_then_stops_everything(server):
+    """A stream running when SIGTERM arrives completes; a request sent while draining gets 503 + Retry-After; then
+    nothing of Ray is left."""
+    import threading
+
+    proc, base = server["proc"], server["base"]
+    out: dict = {}
+
+    def stream():
+        with requests.post(base + "/v1/completions", timeout=120, stream=True, json={
+                "model": "tiny-int8", "prompt": "def ", "max_tokens": 200, "temperature": 1.0, "seed": 3,
+                "stream": True, "stream_options": {"include_usage": True}}) as r:
+            out["status"] = r.status_code
+            out["lines"] = [ln.decode() for ln in r.iter_lines() if ln]
+
+    t = threading.Thread(target=stream)
+    t.start()
+    time.sleep(1.0)  # the stream is running
     proc.send_signal(signal.SIGTERM)
+    deadline, late = time.time() + 20, None
+    while late is None and time.time() < deadline:  # draining begins within a second or so
+        r = requests.post(base + "/v1/completions", timeout=30, json={"model": "tiny-int8", "prompt": "x",
+                                                                       "max_tokens": 2})
+        if r.status_code == 503:
+            late = r
+        time.sleep(0.2)
+    t.join(timeout=120)
+    assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]"
+    events = [json.loads(ln.removeprefix("data: ")) for ln in out["lines"][:-1]]
+    assert not any("error" in e for e in events), events[-3:]
+    assert any(e["choices"] and e["choices"][0].get("finish_reason") for e in events)  # it finished
+    assert late is not None and late.headers.get("retry-after") and late.json()["error"]["code"] == "model_unavailable"
+    assert "draining" in late.json()["error"]["message"]
     proc.wait(timeout=90)
     deadline = time.time() + 30
     while ray_running() and time.time() < deadline:

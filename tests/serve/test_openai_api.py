@@ -17,12 +17,13 @@ from fastapi.testclient import TestClient
 from serve import sse
 from serve.openai_api import (
     DEFAULT_MAX_TOKENS,
+    RETRY_LIMIT,
     Backend,
     create_app,
     error_response,
     retry_after_headers,
 )
-from serve.types import GenerationChunk, ModelCard, Overloaded, SamplingParams, Unavailable
+from serve.types import GenerationChunk, ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
 # ----------------------------------------------------------------------------------------------- helpers
 # (also imported by test_openai_client.py)
@@ -826,3 +827,73 @@ def test_with_shipped_tiny_chat_tokenizer():
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert b.calls[0][1] == list(expected)
     assert r.json()["usage"]["prompt_tokens"] == len(expected)
+
+
+# ----------------------------------------------------------------------------------------------- replica deaths
+
+
+class DiesFirst(FakeBackend):
+    """The first ``deaths`` calls lose their replica: after ``after`` chunks (or before any)."""
+
+    def __init__(self, cards, deaths: int, after: int = 0):
+        super().__init__(cards)
+        self.deaths, self.after = deaths, after
+
+    async def generate(self, model, prompt_ids, params):
+        dying = len(self.calls) < self.deaths
+        self.raise_after = (self.after, ReplicaLost("ActorDiedError: replica xyz died", retry_after_s=2)) \
+            if dying else None
+        async for chunk in super().generate(model, prompt_ids, params):
+            yield chunk
+
+
+def test_a_replica_death_before_the_answer_is_retried_without_the_client_noticing(make_client, backend):
+    b = DiesFirst(backend.cards(), deaths=2, after=2)  # dies after 2 of 3 chunks, twice
+    r = chat(make_client(b))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "Hello world"  # the answer once, not the lost parts
+    assert r.json()["usage"]["completion_tokens"] == 3
+    assert len(b.calls) == 3 and b.closed == 3
+
+
+def test_a_stream_whose_replica_dies_before_its_first_chunk_is_retried(make_client, backend):
+    b = DiesFirst(backend.cards(), deaths=1, after=0)
+    r = chat(make_client(b), stream=True)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "Hello world"
+    assert len(b.calls) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_no_replica_left_to_take_it_is_503_with_retry_after_never_500(make_client, backend, stream):
+    b = DiesFirst(backend.cards(), deaths=99, after=0 if stream else 1)
+    r = chat(make_client(b), stream=stream)
+    err = assert_error(r, 503, "replica_lost", contains="died")
+    assert err["type"] == "service_unavailable_error" and r.headers["retry-after"] == "2"
+    assert len(b.calls) == 1 + RETRY_LIMIT
+
+
+def test_a_replica_death_mid_stream_is_an_error_event_then_done(make_client, backend):
+    b = DiesFirst(backend.cards(), deaths=1, after=2)
+    r = chat(make_client(b), stream=True)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "replica_died"
+    assert [e["choices"][0]["delta"].get("content") for e in events[1:-2]] == ["Hel", "lo"]
+    assert len(b.calls) == 1  # the client has part of the answer: not sent again
+
+
+def test_drain_is_asked_of_the_backend_and_needs_the_key_when_one_is_set(make_client, backend):
+    class Drains(FakeBackend):
+        def drain(self):
+            self.drained = True
+            return {"draining": True, "in_flight": 0}
+
+    b = Drains(backend.cards())
+    r = make_client(b).post("/admin/drain")
+    assert r.status_code == 200 and r.json()["draining"] and b.drained
+    assert make_client(backend).post("/admin/drain").status_code == 404  # a backend that cannot drain
+    keyed = make_client(Drains(backend.cards()), api_key="sekrit")
+    assert keyed.post("/admin/drain").status_code == 401
+    assert keyed.post("/admin/drain", headers={"Authorization": "Bearer sekrit"}).status_code == 200

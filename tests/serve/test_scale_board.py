@@ -101,3 +101,21 @@ def test_replica_configs_give_each_deployment_its_nodes_fraction_and_selector():
         "ray_actor_options"]["num_gpus"]
     (card,) = model_cards(result, args)
     assert card.name == "m" and card.extra["placed_replicas"] == result.rollout.rule("m").max_replicas
+
+
+def test_the_replica_book_forgets_dead_replicas_and_counts_them_as_restarts(monkeypatch):
+    from serve.app import ReplicaBook
+
+    book = ReplicaBook()
+    for rid in ("r1", "r2", "r3"):
+        book.put({"replica_id": rid, "model": "m", "app": "a"})
+    book.stopped("r3")  # scaled down the graceful way
+    book.put({"replica_id": "r3", "model": "m", "app": "a"})  # a late report of it is ignored
+    restarts = book.prune(["r1", "r4"], "a")  # r2 is gone without saying so: it died; r4 replaces it
+    assert [r["replica_id"] for r in book.all()] == ["r1"]
+    assert restarts["m"]["count"] == 1 and restarts["m"]["last"] > 0
+    book.load_failed({"model": "m", "deployment": "m@n", "app": "a", "mode": "gpu", "gave_up": False})
+    book.load_failed({"model": "m", "deployment": "m@n", "app": "a", "mode": "cpu", "gave_up": True})
+    assert book.recent_failures("m@n") == 1 and book.recent_failures("other") == 0
+    assert [f["mode"] for f in book.failures_of("a")["m"]] == ["gpu", "cpu"]
+    assert book.failures_of("b") == {}
