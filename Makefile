@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 run: venv
-	$(BIN)/python -m serve.run deploy.yaml
+	$(BIN)/python -m serve.run --exit-with-parent deploy.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -296,7 +296,7 @@ def deployment_options(spec: DeploymentSpec, entry, selector: Mapping[str, str] 
         },
         "max_ongoing_requests": entry.max_ongoing_requests,
         "max_queued_requests": entry.max_queued_requests,
-        "health_check_period_s": 10,
+        "health_check_period_s": entry.health_check_period_s,
         "health_check_timeout_s": 60,
         "graceful_shutdown_wait_loop_s": 2,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,

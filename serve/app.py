@@ -144,7 +144,8 @@ class Ingress:
     deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
 
     def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, rollout_json: dict,
-                 bindings_json: list, api_key_env: str):
+                 bindings_json: list, api_key_env: str, built: dict | None = None):
+        self.built = dict(built or {})  # {"run_id", "built_at"}: which start of `make run` deployed this app
         self.handles = {model: [(name, h) for name, h in pairs] for model, pairs in handles.items()}
         self._cards = cards
         self._plan = plan_json
@@ -250,6 +251,10 @@ class Ingress:
                 await ray.get_actor(REGISTRY).prune.remote(live, self.app_name)
         except Exception:  # /plan prunes again when it is read
             pass
+
+    def identity(self) -> dict:
+        """Which deploy this app is (the run id of `make run`, when it was built, the plan): /readyz's ``app``."""
+        return self.built
 
     async def readiness(self) -> tuple[bool, dict]:
         try:
@@ -372,5 +377,7 @@ def build_app(args: dict) -> serve.Application:
         for name in dict.fromkeys(slots):
             c = cfgs[name]
             handles[model].append([name, ModelReplica.options(**c["options"]).bind(c["replica"])])
+    # a new ingress at every deploy (its init args change), so /readyz says which deploy answers (serve/run.py)
+    built = {"run_id": os.environ.get("GPUPLAN_RUN_ID"), "built_at": time.time(), "plan_id": rollout.plan_id}
     return Ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
-                        [b.to_json() for b in bindings], parsed.http.api_key_env)
+                        [b.to_json() for b in bindings], parsed.http.api_key_env, built)

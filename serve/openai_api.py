@@ -11,7 +11,8 @@ Endpoints::
     POST /v1/chat/completions          chat (stream or not)
     POST /v1/completions               plain prompt (stream or not)
     GET  /healthz                      liveness: always 200 {"status": "ok"}
-    GET  /readyz                       200 if backend.readiness() says ready, else 503 (with the detail dict)
+    GET  /readyz                       200 if backend.readiness() says ready, else 503 (with the detail dict and
+                                       ``app``: backend.identity(), which deploy answers)
     GET  /plan                         backend.plan()
     POST /admin/drain                  backend.drain(): finish what is in flight, 503 for new requests
 
@@ -870,10 +871,12 @@ def create_app(
             log.warning("readiness check failed", exc_info=True)
             ok, detail = False, {"error": f"readiness check failed: {type(exc).__name__}: {_short(exc, 200)}"}
         detail = jsonable_encoder(detail)
+        ident = getattr(backend, "identity", None)
+        extra = {"app": jsonable_encoder(ident())} if ident else {}
         if ok:
-            return JSONResponse({"status": "ready", "detail": detail})
+            return JSONResponse({"status": "ready", "detail": detail, **extra})
         body = error_body("not ready", "service_unavailable_error", "not_ready")
-        body.update(status="not_ready", detail=detail)
+        body.update(status="not_ready", detail=detail, **extra)
         return JSONResponse(body, status_code=503)
 
     @app.get("/plan", tags=["gpuplan"])

@@ -1,10 +1,12 @@
 """`make run`: serve a deploy.yaml with `serve run`, drain and stop completely on one SIGTERM or Ctrl-C (requests in
-flight finish, new ones get 503; a second signal stops at once), and report the cold start (seconds until GET
-/readyz answers 200).
+flight finish, new ones get 503; a second signal stops at once), report the cold start (seconds until GET /readyz
+answers 200 *for the app this start deployed*), and leave nothing behind however the wrapper dies.
 
-Why a wrapper: `serve run` starts its own local Ray. A `ray start --head` before it would leave a gcs_server that
-ignores SIGTERM; a stale /tmp/ray/ray_current_cluster left by a killed cluster makes `serve run` hang while it tries
-to connect. Both are handled here.
+How: `serve run` runs under a supervisor (serve/supervisor.py) in a session of its own, which holds a pipe from this
+wrapper and tears down `serve run` and the local Ray it started when the pipe closes, SIGKILL of the wrapper
+included. At start, what earlier runs left is sorted out first (serve/lifecycle.py): a live `make run` (refuse), an
+orphaned cluster of an earlier run (stopped, pids named), a cluster someone started on purpose (used, left
+running), a stale /tmp/ray/ray_current_cluster (removed: `serve run` would hang on it).
 """
 
 from __future__ import annotations
@@ -18,33 +20,54 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import yaml
 
-STALE = "/tmp/ray/ray_current_cluster"
 # NOTE: how long a SIGTERM waits for requests in flight to finish: Serve's graceful_shutdown_timeout_s of a replica
 # (planner/rollout.py GRACEFUL_SHUTDOWN_S), which bounds the same wait inside Serve.
 DRAIN_TIMEOUT_S = 30.0
+ORPHAN_WAIT_S = 15.0  # an earlier run's supervisor still stopping: how long to wait for it
 
 
-def ray_processes() -> list[str]:
-    try:
-        out = subprocess.run(["pgrep", "-a", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        return []
-    return [ln for ln in out.splitlines() if "pgrep" not in ln]
+def start_clean() -> int:
+    """Look at what earlier runs left (serve.lifecycle): refuse beside a live `make run` (2), stop an orphaned
+    cluster of ours and name it, use a cluster someone started on purpose and say so, drop a stale cluster file."""
+    from . import lifecycle as lc
 
-
-def check_stale_cluster() -> None:
-    if os.path.exists(STALE) and not ray_processes():
-        with open(STALE) as f:
-            addr = f.read().strip()
-        print(f"gpuplan: {STALE} names a Ray cluster at {addr or '?'} but no Ray process is running (a cluster that "
-              "was killed); `serve run` would hang trying to reach it. Removing the stale file.", file=sys.stderr)
-        os.remove(STALE)
-    elif ray_processes():
-        print("gpuplan: a Ray cluster is already running on this machine; `serve run` will connect to it. "
-              "Run `ray stop` first for a fresh local cluster.", file=sys.stderr)
+    deadline = time.time() + ORPHAN_WAIT_S
+    while True:
+        runs, other, stale = lc.survey()
+        plan = lc.decide_start(runs, other, os.environ.get("RAY_ADDRESS"), stale, time.time())
+        if not plan.wait_for or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    if plan.refuse:
+        print(f"gpuplan: error: {plan.refuse}", file=sys.stderr)
+        return 2
+    if plan.wait_for:  # its supervisor did not finish: what it left is an orphan now
+        plan = lc.decide_start([lc.RunSeen(r.path, r.record, r.wrapper_alive, False, r.alive) for r in runs], other,
+                               os.environ.get("RAY_ADDRESS"), stale, time.time())
+    for m in plan.messages:
+        print(m, file=sys.stderr, flush=True)
+    for run_id, pids in plan.stop:
+        left = lc.stop_processes(pids)
+        if left:
+            print(f"gpuplan: error: could not stop pids {left} of run {run_id}; stop them by hand (kill -9) and "
+                  "start again", file=sys.stderr)
+            return 2
+        print(f"gpuplan: stopped {len(pids)} process(es) of run {run_id}", file=sys.stderr, flush=True)
+    for path in plan.forget:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    if plan.remove_stale_file or (plan.stop and os.path.exists(lc.STALE_CLUSTER_FILE) and not lc.ray_daemons()):
+        try:
+            os.remove(lc.STALE_CLUSTER_FILE)
+        except OSError:
+            pass
+    return 0
 
 
 def preflight(config: str) -> int:
@@ -104,15 +127,27 @@ def drain(base: str, timeout_s: float) -> None:
           flush=True)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, t0: float, timeout_s: float, stop=lambda: False) -> float | None:
+def is_this_app(body: dict, run_id: str, t0: float) -> bool:
+    """Does a /readyz answer come from the app this start deployed (not an older one still on the port)? The
+    ingress reports the run id it was built under (local clusters inherit it) and when it was built."""
+    app = body.get("app") or {}
+    if app.get("run_id"):
+        return app["run_id"] == run_id
+    return float(app.get("built_at") or 0.0) >= t0 - 1.0
+
+
+def wait_ready(url: str, proc: subprocess.Popen, t0: float, timeout_s: float, run_id: str,
+               stop=lambda: False) -> float | None:
+    import json
+
     while time.time() - t0 < timeout_s and proc.poll() is None and not stop():
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and is_this_app(json.loads(r.read()), run_id, t0):
                     return time.time() - t0
         except Exception:
             pass
-        time.sleep(1.0)
+        time.sleep(0.5)
     return None
 
 
@@ -120,6 +155,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", nargs="?", default="deploy.yaml")
     ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--exit-with-parent", action="store_true",
+                    help="drain and stop when the process that started this one exits (make run passes it)")
     a = ap.parse_args(argv)
     if not os.path.exists(a.config):
         print(f"gpuplan: {a.config}: no such file", file=sys.stderr)
@@ -133,33 +170,48 @@ def main(argv=None) -> int:
     rc = preflight(a.config)
     if rc:
         return rc
-    check_stale_cluster()
+    rc = start_clean()
+    if rc:
+        return rc
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
                GPUPLAN_CONFIG_DIR=os.path.dirname(os.path.abspath(a.config)))
     # the `serve` CLI of this interpreter's environment (the venv), not whichever one is first on PATH
     serve_bin = os.path.join(os.path.dirname(sys.executable), "serve")
     if not os.path.exists(serve_bin):
         serve_bin = shutil.which("serve") or serve_bin
+    run_id = uuid.uuid4().hex[:12]
+    parent = os.getppid()
     t0 = time.time()
-    proc = subprocess.Popen([serve_bin, "run", a.config], env=env, start_new_session=True)
+    # the supervisor: a session of its own, the read end of a pipe whose only write end is ours (serve/supervisor.py)
+    proc = subprocess.Popen([sys.executable, "-m", "serve.supervisor", "--run-id", run_id, "--wrapper-pid",
+                             str(os.getpid()), "--config", os.path.abspath(a.config), "--port", str(port), "--",
+                             serve_bin, "run", a.config], env=env, stdin=subprocess.PIPE, start_new_session=True,
+                            cwd=os.getcwd())
     stopping = {"sig": None, "killed": False}
 
-    def kill_serve() -> None:
+    def tell_supervisor() -> None:
         stopping["killed"] = True
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
+            proc.stdin.write(b"stop\n")
+            proc.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
             pass
 
     def stop(signum, _frame):
         if stopping["sig"] is not None:  # a second signal: stop now, drained or not
-            kill_serve()
+            tell_supervisor()
             return
         stopping["sig"] = signum
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    ready = wait_ready(url, proc, t0, a.ready_timeout, lambda: stopping["sig"] is not None)
+    def parent_gone() -> bool:
+        if a.exit_with_parent and stopping["sig"] is None and os.getppid() != parent:
+            print(f"gpuplan: the process that started this one (pid {parent}) is gone; stopping", flush=True)
+            stopping["sig"] = signal.SIGHUP
+        return stopping["sig"] is not None
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, stop)
+    ready = wait_ready(url, proc, t0, a.ready_timeout, run_id, parent_gone)
     if ready is not None:
         print(f"gpuplan: ready in {ready:.1f} s (cold start to GET /readyz 200) at http://{host}:{port}", flush=True)
     elif proc.poll() is None and stopping["sig"] is None:
@@ -173,17 +225,11 @@ def main(argv=None) -> int:
             pass
         except KeyboardInterrupt:
             stop(signal.SIGINT, None)
+        parent_gone()
         if stopping["sig"] is not None and not stopping["killed"]:
             if ready is not None:
                 drain(base, DRAIN_TIMEOUT_S)
-            kill_serve()
-    # make sure nothing of the local cluster outlives us
-    deadline = time.time() + 20
-    while ray_processes() and time.time() < deadline:
-        time.sleep(0.5)
-    if ray_processes():
-        subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"],
-                       capture_output=True, env=env)
+            tell_supervisor()
     return 0 if stopping["sig"] is not None else rc
 
 

@@ -244,6 +244,20 @@ def test_readyz_ready_and_not_ready(client, backend):
     assert r.json()["status"] == "not_ready" and err["type"] == "service_unavailable_error"
 
 
+def test_readyz_says_which_deploy_answers(make_client, backend):
+    class Built(FakeBackend):
+        def identity(self):
+            return {"run_id": "abc123", "built_at": 1.5, "plan_id": "p1"}
+
+    b = Built(backend.cards())
+    c = make_client(b)
+    r = c.get("/readyz")
+    assert r.status_code == 200 and r.json()["app"] == {"run_id": "abc123", "built_at": 1.5, "plan_id": "p1"}
+    b.ready = (False, {})
+    r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["app"]["run_id"] == "abc123"
+
+
 def test_readyz_async_and_failing(make_client, backend):
     class AsyncReady(FakeBackend):
         async def readiness(self):

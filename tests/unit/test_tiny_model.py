@@ -120,12 +120,17 @@ def test_chat_generation_returns_text(model, tokenizer):
 
 def _bnb_generate(quant_config):
     pytest.importorskip("bitsandbytes")
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)  # int8 warns every forward
-    tok = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
-    m = transformers.AutoModelForCausalLM.from_pretrained(
-        MODEL_DIR, quantization_config=quant_config, device_map={"": "cpu"})
-    enc = tok(CODE_PROMPT, return_tensors="pt")
-    out = m.generate(**enc, max_new_tokens=16, do_sample=False)
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)  # int8 warns every forward; restored after, other tests read this logger
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+        m = transformers.AutoModelForCausalLM.from_pretrained(
+            MODEL_DIR, quantization_config=quant_config, device_map={"": "cpu"})
+        enc = tok(CODE_PROMPT, return_tensors="pt")
+        out = m.generate(**enc, max_new_tokens=16, do_sample=False)
+    finally:
+        bnb_log.setLevel(level)
     return m, tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
