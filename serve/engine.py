@@ -167,6 +167,13 @@ class GenerationEngine:
         self._validate(prompt_ids, params)
         return self._stream(prompt_ids, params)
 
+    name = "transformers"
+
+    def report(self) -> dict:
+        """What this engine was given (the interface of serve/engines/base.py)."""
+        return {"engine": "transformers", "given": {"max_num_seqs": self.max_num_seqs,
+                                                    "max_model_len": self.max_model_len}}
+
     def stats(self) -> dict:
         now = time.monotonic()
         with self._cv:

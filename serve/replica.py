@@ -1,5 +1,7 @@
 """One model replica: measure the GPU it was given, decide where to load (planner.decisions.decide_load), cap itself
-at its planned share, load with transformers + bitsandbytes, and serve batched, streamed generation."""
+at its planned share, load with transformers + bitsandbytes, and serve batched, streamed generation. A replica of
+``engine: vllm`` runs vLLM's AsyncLLM instead (serve/engines/vllm.py), in vLLM's own venv, with the memory settings
+the plan gave it."""
 
 from __future__ import annotations
 
@@ -56,6 +58,13 @@ class ModelReplica:
             log.warning("gpuplan replica %s of %s: Ray put it on node %s (GPU %s); the plan put it on node %s",
                         info["replica_id"], self.name, info["node_label"], info["gpu_ids"], cfg["node"])
         faults = cfg.get("faults") or {}
+        if cfg.get("engine") == "vllm":
+            self._start_vllm(faults, info or {})
+            self.load_s = round(time.time() - t0, 2)
+            self.started = time.time()
+            self._metrics()
+            self._report()
+            return
         cuda, idx, total, free, why = _cuda_state(faults.get("cuda"))
         try:
             self.decision = decide_load(
@@ -99,6 +108,35 @@ class ModelReplica:
         self.started = time.time()
         self._metrics()
         self._report()
+
+    def _start_vllm(self, faults: dict, info: dict) -> None:
+        """vLLM's AsyncLLM with the settings the plan gave this replica (planner.engines.vllm_settings). On a GPU
+        whose free memory is below the replica's share vLLM would refuse to start: say so with the numbers."""
+        from .engines.vllm import VllmEngine
+
+        settings = self.cfg["vllm"]
+        cuda, idx, total, free, why = _cuda_state(faults.get("cuda"))
+        if cuda and total and free is not None:
+            need = int(settings["gpu_memory_utilization"] * total)
+            if free < need:
+                msg = (f"the GPU has {free / 2**30:.2f} GiB free, below the {need / 2**30:.2f} GiB "
+                       f"(gpu_memory_utilization {settings['gpu_memory_utilization']}) this vLLM replica was planned")
+                self._report_failure("gpu", "gpu_memory", msg, gave_up=True)
+                self._give_up("gpu", "gpu_memory", msg)
+        gpus = info.get("gpu_ids") or [str(g) for g in ray.get_gpu_ids()]
+        node = info.get("node_id") or ray.get_runtime_context().get_node_id()
+        key = f"{node[:16]}-gpu{gpus[0]}" if gpus else f"{node[:16]}-cpu"
+        try:
+            self.engine = VllmEngine(self.cfg["source"], settings, gpu_key=key)
+        except Exception as exc:
+            kind = classify_load_failure(type(exc).__name__, str(exc))
+            msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self._report_failure("gpu" if cuda else "cpu", kind, msg, gave_up=True)
+            self._give_up("gpu" if cuda else "cpu", kind, msg)
+        rep = self.engine.report()["reported"]
+        log.info("gpuplan replica %s: vLLM started in %.1f s (waited %.1f s for the GPU's start lock): KV cache %s "
+                 "tokens (planned %s)", self.name, rep["start_s"], self.engine.lock_wait_s, rep["kv_cache_tokens"],
+                 settings["kv_cache_tokens"])
 
     def _load(self, idx: int | None, faults: dict) -> None:
         """Load the model as ``self.decision`` says (GPU, GPU + CPU offload, or CPU)."""
@@ -210,6 +248,9 @@ class ModelReplica:
             "load_seconds": self.load_s,
             "pid": os.getpid(),
             "stats": self.engine.stats() if self.engine else {},
+            "engine": getattr(self.engine, "name", self.cfg.get("engine", "transformers")),
+            "engine_report": self.engine.report() if self.engine is not None and hasattr(self.engine, "report")
+            else None,
         }
 
     def _report(self, loading: bool = False) -> dict | None:

@@ -88,7 +88,9 @@ def preflight(config: str) -> int:
             cluster = Cluster(nodes=(Node(name="local", cpu_memory_bytes=ram, gpus=probe.gpus),), source="probed")
         else:
             cluster = cluster_from_decl(args.cluster)
-        make_plan(args, cluster)
+        from serve.engines import available
+
+        make_plan(args, cluster, available())
     except GpuplanError as exc:
         print(f"gpuplan: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -35,8 +35,10 @@ def port_free(port: int) -> bool:
 
 
 def ray_daemons() -> list[int]:
-    out = subprocess.run(["pgrep", "-x", "gcs_server|raylet"], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
+    """Live (not zombie) gcs_server and raylet processes."""
+    from serve.lifecycle import ray_daemons as daemons
+
+    return [pid for pid, _ in daemons()]
 
 
 def marked(run_id: str) -> list[int]:

@@ -31,8 +31,8 @@ CPU_NODE = {"nodes": [{"name": "cpu-faults", "cpu_memory": "6GiB"}]}
 
 
 def model(name: str, n: int, **kw) -> dict:
-    m = {"name": name, "source": TINY, "quantization": "bf16", "max_model_len": 256, "max_num_seqs": 4,
-         "replicas": {"min": n, "max": n}, "max_queued_requests": -1, "stream_interval_s": 0}
+    m = {"name": name, "source": TINY, "quantization": "bf16", "engine": "transformers", "max_model_len": 256,
+         "max_num_seqs": 4, "replicas": {"min": n, "max": n}, "max_queued_requests": -1, "stream_interval_s": 0}
     m.update(kw)
     return m
 

@@ -18,7 +18,8 @@ TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.absp
 ARGS = {
     "cluster": {"nodes": [{"name": "cpu-only", "cpu_memory": "6GiB", "gpus": []}]},
     "models": [{
-        "name": "auto", "source": TINY, "quantization": "bf16", "max_model_len": 256, "max_num_seqs": 1,
+        "name": "auto", "source": TINY, "quantization": "bf16", "engine": "transformers", "max_model_len": 256,
+        "max_num_seqs": 1,
         "replicas": {"min": 1, "max": 3}, "max_ongoing_requests": 1, "max_queued_requests": -1,
         "autoscaling": {"target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 2,
                         "look_back_period_s": 2, "metrics_interval_s": 0.5},
@@ -85,7 +86,8 @@ def test_full_queue_is_shed_with_429_in_openai_shape(ray_cluster):
     from serve.app import build_app
 
     args = {"cluster": ARGS["cluster"], "models": [{
-        "name": "shed", "source": TINY, "quantization": "bf16", "max_model_len": 256, "max_num_seqs": 1,
+        "name": "shed", "source": TINY, "quantization": "bf16", "engine": "transformers", "max_model_len": 256,
+        "max_num_seqs": 1,
         "replicas": {"min": 1, "max": 1}, "max_ongoing_requests": 1, "max_queued_requests": 1}]}
     serve.run(build_app(args), name="shed", route_prefix="/shed", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/shed"

@@ -1,0 +1,200 @@
+"""Servers side by side, one after another, same model, same requests, same load: the plain vLLM OpenAI server,
+Ray Serve LLM (the same vLLM behind Ray Serve), gpuplan with the vLLM engine, gpuplan with the transformers engine.
+
+    .venv/bin/python benchmarks/compare_servers.py                                   # all three, 1 / 8 / 16 clients
+    .venv/bin/python benchmarks/compare_servers.py --servers gpuplan-vllm vllm --clients 1 8 --requests 100
+
+Each server is started alone on the machine (nothing else of ours runs), warmed up with a few requests, loaded
+with the levels of benchmarks/serve_load.py (N clients share ``--requests`` streamed chat completions, request i
+with seed SEED+i at every level), and stopped before the next one starts. The model is the shipped tiny model in
+bf16, ``max_model_len`` 256, ``max_num_seqs`` 16 everywhere; plain vLLM gets the same KV cache bytes and block size
+the plan gives gpuplan's vLLM replica. Prints one table: tokens/s, the ratio to plain vLLM at the same level,
+latency and time-to-first-token p50/p95, and requests lost (there should be none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import serve_load  # noqa: E402
+
+MODEL = str(ROOT / "models" / "tiny-chat")
+SERVED = "tiny"
+MAX_MODEL_LEN, MAX_NUM_SEQS = 256, 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def planned_vllm(device: str = "cpu") -> dict:
+    """The settings gpuplan's plan gives a vLLM replica of the model (so plain vLLM gets the same)."""
+    from planner.engines import vllm_settings
+    from planner.memory import estimate_replica
+    from planner.spec import load_spec
+
+    est = estimate_replica(load_spec(MODEL), quant="bf16", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,
+                           device=device, engine="vllm")
+    kv = est.detail["kv_cache"]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return vllm_settings(planned_bytes=est.total, device_total_bytes=ram, kv_cache_bytes=est.kv_cache,
+                         kv_tokens=kv["tokens"], block_size=kv["block_size"], max_model_len=MAX_MODEL_LEN,
+                         max_num_seqs=MAX_NUM_SEQS, prefill_tokens=est.prefill_tokens, dtype="bf16",
+                         quantization=None).to_json()
+
+
+def gpuplan_config(engine: str, port: int, path: Path) -> None:
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app", "args": {
+               "cluster": "auto", "models": [{
+                   "name": SERVED, "source": MODEL, "quantization": "bf16", "engine": engine,
+                   "max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS,
+                   "replicas": {"min": 1, "max": 1}, "max_ongoing_requests": 64, "max_queued_requests": -1}]}}]}
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def start(kind: str, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    out = open(log, "w")
+    py = os.environ.get("GPUPLAN_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+    s = planned_vllm()
+    if kind == "rayserve-llm":
+        cmd = [py, str(ROOT / "benchmarks" / "rayserve_llm_server.py"), "--model", MODEL, "--served-model-name",
+               SERVED, "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs",
+               str(MAX_NUM_SEQS), "--max-num-batched-tokens", str(s["max_num_batched_tokens"]),
+               "--kv-cache-memory-bytes", str(s["kv_cache_memory_bytes"]), "--block-size", str(s["block_size"])]
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), \
+            "/v1/models"
+    if kind == "vllm":
+        cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", MODEL, "--served-model-name", SERVED,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len",
+               str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS), "--max-num-batched-tokens",
+               str(s["max_num_batched_tokens"]), "--kv-cache-memory-bytes", str(s["kv_cache_memory_bytes"]),
+               "--block-size", str(s["block_size"]), "--enforce-eager", "--disable-log-stats"]
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), "/health"
+    cfg = log.with_suffix(".yaml")
+    gpuplan_config(kind.split("-", 1)[1], port, cfg)
+    cmd = [sys.executable, "-m", "serve.run", str(cfg)]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), "/readyz"
+
+
+def stop(proc: subprocess.Popen, kind: str) -> None:
+    if proc.poll() is None:
+        if kind in ("vllm", "rayserve-llm"):
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    from serve.lifecycle import ray_daemons
+
+    deadline = time.time() + 60  # the next server must find no Ray of this one
+    while ray_daemons() and time.time() < deadline:
+        time.sleep(1)
+    if ray_daemons() and kind == "rayserve-llm":
+        subprocess.run([str(ROOT / ".venv" / "bin" / "ray"), "stop", "--force"], capture_output=True)
+    time.sleep(3)
+
+
+def wait_ready(url: str, probe: str, proc: subprocess.Popen, timeout_s: float) -> float | None:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s and proc.poll() is None:
+        try:
+            if httpx.get(url + probe, timeout=3).status_code == 200:
+                return time.time() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return None
+
+
+def run(kind: str, a) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.gettempdir()) / f"compare_{kind}.log"
+    proc, probe = start(kind, port, log)
+    try:
+        ready = wait_ready(url, probe, proc, a.ready_timeout)
+        if ready is None:
+            return {"server": kind, "error": f"not ready; see {log}"}
+        ns = argparse.Namespace(url=url, model=SERVED, requests=a.requests, max_tokens=a.max_tokens,
+                                prompt=a.prompt, temperature=a.temperature, seed=a.seed, timeout=300.0)
+        warm = argparse.Namespace(**{**vars(ns), "requests": a.warmup})
+        asyncio.run(serve_load.run_level(warm, 1))
+        levels = [asyncio.run(serve_load.run_level(ns, c)) for c in a.clients]
+        return {"server": kind, "ready_s": round(ready, 1), "levels": levels}
+    finally:
+        stop(proc, kind)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--servers", nargs="+", default=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"],
+                    choices=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt", default="Tell me a short story about a robot who learns to paint.")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    runs = [run(k, a) for k in a.servers]
+    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
+    print(f"model: {MODEL} bf16, max_model_len {MAX_MODEL_LEN}, max_num_seqs {MAX_NUM_SEQS}; {a.requests} streamed "
+          f"chats per level, max_tokens {a.max_tokens}\n")
+    base = {lv.clients: lv for r in runs if r["server"] == "vllm" and "levels" in r for lv in r["levels"]}
+    print("| server | clients | ok | lost | tok/s | vs plain vLLM | latency p50 / p95 ms | TTFT p50 / p95 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    out, bad = [], 0
+    for r in runs:
+        if "error" in r:
+            print(f"| {r['server']} | - | - | - | - | - | {r['error']} | - |")
+            bad += 1
+            continue
+        for lv in r["levels"]:
+            ok = lv.of("ok")
+            lat = [x.latency_s for x in ok if x.latency_s is not None]
+            ttft = [x.ttft_s for x in ok if x.ttft_s is not None]
+            b = base.get(lv.clients)
+            ratio = f"{lv.tokens_per_s / b.tokens_per_s:.2f}x" if b is not None and b.tokens_per_s else "-"
+            lost = len(lv.of("lost")) + len(lv.of("error"))
+            bad += lost
+            print(f"| {r['server']} | {lv.clients} | {len(ok)} | {lost} | {lv.tokens_per_s:.0f} | {ratio} | "
+                  f"{serve_load.ms(serve_load.pct(lat, 50))} / {serve_load.ms(serve_load.pct(lat, 95))} | "
+                  f"{serve_load.ms(serve_load.pct(ttft, 50))} / {serve_load.ms(serve_load.pct(ttft, 95))} |")
+            out.append({"server": r["server"], "clients": lv.clients, "ok": len(ok), "lost": lost,
+                        "tokens_per_s": lv.tokens_per_s, "latency_p50_s": serve_load.pct(lat, 50),
+                        "ttft_p50_s": serve_load.pct(ttft, 50)})
+    print("\nready after start (s): " + ", ".join(f"{r['server']} {r.get('ready_s', '-')}" for r in runs))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""benchmarks/compare_servers.py runs (one level, a few requests), so it does not rot: plain vLLM and gpuplan with
+the vLLM engine answer every request. Its real numbers are in the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_compare_servers_runs_and_loses_nothing(tmp_path):
+    from serve.engines import vllm_python
+    from serve.lifecycle import ray_daemons
+
+    if vllm_python() is None:
+        pytest.fail("vLLM is not installed for the replicas: `make vllm` (make test does it)")
+    if ray_daemons():
+        pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
+    out = tmp_path / "compare.json"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_servers.py"), "--servers", "vllm",
+                        "gpuplan-vllm", "--clients", "2", "--requests", "4", "--warmup", "1", "--max-tokens", "8",
+                        "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["server"] for r in rows] == ["vllm", "gpuplan-vllm"]
+    assert all(r["ok"] == 4 and r["lost"] == 0 and r["tokens_per_s"] > 0 for r in rows), rows
+    assert "| gpuplan-vllm | 2 |" in p.stdout and "vs plain vLLM" in p.stdout
