@@ -169,6 +169,11 @@ class GenerationEngine:
 
     name = "transformers"
 
+    def check_health(self) -> None:
+        """Raise when the worker thread is gone (the replica's health check)."""
+        if not self._thread.is_alive() and not self._stop:
+            raise RuntimeError("the generation thread has stopped")
+
     def report(self) -> dict:
         """What this engine was given (the interface of serve/engines/base.py)."""
         return {"engine": "transformers", "given": {"max_num_seqs": self.max_num_seqs,

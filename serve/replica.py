@@ -282,6 +282,9 @@ class ModelReplica:
             yield chunk
 
     def check_health(self) -> None:
+        check = getattr(self.engine, "check_health", None)
+        if check is not None:
+            check()  # a dead engine fails the check: Serve replaces the replica
         s = self.engine.stats()
         self._m_waiting.set(s.get("waiting", 0))
         self._m_tps.set(s.get("tokens_per_s", 0.0))

@@ -21,6 +21,9 @@ class Engine(Protocol):
     def stats(self) -> dict:
         """Counters for /plan and the metrics: at least ``waiting``, ``running``, ``tokens_per_s``."""
 
+    def check_health(self) -> None:
+        """Raise when the engine can no longer serve (the replica's health check: Serve replaces it)."""
+
     def report(self) -> dict:
         """What the engine was given and what it reports of itself (for /plan next to the plan's numbers)."""
 

@@ -120,6 +120,11 @@ class VllmEngine:
                 "errors": self.errors, "generated_tokens": self.generated_tokens,
                 "tokens_per_s": round(sum(k for _, k in self._tps) / span, 1)}
 
+    def check_health(self) -> None:
+        """Raise when vLLM's engine core is dead (Serve's health check then replaces the replica)."""
+        if self.llm.errored or not self.llm.is_running:
+            raise RuntimeError(f"vLLM's engine is dead: {self.llm.dead_error}")
+
     def report(self) -> dict:
         return {"engine": "vllm", "given": self.settings, "reported": self.reported,
                 "start": {"lock_wait_s": self.lock_wait_s, "started_at": self.started_at,
