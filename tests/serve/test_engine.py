@@ -451,3 +451,17 @@ def test_coalesce_with_a_fake_clock():
 
 async def _all(agen):
     return [c async for c in agen]
+
+
+def test_health_check_fails_only_when_the_worker_died(make_engine):
+    from serve.engines.base import Engine
+
+    eng = make_engine()
+    assert isinstance(eng, Engine) and eng.name == "transformers"
+    eng.check_health()  # running
+    assert eng.report()["given"] == {"max_num_seqs": 8, "max_model_len": 256}
+    eng.shutdown(timeout=10)
+    eng.check_health()  # stopped on purpose: not a failure
+    eng._stop = False  # a worker that is gone without being told to stop
+    with pytest.raises(RuntimeError, match="generation thread has stopped"):
+        eng.check_health()
