@@ -1894,6 +1894,12 @@ def _infeasible_error(P: _Problem, fit_ranks: dict, active: list[int], suggest, 
 
     # biggest consumers first
     by_need = sorted(active, key=lambda m: -int(P.opt_arrays(m, choice[m])[0]) * int(P.min_rep[m]))[:10]
+    # 0. a node that mixes GPU sizes is planned against its smallest GPU: say so, with the models it shuts out
+    if P.mode == "gpu":
+        for text, detail in mixed_node_notes(P, [(demands[m].name, int(P.opt_arrays(m, choice[m])[0]))
+                                                  for m in by_need]):
+            fixes.append(text)
+            fix_details.append(detail)
     # 1. add GPUs like an existing one
     if P.mode == "gpu":
         add = _try_add_gpus(P, ok, max(0, total_need - total_cap), fb)
@@ -1955,6 +1961,32 @@ def _infeasible_error(P: _Problem, fit_ranks: dict, active: list[int], suggest, 
         "timed_out": budget.timed_out,
     }
     return InfeasiblePlanError(msg, details=details)
+
+
+def mixed_node_notes(P: _Problem, sizes: list[tuple[str, int]]) -> list[tuple[str, dict]]:
+    """For each node whose GPUs differ in size: Ray picks the GPU inside a node, so every replica there is planned
+    against the node's smallest basis. The text names the GPU types, the basis, the models (name, replica bytes)
+    that need more than it but would fit one of the node's larger GPUs, and the fix."""
+    out = []
+    nodes: dict[str, list[int]] = {}
+    for b, g in enumerate(P.gpus):
+        nodes.setdefault(g.node, []).append(b)
+    for node, bins in nodes.items():
+        caps = {P.types[b]: int(P.cap[b]) for b in bins}
+        basis = int(min(P.denom[b] for b in bins))
+        if len(set(int(P.cap[b]) for b in bins)) < 2:
+            continue
+        shut_out = [(n, sz) for n, sz in sizes if basis < sz <= max(caps.values())]
+        kinds = " and ".join(f"{t} ({format_bytes(c)} usable)" for t, c in sorted(caps.items(), key=lambda x: x[1]))
+        text = (f"node {node} mixes {kinds}; Ray cannot tell its GPUs apart, so every replica there is planned "
+                f"against {format_bytes(basis)}")
+        if shut_out:
+            text += "; " + ", ".join(f"{n} needs {format_bytes(sz)}" for n, sz in shut_out)
+        text += (". Fix: run each GPU type as its own Ray node (one pod per GPU type on KubeRay), so the larger "
+                 "GPUs are planned at their own size")
+        out.append((text, {"kind": "split_mixed_node", "node": node, "basis_bytes": basis,
+                           "usable_by_type": caps, "models": [n for n, _ in shut_out]}))
+    return out
 
 
 def _fallback_fix(P: _Problem, need: int, cap: int) -> str:

@@ -98,6 +98,24 @@ def test_infeasible_exits_3_with_fix(tmp_path):
     assert "Traceback" not in err
 
 
+def test_infeasible_plan_names_a_node_that_mixes_gpu_sizes(tmp_path):
+    """One node holds a T4 and two A100-80GB: Ray picks the GPU inside a node, so the node is planned against the
+    T4; the message says so instead of asking for GPUs the user already has on that node."""
+    cluster = {"nodes": [
+        {"name": "n0", "cpu_memory": "64GiB", "gpus": [{"name": "A100-80GB", "count": 1}]},
+        {"name": "n2", "cpu_memory": "64GiB", "gpus": [{"name": "T4", "count": 1}, {"name": "A100-80GB", "count": 2}]},
+    ]}
+    m2 = dict(MODEL, name="m2", source="Qwen/Qwen2.5-32B-Instruct", quantization="bf16",
+              replicas={"min": 2, "max": 2})
+    rc, out, err = run("plan", write(tmp_path, {"cluster": cluster, "models": [m2]}))
+    assert rc == 3 and "Traceback" not in err
+    assert "node n2 mixes T4 (13.0 GiB usable) and A100-80GB (71.5 GiB usable)" in err
+    assert "planned against 13.0 GiB" in err and "m2 needs" in err
+    assert "run each GPU type as its own Ray node" in err
+    rc, out, err = run("plan", write(tmp_path, {"cluster": cluster, "models": [m2]}), "--json")
+    assert rc == 3
+
+
 def test_fit_gpus(tmp_path):
     path = write(tmp_path, {"models": [MODEL]})
     rc, out, err = run("plan", path, "--fit-gpus", "L4,A10G,A100-80GB", "--json")
