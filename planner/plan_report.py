@@ -90,6 +90,27 @@ def _rows(plan: Plan, max_rows: int) -> list[tuple[str, GpuPlan, int]]:
     return rows
 
 
+def mixed_node_lines(plan: Plan) -> list[str]:
+    """A line per node whose GPUs differ in usable size: Ray picks the GPU inside a node, so every replica there is
+    planned against the node's smallest GPU (``ray_basis_bytes``)."""
+    by_node: dict[str, list[GpuPlan]] = {}
+    for g in plan.gpus:
+        by_node.setdefault(g.node, []).append(g)
+    out = []
+    for node, gs in by_node.items():
+        if len({g.usable_bytes for g in gs}) < 2:
+            continue
+        sizes = {}
+        for g in sorted(gs, key=lambda g: g.usable_bytes):
+            sizes.setdefault(g.gpu_type or g.name, g.usable_bytes)
+        basis = min(g.ray_basis_bytes or g.usable_bytes for g in gs)
+        kinds = ", ".join(f"{t} {format_bytes(b)}" for t, b in sizes.items())
+        out.append(f"node {node} mixes GPU sizes ({kinds} usable): Ray picks the GPU inside a node, so every replica "
+                   f"there is planned against {format_bytes(basis)}; run each GPU type as its own Ray node to plan "
+                   "the larger ones at their size")
+    return out
+
+
 def render_text(plan: Plan, *, width: int = 100, max_rows: int = 40) -> str:
     """The plan as text for a terminal (rich markup rendered, then exported as plain text)."""
     from rich.console import Console
@@ -145,6 +166,8 @@ def render_text(plan: Plan, *, width: int = 100, max_rows: int = 40) -> str:
             legend.append(f"={m.name}  ")
         legend.append(". free  : kept back", style="dim")
         console.print(legend)
+        for ln in mixed_node_lines(plan):
+            console.print(Text("  note: " + ln, style="dim"), overflow="fold")
 
     console.print()
     t = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")

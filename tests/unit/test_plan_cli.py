@@ -114,6 +114,12 @@ def test_infeasible_plan_names_a_node_that_mixes_gpu_sizes(tmp_path):
     assert "run each GPU type as its own Ray node" in err
     rc, out, err = run("plan", write(tmp_path, {"cluster": cluster, "models": [m2]}), "--json")
     assert rc == 3
+    small = dict(MODEL, name="m1", quantization="int4", replicas={"min": 1, "max": 2})
+    rc, out, err = run("plan", write(tmp_path, {"cluster": cluster, "models": [small]}))
+    assert rc == 0 and "node n2 mixes GPU sizes (T4 13.0 GiB, A100-80GB 71.5 GiB usable)" in " ".join(out.split())
+    rc, out, err = run("plan", write(tmp_path, {"cluster": cluster, "models": [small]}), "--json")
+    basis = {g["id"]: g["ray_basis_bytes"] for g in json.loads(out)["gpus"]}
+    assert basis["n2/gpu-1"] == basis["n2/gpu-0"] < basis["n0/gpu-0"]  # the JSON shows each GPU's basis
 
 
 def test_fit_gpus(tmp_path):
