@@ -729,15 +729,37 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
         why = _goal(r, want, now, goal, up, down, sum(baseline[d.name] for d in rollout.of_model(r.name)))
         scales[r.name] = [load, want, why]
 
-    def asked(model: str) -> int:
-        return sum(max(baseline[d.name], alloc[d.name]) for d in rollout.of_model(model))
+    # replicas asked for per model (sum over its deployments of max(baseline, alloc)) and the models still below
+    # their minimum, kept up to date by bump() instead of recounted at every gate (a 500-GPU plan asks millions)
+    asked_n: dict[str, int] = {}
+    short: set[str] = set()
+    model_of = {d.name: d.model for d in rollout.deployments}
+    min_of = {r.name: r.min_replicas for r in models}
+
+    def recount() -> None:
+        asked_n.clear()
+        for d in rollout.deployments:
+            asked_n[d.model] = asked_n.get(d.model, 0) + max(baseline[d.name], alloc[d.name])
+        short.clear()
+        short.update(r.name for r in models if asked_n.get(r.name, 0) < r.min_replicas)
+
+    def bump(name: str, k: int) -> None:
+        before = max(baseline[name], alloc[name])
+        alloc[name] += k
+        delta = max(baseline[name], alloc[name]) - before
+        if delta:
+            m = model_of[name]
+            asked_n[m] = asked_n.get(m, 0) + delta
+            if asked_n[m] < min_of.get(m, 0):
+                short.add(m)
+            else:
+                short.discard(m)
 
     def remaining(node: str) -> tuple[Counter, Counter]:
         """The node's planned replicas not asked for yet: (minimum slots of models still below their minimum, the
         rest)."""
         first: Counter = Counter()
         then: Counter = Counter()
-        short = {r.name for r in models if asked(r.name) < r.min_replicas}
         for d in rollout.on_node(node):
             if d.kind != "cpu":
                 a = max(baseline[d.name], alloc[d.name])
@@ -749,13 +771,13 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
     def gate(d: DeploymentSpec, complete: bool) -> bool:
         st = nodes[d.node]
         arriving = st.unknown + st.new + Counter({d.units: 1})
-        alloc[d.name] += 1  # the step counts as asked for in `remaining`
+        bump(d.name, 1)  # the step counts as asked for in `remaining`
         try:
             first, then = remaining(d.node)
             if node_gate(st.rooms, arriving, first, st.ghosts, later=then, complete=complete, pool=work):
                 return True
         finally:
-            alloc[d.name] -= 1
+            bump(d.name, -1)
         if not complete or any(st.unknown.values()) or any(st.new.values()) or st.ghosts:
             return False
         first, then = remaining(d.node)
@@ -794,7 +816,7 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
                   and max(baseline[x.name], alloc[x.name]) < x.planned), None)
         if e is None:
             return "none"
-        alloc[e.name] += 1
+        bump(e.name, 1)
         st.new[e.units] += 1
         n, _ = scaffold.get(e.name, (0, None))
         scaffold[e.name] = (n + 1, None)
@@ -830,7 +852,7 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
                         waits.append(f"{r.name}: starting a minimum replica on {d.node} although the node's other "
                                      "planned replicas may then not all fit")
                 st.new[d.units] += 1
-            alloc[name] += 1
+            bump(name, 1)
             count += 1
 
     # replicas started out of turn stay until their node's minimums run, then for their model's downscale delay
@@ -845,6 +867,7 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
         alloc[name] = min(max(alloc[name], n), d.planned)
         if d.node in nodes and alloc[name] > baseline[name]:
             nodes[d.node].new[d.units] += alloc[name] - baseline[name]  # asked for, not yet handed to Serve
+    recount()
     for r in models:  # every model's minimum, keeping every node completable
         take(r, min(goal[r.name], r.min_replicas), True)
     for r in models:  # a minimum that cannot be had that way, on a settled node, starts where it lands
