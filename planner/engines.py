@@ -109,7 +109,8 @@ def vllm_settings(*, planned_bytes: int, device_total_bytes: int, kv_cache_bytes
     util = planned_bytes / device_total_bytes
     if util > 1:
         raise InputError(f"a vLLM replica planned at {planned_bytes} bytes cannot fit a device of "
-                         f"{device_total_bytes} bytes")
+                         f"{device_total_bytes} bytes (gpu_memory_utilization would be {util:.2f}); lower its "
+                         "max_model_len or max_num_seqs, or use a smaller quantization")
     return VllmSettings(
         gpu_memory_utilization=round(max(util, 0.01), 4), kv_cache_memory_bytes=int(kv_cache_bytes),
         kv_cache_tokens=int(kv_tokens), max_model_len=max_model_len, max_num_seqs=max_num_seqs,

@@ -164,11 +164,12 @@ def decide_start(runs: list[RunSeen], other_ray: list[tuple[int, str]], ray_addr
         msgs.append(f"gpuplan: a Ray cluster that `make run` did not start is running on this machine ({pids}); "
                     "`serve run` deploys onto it, and it is left running on exit (only Serve is shut down). For a "
                     "fresh local cluster, stop it first (`ray stop`).")
+    # the orphans are stopped first, so only a cluster of no run keeps the file alive
     remove = stale_file is not None and not other_ray and not ray_address
     if remove:
-        msgs.append(f"gpuplan: {STALE_CLUSTER_FILE} names a Ray cluster at {stale_file or '?'} but no Ray process is "
-                    "running (a cluster that was killed); `serve run` would hang trying to reach it. Removing the "
-                    "stale file.")
+        msgs.append(f"gpuplan: {STALE_CLUSTER_FILE} names a Ray cluster at {stale_file or '?'} that no running Ray "
+                    "process will back once the above is done (a cluster that was killed); `serve run` would hang "
+                    "trying to reach it. Removing the stale file.")
     return StartPlan(stop=tuple(stop), forget=tuple(forget), remove_stale_file=remove, messages=tuple(msgs))
 
 
@@ -281,7 +282,7 @@ def survey(directory: str | None = None) -> tuple[list[RunSeen], list[tuple[int,
             owned |= _with_descendants(pids)
     other = [(pid, name) for pid, name in ray_daemons() if pid not in owned]
     stale = None
-    if os.path.exists(STALE_CLUSTER_FILE) and not ray_daemons():
+    if os.path.exists(STALE_CLUSTER_FILE):
         try:
             with open(STALE_CLUSTER_FILE) as f:
                 stale = f.read().strip()

@@ -62,7 +62,7 @@ def start_clean() -> int:
             os.remove(path)
         except OSError:
             pass
-    if plan.remove_stale_file or (plan.stop and os.path.exists(lc.STALE_CLUSTER_FILE) and not lc.ray_daemons()):
+    if plan.remove_stale_file:
         try:
             os.remove(lc.STALE_CLUSTER_FILE)
         except OSError:

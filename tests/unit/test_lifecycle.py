@@ -32,6 +32,8 @@ def test_an_orphan_is_stopped_and_named():
     p = decide_start([seen(alive=(31, 30, 32))], [], None, None, NOW)
     assert p.stop == (("r1", (30, 31, 32)),) and p.forget == ("/state/run-r1.json",)
     assert "pids 30, 31, 32" in p.messages[0] and "wrapper pid 4242" in p.messages[0]
+    # the orphan's cluster file goes with it: nothing else backs it once the orphan is stopped
+    assert decide_start([seen(alive=(30,))], [], None, "127.0.0.1:6379", NOW).remove_stale_file
 
 
 def test_a_run_still_stopping_is_waited_for():
