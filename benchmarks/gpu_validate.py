@@ -48,7 +48,53 @@ def _nvml_process_used(index: int) -> int | None:
         return None
 
 
-def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_seqs: int, workdir: str) -> dict:
+class _IdsOnlyTokenizer:
+    """The engine needs a pad/eos id and a decode for its text deltas; random-weight checkpoints ship no tokenizer,
+    and this benchmark reads token ids only."""
+
+    pad_token_id = None
+    eos_token_id = None
+
+    @staticmethod
+    def decode(ids, **_kw) -> str:
+        return ""
+
+
+def _drive_engine(model, vocab: int, max_model_len: int, max_num_seqs: int) -> dict:
+    """What a replica does at its planned limits: max_num_seqs requests of max_model_len - 16 prompt tokens and 16
+    new tokens each, sent together, through serve.engine.GenerationEngine (prefill passes of at most
+    max_num_batched_tokens = max_model_len, caches merged into one running batch, batched decode)."""
+    import asyncio
+    import random
+
+    from serve.engine import GenerationEngine
+    from serve.types import SamplingParams
+
+    eng = GenerationEngine(model, _IdsOnlyTokenizer(), max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    rng = random.Random(0)
+    # ids below the specials; greedy. A random model may still emit an EOS id early; the row records the tokens made.
+    prompts = [[rng.randrange(10, max(11, vocab // 2)) for _ in range(max_model_len - 16)] for _ in range(max_num_seqs)]
+
+    async def one(p):
+        n = 0
+        async for c in eng.generate(p, SamplingParams(max_tokens=16, temperature=0.0)):
+            n = c.completion_tokens
+        return n
+
+    async def all_():
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        made = asyncio.run(all_())
+        st = eng.stats()
+    finally:
+        eng.shutdown(timeout=30)
+    return {"completion_tokens": int(sum(made)), "prefill_passes": st.get("prefill_passes"),
+            "max_running_seen": st.get("max_running_seen")}
+
+
+def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_seqs: int, workdir: str,
+             workload: str = "engine") -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -83,37 +129,51 @@ def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_
     load_s = time.perf_counter() - t0
     weights = resident_bytes(model, device=device)["total"]
     vocab = model.config.vocab_size
-    with torch.inference_mode():
-        ids = torch.randint(0, vocab, (1, max_model_len - 16), device=device)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        del out
-        batch = torch.randint(0, vocab, (max_num_seqs, max_model_len - 16), device=device)
-        gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=16,
-                             min_new_tokens=16, do_sample=False)
-        del gen
+    t0 = time.perf_counter()
+    if workload == "engine":
+        served = _drive_engine(model, vocab, max_model_len, max_num_seqs)
+    else:
+        with torch.inference_mode():
+            batch = torch.randint(0, vocab, (max_num_seqs, max_model_len - 16), device=device)
+            gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=16,
+                                 min_new_tokens=16, do_sample=False)
+            served = {"completion_tokens": int(gen.shape[0] * (gen.shape[1] - batch.shape[1]))}
+            del gen
     row = {"model": spec.name, "scheme": scheme, "device": device, "max_model_len": max_model_len,
-           "max_num_seqs": max_num_seqs, "load_s": round(load_s, 1), "est": est.to_json()["bytes"],
-           "measured_weights": weights}
+           "max_num_seqs": max_num_seqs, "workload": workload, "load_s": round(load_s, 1),
+           "run_s": round(time.perf_counter() - t0, 1), "est": est.to_json()["bytes"],
+           "est_detail": est.to_json().get("detail", {}), "measured_weights": weights, **served}
     if device == "cuda":
         torch.cuda.synchronize()
         row["max_allocated"] = torch.cuda.max_memory_allocated()
         row["max_reserved"] = torch.cuda.max_memory_reserved()
         row["nvml_process_used"] = _nvml_process_used(0)
+        free, total = torch.cuda.mem_get_info(0)
+        row["device_used"] = total - free  # the whole device: this process + the driver's own reservation
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | scheme | weights est / measured | est weights+kv+act | max_allocated | max_reserved | est total | NVML process used | total error vs NVML |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    """One row per case, MiB unless marked. peak - w - kv: torch's allocation peak less the planned weights and KV
+    cache (what the activation term has to cover, cuBLAS workspaces included); non-torch: NVML's used memory of the
+    process less torch's reserved peak (CUDA context, library kernels and handles)."""
+    M = 2**20
+    lines = ["| model | scheme | weights est - measured (bytes) | kv est | act est | peak - w - kv | "
+             "frag est | reserved - allocated | context + workspaces est | non-torch | est total | NVML used | error |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         e = r["est"]
-        dyn = (e["weights"] + e["kv_cache"] + e["activations"]) / GiB
-        used = r.get("nvml_process_used")
+        over = (r.get("est_detail") or {}).get("runtime_overhead", {})
+        frag = over.get("allocator_fragmentation", 0)
+        ctx = e["runtime_overhead"] - frag
+        used = r.get("nvml_process_used") or r.get("device_used")
+        alloc, res = r.get("max_allocated", 0), r.get("max_reserved", 0)
         err = f"{100 * (e['total'] - used) / used:+.1f}%" if used else "n/a"
         lines.append(
-            f"| {r['model']} | {r['scheme']} | {e['weights'] / GiB:.3f} / {r['measured_weights'] / GiB:.3f} GiB | "
-            f"{dyn:.2f} | {r.get('max_allocated', 0) / GiB:.2f} | {r.get('max_reserved', 0) / GiB:.2f} | "
-            f"{e['total'] / GiB:.2f} | {used / GiB if used else 0:.2f} | {err} |")
+            f"| {r['model']} | {r['scheme']} | {e['weights'] - r['measured_weights']:+,} | {e['kv_cache'] / M:,.0f} | "
+            f"{e['activations'] / M:,.0f} | {(alloc - e['weights'] - e['kv_cache']) / M:,.0f} | {frag / M:,.0f} | "
+            f"{(res - alloc) / M:,.0f} | {ctx / M:,.0f} | {((used or 0) - res) / M:,.0f} | {e['total'] / M:,.0f} | "
+            f"{(used or 0) / M:,.0f} | {err} |")
     return "\n".join(lines)
 
 
@@ -126,12 +186,17 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="use a random tiny llama (smoke test of this script)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
+    ap.add_argument("--workload", default="engine", choices=["engine", "generate"],
+                    help="engine: serve.engine at max_num_seqs x max_model_len (what a replica does); generate: "
+                         "transformers' generate() prefilling all sequences in one pass")
+    ap.add_argument("--jsonl", default=None, help="append each case's raw row here as it finishes")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
         source, scheme = a.case.split("|")
-        print("ROW " + json.dumps(run_case(source, scheme, a.device, a.max_model_len, a.max_num_seqs, a.workdir)))
+        print("ROW " + json.dumps(run_case(source, scheme, a.device, a.max_model_len, a.max_num_seqs, a.workdir,
+                                           a.workload)))
         return 0
     workdir = tempfile.mkdtemp(prefix="gpuplan-validate-")
     models = a.models
@@ -145,15 +210,18 @@ def main() -> int:
         for s in a.schemes:
             p = subprocess.run([sys.executable, __file__, "--case", f"{m}|{s}", "--device", a.device,
                                 "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
-                                "--workdir", workdir], capture_output=True, text=True)
+                                "--workdir", workdir, "--workload", a.workload], capture_output=True, text=True)
             got = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
             if not got:
                 print(f"{m} {s}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(got[0]))
+            if a.jsonl:
+                with open(a.jsonl, "a") as f:
+                    f.write(got[0] + "\n")
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     header = (f"machine: {platform.platform()}, python {platform.python_version()}, device {a.device}, "
-              f"max_model_len {a.max_model_len}, max_num_seqs {a.max_num_seqs}\n\n")
+              f"max_model_len {a.max_model_len}, max_num_seqs {a.max_num_seqs}, workload {a.workload}\n\n")
     text = header + table(rows) + "\n"
     print("\n" + text)
     if a.out:

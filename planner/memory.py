@@ -14,16 +14,25 @@ from .quant import FLOAT_BYTES, QuantSpec, is_quantized, resolve_quant, stored_c
 from .spec import ModelSpec
 from .units import MiB
 
-# NOTE: CUDA context of one process with PyTorch loaded: ~300 MiB since CUDA 11.7's lazy module loading
-# (pytorch/pytorch#107667, ptrblck: "the currently used ~300MB"), 300-700 MiB reported across GPUs
-# (pytorch/pytorch#28113). We take 512 MiB: the upper half of that range, as Hopper contexts are larger.
-CUDA_CONTEXT_BYTES = 512 * MiB
-# NOTE: cuBLAS/cuBLASLt workspaces and other library handles: PyTorch gives cuBLAS a 32 MiB workspace per handle on
-# Hopper (c10/cuda CUDABlas getChosenWorkspaceSize); we count two handles.
+# NOTE: memory outside torch's allocator of one process with torch and a model on the GPU (CUDA context, lazily
+# loaded kernels, library handles): NVML's used memory of the process less torch's reserved peak, measured 688 MiB
+# in every bf16 and 4-bit case on an H200 (driver 580.159, torch 2.11+cu130; docs/gpu-validation.md). Earlier
+# figures were 300-700 MiB across GPUs (pytorch/pytorch#107667, #28113); a newer GPU or CUDA is at the top of that.
+CUDA_CONTEXT_BYTES = 688 * MiB
+# NOTE: bitsandbytes LLM.int8 loads its cuBLASLt int8 kernels outside torch's allocator: the same measurement gave
+# 750-752 MiB for int8 replicas against 688 MiB for bf16/4-bit ones; we take 64 MiB.
+BNB_INT8_KERNELS_BYTES = 64 * MiB
+# NOTE: cuBLAS/cuBLASLt workspaces, allocated through torch's allocator: the first bf16 matmul took 32 MiB beyond its
+# output on the H200 (c10/cuda CUDABlas getChosenWorkspaceSize on Hopper); we count two handles.
 LIBRARY_WORKSPACE_BYTES = 64 * MiB
-# NOTE: allocator fragmentation on the dynamic terms (KV cache that grows by concatenation in transformers'
-# DynamicCache, activation buffers of varying size): an assumed 5% until benchmarks/gpu_validate.py measures it.
-FRAGMENTATION_FRACTION = 0.05
+# NOTE: torch's caching allocator keeps freed blocks that the next, larger request cannot reuse: transformers'
+# DynamicCache grows every layer's K and V by concatenation at each step, so blocks of ever larger sizes are left
+# behind. Measured (reserved - allocated peak) / (KV cache + activations): 3-27% over 9 cases (1B-8B, bf16, int8,
+# nf4, 4 x 4096 tokens; docs/gpu-validation.md). We take 20%.
+FRAGMENTATION_FRACTION = 0.20
+# NOTE: vLLM preallocates its KV cache as one tensor, so only the activation buffers fragment: an assumed 5%, not
+# measured (no vLLM CUDA build has run on a GPU here yet).
+VLLM_FRAGMENTATION_FRACTION = 0.05
 # NOTE: a CPU replica's baseline: resident set of a Python process with torch 2.13, transformers 5 and
 # bitsandbytes imported, measured 360 MiB on the CI machine (psutil rss); we take 384 MiB.
 CPU_PROCESS_BYTES = 384 * MiB
@@ -132,7 +141,17 @@ def kv_cache_bytes(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, kv
                    "sliding_window_tokens": win_tokens if sliding else None}
 
 
-def activation_bytes(spec: ModelSpec, q: QuantSpec, *, tokens: int, max_num_seqs: int, act_bytes: int) -> tuple[int, dict]:
+def _largest_layer_kv(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
+                      mla_latent: bool) -> int:
+    """K + V of the largest single layer for the whole batch (a full-attention layer unless all slide)."""
+    _, det = kv_cache_bytes(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_bytes,
+                            mla_latent=mla_latent)
+    tokens = max_model_len if det["full_layers"] else det["sliding_window_tokens"]
+    return det["per_token_per_layer"] * max_num_seqs * tokens
+
+
+def activation_bytes(spec: ModelSpec, q: QuantSpec, *, tokens: int, max_num_seqs: int, act_bytes: int,
+                     compute_dtype: str = "bf16") -> tuple[int, dict]:
     """Peak of the transient tensors of one prefill chunk of ``tokens`` tokens, inside one decoder layer (the
     previous layer's temporaries are freed), plus the last-position logits of every sequence.
 
@@ -165,9 +184,10 @@ def activation_bytes(spec: ModelSpec, q: QuantSpec, *, tokens: int, max_num_seqs
         # GPTQ (ExLlama kernels) keeps an fp16 scratch buffer for dequantizing the largest weight
         dequant = max((t.numel for t in spec.tensors if is_quantized(t, q) and t.role == "linear"), default=0) * 2
     elif q.scheme == "int8":
-        # LLM.int8: int8 copy of the activation + int32 accumulator of the widest layer
+        # LLM.int8 on CUDA (bitsandbytes 0.50 int8_scaled_mm): int8 copy of the activation, int32 accumulator of the
+        # widest layer, and int8_mm_dequant's fp16 output, which is cast to a bf16 copy while both are alive
         widest = max((t.shape[0] for t in spec.tensors if is_quantized(t, q) and len(t.shape) == 2), default=0)
-        dequant = T * d.hidden_size + T * widest * 4
+        dequant = T * d.hidden_size + T * widest * 4 + (T * widest * 2 if compute_dtype != "fp16" else 0)
     logits = 2 * max_num_seqs * d.vocab_size * 4  # fp32 logits of the last position + processed scores
     peak = residual + max(attn, mlp) + rotary + mask + dequant + logits
     return peak, {"prefill_tokens": T, "residual": residual, "attention": attn, "mlp": mlp, "rotary": rotary,
@@ -221,17 +241,28 @@ def estimate_replica(
 
     w = weight_bytes(spec, q, dtype)
     prefill = min(max_model_len, max_num_batched_tokens or max_model_len)
-    act, act_detail = activation_bytes(spec, q, tokens=prefill, max_num_seqs=max_num_seqs, act_bytes=act_b)
+    act, act_detail = activation_bytes(spec, q, tokens=prefill, max_num_seqs=max_num_seqs, act_bytes=act_b,
+                                       compute_dtype=dtype)
     if engine == "vllm":
         return _estimate_vllm(spec, q, w, act, act_detail, dtype=dtype, device=device, kv_b=kv_b,
                               max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill=prefill, notes=notes)
     kv, kv_detail = kv_cache_bytes(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_b,
                                    mla_latent=mla_latent_cache)
+    # the engine grows and merges the running batch's cache one layer at a time (serve/engine.py): one layer's K
+    # (or V) of the whole batch is copied while the old one lives. It peaks apart from a prefill, so the activation
+    # term is the larger of the two.
+    concat = _largest_layer_kv(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_b,
+                               mla_latent=mla_latent_cache) // 2
+    act_detail = {**act_detail, "prefill_peak": act, "kv_concat_transient": concat}
+    act = max(act, concat)
     if device == "cuda":
         frag = int(FRAGMENTATION_FRACTION * (kv + act))
-        overhead = CUDA_CONTEXT_BYTES + LIBRARY_WORKSPACE_BYTES + frag
+        kernels = BNB_INT8_KERNELS_BYTES if q.scheme == "int8" else 0
+        overhead = CUDA_CONTEXT_BYTES + kernels + LIBRARY_WORKSPACE_BYTES + frag
         over_detail = {"cuda_context": CUDA_CONTEXT_BYTES, "library_workspaces": LIBRARY_WORKSPACE_BYTES,
                        "allocator_fragmentation": frag}
+        if kernels:
+            over_detail["bitsandbytes_int8_kernels"] = kernels
     else:
         overhead = CPU_PROCESS_BYTES
         over_detail = {"python_torch_process": CPU_PROCESS_BYTES}
@@ -287,7 +318,7 @@ def _estimate_vllm(spec: ModelSpec, q: QuantSpec, w: WeightBytes, act: int, act_
         notes.append("sliding-window layers are sized as full-attention layers for vLLM (an upper bound)")
     kv_detail = {"tokens": tokens, "block_size": block, "per_token_all_layers": per_token, "blocks": tokens // block}
     if device == "cuda":
-        frag = int(FRAGMENTATION_FRACTION * act)  # the KV cache is one preallocated tensor: no growth, no gaps
+        frag = int(VLLM_FRAGMENTATION_FRACTION * act)  # the KV cache is one preallocated tensor: no growth, no gaps
         overhead = CUDA_CONTEXT_BYTES + LIBRARY_WORKSPACE_BYTES + frag
         over_detail = {"cuda_context": CUDA_CONTEXT_BYTES, "library_workspaces": LIBRARY_WORKSPACE_BYTES,
                        "allocator_fragmentation": frag, "cuda_graphs": 0}

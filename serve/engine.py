@@ -513,20 +513,29 @@ class GenerationEngine:
 
     @staticmethod
     def _merge(a: _Batch, b: _Batch) -> _Batch:
-        """One batch from two (both plain DynamicCache): left-pad the shorter cache with masked zeros."""
+        """One batch from two (both plain DynamicCache): left-pad the shorter cache with masked zeros.
+
+        Layer by layer, into one new tensor per K and V, dropping both sources as it goes: the merge holds at most
+        one layer's K (or V) of the merged batch beyond the cache itself (the planner's ``kv_concat_transient``)."""
         width = max(a.mask.shape[1], b.mask.shape[1])
 
-        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            n = width - t.shape[-dim_from_end]
-            if n == 0:
-                return t
-            spec = [0, 0] * (dim_from_end - 1) + [n, 0]
-            return F.pad(t, spec)
+        def joined(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros((x.shape[0] + y.shape[0], *x.shape[1:-2], width, x.shape[-1]))
+            out[:x.shape[0], ..., width - x.shape[-2]:, :] = x
+            out[x.shape[0]:, ..., width - y.shape[-2]:, :] = y
+            return out
 
         for la, lb in zip(a.cache.layers, b.cache.layers):
-            la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)], dim=0)
-            la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)], dim=0)
-        a.mask = torch.cat([pad(a.mask, 1), pad(b.mask, 1)], dim=0)
+            la.keys = joined(la.keys, lb.keys)
+            lb.keys = None
+            la.values = joined(la.values, lb.values)
+            lb.values = None
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            n = width - t.shape[-1]
+            return F.pad(t, [n, 0]) if n else t
+
+        a.mask = torch.cat([pad(a.mask), pad(b.mask)], dim=0)
         a.seqs = a.seqs + b.seqs
         return a
 

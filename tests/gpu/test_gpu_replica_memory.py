@@ -1,5 +1,6 @@
 """On a CUDA GPU: a replica of the shipped model loads where decide_load says, its resident bytes equal the
-estimate, and its torch peak over a full-length prefill stays within the planned bytes. Skipped without CUDA."""
+estimate, and its torch peak over a full-length prefill stays within the planned weights, KV cache, activations and
+library workspaces. Skipped without CUDA."""
 
 import os
 
@@ -31,4 +32,6 @@ def test_tiny_replica_on_gpu(scheme):
     with torch.inference_mode():
         ids = torch.randint(0, model.config.vocab_size, (8, 255), device="cuda")
         model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    assert torch.cuda.max_memory_allocated() <= est.weights + est.kv_cache + est.activations
+    # cuBLAS's workspace (32 MiB on an H200) comes out of torch's allocator too
+    workspaces = est.detail["runtime_overhead"]["library_workspaces"]
+    assert torch.cuda.max_memory_allocated() <= est.weights + est.kv_cache + est.activations + workspaces

@@ -465,3 +465,29 @@ def test_health_check_fails_only_when_the_worker_died(make_engine):
     eng._stop = False  # a worker that is gone without being told to stop
     with pytest.raises(RuntimeError, match="generation thread has stopped"):
         eng.check_health()
+
+
+def test_merge_pads_left_and_releases_the_joining_cache():
+    """_merge gives the left-padded concatenation of both caches and drops the joining batch's tensors layer by layer
+    (so a merge holds one layer of the merged batch beyond the cache, as the planner's kv_concat_transient says)."""
+    from transformers.cache_utils import DynamicCache
+
+    from serve.engine import _Batch
+
+    def batch(n, width, seed):
+        g = torch.Generator().manual_seed(seed)
+        cache = DynamicCache()
+        for layer in range(2):
+            cache.update(torch.randn(n, 2, width, 4, generator=g), torch.randn(n, 2, width, 4, generator=g), layer)
+        return _Batch(seqs=[object()] * n, cache=cache, mask=torch.ones((n, width), dtype=torch.long))
+
+    a, b = batch(3, 5, 0), batch(1, 8, 1)
+    want = [(torch.cat([torch.nn.functional.pad(la.keys, [0, 0, 3, 0]), lb.keys]),
+             torch.cat([torch.nn.functional.pad(la.values, [0, 0, 3, 0]), lb.values]))
+            for la, lb in zip(a.cache.layers, b.cache.layers)]
+    m = GenerationEngine._merge(a, b)
+    for layer, (k, v) in zip(m.cache.layers, want):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    assert all(layer.keys is None and layer.values is None for layer in b.cache.layers)
+    assert m.mask.tolist() == [[0, 0, 0, 1, 1, 1, 1, 1]] * 3 + [[1] * 8]
+    assert len(m.seqs) == 4

@@ -2,6 +2,7 @@
 an infeasible plan exits 3 with the fix."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -93,7 +94,10 @@ def test_infeasible_exits_3_with_fix(tmp_path):
     rc, out, err = run("plan", write(tmp_path, {"cluster": CLUSTER, "models": [big]}))
     assert rc == 3
     assert "GiB" in err and "fix:" in err
-    assert "model big fits on no GPU" in err and "138.1 GiB per replica" in err
+    assert "model big fits on no GPU" in err
+    # Llama-3.1-70B's bf16 weights alone are 70.55e9 params x 2 bytes = 131.4 GiB; the replica needs more than that
+    need = re.search(r"needs (\d+\.\d) GiB per replica", err)
+    assert need and 131.4 < float(need.group(1)) < 150, err
     assert "offload.cpu_memory" in err  # the deploy.yaml field, not an internal name
     assert "Traceback" not in err
 
