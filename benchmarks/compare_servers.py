@@ -130,6 +130,50 @@ def wait_ready(url: str, probe: str, proc: subprocess.Popen, timeout_s: float) -
     return None
 
 
+def _role(p) -> str:
+    """A short name for a process of a server under test, from its title / command line."""
+    try:
+        cmd = " ".join(p.cmdline()) or p.name()
+    except Exception:
+        return "gone"
+    for key, role in (("EngineCore", "vLLM engine core"), ("ProxyActor", "Ray Serve proxy"),
+                      ("ServeController", "Ray Serve controller"), ("Ingress", "ingress replica"),
+                      ("LLMRouter", "ingress replica"), ("OpenAi", "ingress replica"), ("ServeReplica", "model replica"),
+                      ("LLMServer", "model replica"), ("raylet", "raylet"), ("gcs_server", "GCS"),
+                      ("dashboard", "dashboard + agents"), ("runtime_env", "dashboard + agents"),
+                      ("log_monitor", "Ray monitors"), ("monitor.py", "Ray monitors"),
+                      ("vllm.entrypoints", "vLLM API server"), ("serve.run", "gpuplan wrapper"),
+                      ("serve.supervisor", "gpuplan wrapper"), ("serve run", "serve run CLI"),
+                      ("rayserve_llm_server", "serve run CLI"), ("ray::IDLE", "idle Ray workers"),
+                      ("default_worker", "Ray workers (other)"), ("compare_servers", "load generator")):
+        if key in cmd:
+            return role
+    return "other: " + os.path.basename(cmd.split()[0])[:24]
+
+
+def cpu_snapshot() -> dict:
+    """pid -> (role, user + system CPU seconds) for every process on the machine (each server runs alone)."""
+    import psutil
+
+    snap = {}
+    for p in psutil.process_iter():
+        try:
+            t = p.cpu_times()
+            snap[p.pid] = (_role(p), t.user + t.system)
+        except Exception:
+            continue
+    return snap
+
+
+def cpu_by_role(before: dict, after: dict) -> dict:
+    """CPU seconds spent between two snapshots, by role (processes born in between count from zero)."""
+    out: dict[str, float] = {}
+    for pid, (role, t) in after.items():
+        t0 = before.get(pid, (role, 0.0))[1]
+        out[role] = out.get(role, 0.0) + max(0.0, t - t0)
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
 def run(kind: str, a) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -143,8 +187,12 @@ def run(kind: str, a) -> dict:
                                 prompt=a.prompt, temperature=a.temperature, seed=a.seed, timeout=300.0)
         warm = argparse.Namespace(**{**vars(ns), "requests": a.warmup})
         asyncio.run(serve_load.run_level(warm, 1))
-        levels = [asyncio.run(serve_load.run_level(ns, c)) for c in a.clients]
-        return {"server": kind, "ready_s": round(ready, 1), "levels": levels}
+        levels, cpu = [], []
+        for c in a.clients:
+            before = cpu_snapshot()
+            levels.append(asyncio.run(serve_load.run_level(ns, c)))
+            cpu.append(cpu_by_role(before, cpu_snapshot()))
+        return {"server": kind, "ready_s": round(ready, 1), "levels": levels, "cpu": cpu}
     finally:
         stop(proc, kind)
 
@@ -176,7 +224,7 @@ def main(argv=None) -> int:
             print(f"| {r['server']} | - | - | - | - | - | {r['error']} | - |")
             bad += 1
             continue
-        for lv in r["levels"]:
+        for lv, cpu in zip(r["levels"], r["cpu"]):
             ok = lv.of("ok")
             lat = [x.latency_s for x in ok if x.latency_s is not None]
             ttft = [x.ttft_s for x in ok if x.ttft_s is not None]
@@ -189,7 +237,15 @@ def main(argv=None) -> int:
                   f"{serve_load.ms(serve_load.pct(ttft, 50))} / {serve_load.ms(serve_load.pct(ttft, 95))} |")
             out.append({"server": r["server"], "clients": lv.clients, "ok": len(ok), "lost": lost,
                         "tokens_per_s": lv.tokens_per_s, "latency_p50_s": serve_load.pct(lat, 50),
-                        "ttft_p50_s": serve_load.pct(ttft, 50)})
+                        "ttft_p50_s": serve_load.pct(ttft, 50), "cpu_s_by_role": cpu})
+    print("\nCPU seconds per level by process (user + system, whole machine; the load generator is this process):")
+    for r in runs:
+        for lv, cpu in zip(r.get("levels", []), r.get("cpu", [])):
+            toks = sum(x.tokens for x in lv.of("ok"))
+            total = sum(cpu.values())
+            print(f"- {r['server']}, {lv.clients} clients: {total:.1f} s in {lv.wall_s:.1f} s wall"
+                  + (f", {1000 * total / toks:.0f} ms per token" if toks else "") + ": "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05))
     print("\nready after start (s): " + ", ".join(f"{r['server']} {r.get('ready_s', '-')}" for r in runs))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -32,4 +32,6 @@ def test_compare_servers_runs_and_loses_nothing(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["server"] for r in rows] == ["vllm", "gpuplan-vllm"]
     assert all(r["ok"] == 4 and r["lost"] == 0 and r["tokens_per_s"] > 0 for r in rows), rows
+    # where the CPU went: the engine core of each, and the Ray hops of gpuplan
+    assert "vLLM engine core" in rows[0]["cpu_s_by_role"] and "Ray Serve proxy" in rows[1]["cpu_s_by_role"], rows
     assert "| gpuplan-vllm | 2 |" in p.stdout and "vs plain vLLM" in p.stdout
