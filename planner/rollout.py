@@ -62,6 +62,10 @@ GRACEFUL_SHUTDOWN_S = 30  # Serve's graceful_shutdown_timeout_s per replica; GHO
 # the memory is dropped when it holds more than this many.
 MEMO_MAX = 500_000
 _MEMO: dict = {}
+# Tests set this: decide_scale then recounts, at every gate, what it keeps incrementally (replicas asked for per
+# model, models below their minimum) and raises if the two differ, so the incremental bookkeeping is shown to give
+# the decisions that a recount at every step gives.
+VERIFY_BOOKKEEPING = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -755,9 +759,19 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
             else:
                 short.discard(m)
 
+    def verify() -> None:
+        fresh: dict[str, int] = {}
+        for d in rollout.deployments:
+            fresh[d.model] = fresh.get(d.model, 0) + max(baseline[d.name], alloc[d.name])
+        below = {r.name for r in models if fresh.get(r.name, 0) < r.min_replicas}
+        if {m: n for m, n in fresh.items() if n} != {m: n for m, n in asked_n.items() if n} or below != short:
+            raise AssertionError(f"rollout bookkeeping drifted: asked {asked_n} vs {fresh}, short {short} vs {below}")
+
     def remaining(node: str) -> tuple[Counter, Counter]:
         """The node's planned replicas not asked for yet: (minimum slots of models still below their minimum, the
         rest)."""
+        if VERIFY_BOOKKEEPING:
+            verify()
         first: Counter = Counter()
         then: Counter = Counter()
         for d in rollout.on_node(node):
