@@ -243,9 +243,12 @@ class Ingress:
         if not pairs:
             raise Unavailable(f"model {model!r} has no replica in the plan (it fit nowhere); see GET /plan",
                               retry_after_s=60.0)
-        running = await self._running()
-        name = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
-                               random.random) or pairs[0][0]
+        if len(pairs) == 1:
+            name = pairs[0][0]  # one deployment: nothing to choose, and no need to ask Serve what runs
+        else:
+            running = await self._running()
+            name = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
+                                   random.random) or pairs[0][0]
         handle = dict(pairs)[name].options(stream=True)
         self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
