@@ -100,7 +100,9 @@ def test_sigkill_of_the_wrapper_leaves_nothing_within_15s(tmp_path, env):
     assert len(ours) >= 5 and ray_daemons()  # serve run, gcs_server, raylet, the dashboard, replicas, ...
     proc.kill()  # SIGKILL: no handler runs in the wrapper
     t0 = time.time()
-    while (marked(run_id) or ray_daemons() or not port_free(port)) and time.time() - t0 < 15:
+    # the supervisor removes the run record as its last step, after every process it stopped is gone
+    while (marked(run_id) or ray_daemons() or not port_free(port) or os.listdir(env["GPUPLAN_STATE_DIR"])) \
+            and time.time() - t0 < 15:
         time.sleep(0.25)
     took = time.time() - t0
     left = [p for p in ours if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
