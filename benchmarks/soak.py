@@ -37,6 +37,9 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve.sse import iter_data  # noqa: E402
 
 
 def ray_roles() -> dict[str, int]:
@@ -142,10 +145,7 @@ def one_request(url: str, rng: random.Random, models: list[str], tally: Tally, t
                 return tally.add("ok" if ch else "lost", "json" if ch else "200 without choices",
                                  time.time() - t0, r.text)
             finished = errored = done = False
-            for line in r.iter_lines():
-                if not line:
-                    continue
-                payload = line.decode().removeprefix("data: ")
+            for payload in iter_data(r.iter_lines(decode_unicode=True)):
                 if payload == "[DONE]":
                     done = True
                     break

@@ -141,13 +141,11 @@ def kv_cache_bytes(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, kv
                    "sliding_window_tokens": win_tokens if sliding else None}
 
 
-def _largest_layer_kv(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, kv_bytes: int,
-                      mla_latent: bool) -> int:
-    """K + V of the largest single layer for the whole batch (a full-attention layer unless all slide)."""
-    _, det = kv_cache_bytes(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_bytes,
-                            mla_latent=mla_latent)
-    tokens = max_model_len if det["full_layers"] else det["sliding_window_tokens"]
-    return det["per_token_per_layer"] * max_num_seqs * tokens
+def _largest_layer_kv(kv_detail: dict, *, max_model_len: int, max_num_seqs: int) -> int:
+    """K + V of the largest single layer for the whole batch (a full-attention layer unless all slide), from
+    :func:`kv_cache_bytes`'s detail."""
+    tokens = max_model_len if kv_detail["full_layers"] else kv_detail["sliding_window_tokens"]
+    return kv_detail["per_token_per_layer"] * max_num_seqs * tokens
 
 
 def activation_bytes(spec: ModelSpec, q: QuantSpec, *, tokens: int, max_num_seqs: int, act_bytes: int,
@@ -251,8 +249,7 @@ def estimate_replica(
     # the engine grows and merges the running batch's cache one layer at a time (serve/engine.py): one layer's K
     # (or V) of the whole batch is copied while the old one lives. It peaks apart from a prefill, so the activation
     # term is the larger of the two.
-    concat = _largest_layer_kv(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs, kv_bytes=kv_b,
-                               mla_latent=mla_latent_cache) // 2
+    concat = _largest_layer_kv(kv_detail, max_model_len=max_model_len, max_num_seqs=max_num_seqs) // 2
     act_detail = {**act_detail, "prefill_peak": act, "kv_concat_transient": concat}
     act = max(act, concat)
     if device == "cuda":
