@@ -8,10 +8,11 @@ For each concurrency level N, N asyncio clients share a fixed number of requests
 the next request from a shared counter until none are left). Every request is a streamed chat completion
 (``stream: true``, ``stream_options: {include_usage: true}``), so the time to the first token (TTFT) is measured as
 well as the full latency. Request ``i`` is sent with ``temperature`` 0.8 and ``seed = --seed + i`` at every level:
-the API has no ``ignore_eos``, and the tiny model often stops early at EOS, so the levels get the *same* set of
-requests (the engine's per-request generator makes a request's draws independent of its batch-mates) and tokens/s is
-computed from the completion tokens actually generated (``usage.completion_tokens``; the count of streamed content
-chunks when no usage arrives).
+the tiny model often stops early at EOS, so the levels get the *same* set of requests (the engine's per-request
+generator makes a request's draws independent of its batch-mates) and tokens/s is computed from the completion tokens
+actually generated (``usage.completion_tokens``; the count of streamed content chunks when no usage arrives).
+``--ignore-eos`` sends vLLM's ``ignore_eos`` extension (gpuplan, vLLM and Ray Serve LLM take it): every answer is
+then exactly ``--max-tokens`` long.
 
 Per level: requests ok / shed (429 or 503: the server's back-pressure) / other errors / lost, completion tokens,
 wall time, aggregate tokens/s and requests/s, latency and TTFT p50/p95, the 1-minute load average. Any 5xx other
@@ -77,6 +78,7 @@ def request_body(a: argparse.Namespace, index: int) -> dict:
         "max_tokens": a.max_tokens,
         "temperature": a.temperature,
         "seed": a.seed + index,
+        **({"ignore_eos": True} if getattr(a, "ignore_eos", False) else {}),
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -401,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16], help="concurrency levels (default 1 8 16)")
     ap.add_argument("--requests", type=int, default=32, help="total requests per level, shared by its clients")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="send ignore_eos (vLLM's extension): every answer is exactly --max-tokens long")
     ap.add_argument("--prompt", default="Tell me a short story about a robot who learns to paint.")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=1234, help="request i is sent with seed SEED+i at every level")

@@ -591,7 +591,7 @@ class GenerationEngine:
             s.out_ids.append(tok)
             s.unsent_ids.append(tok)
             finish = None
-            eos = tok in self._eos_ids
+            eos = tok in self._eos_ids and not s.params.ignore_eos
             if not eos:
                 s.ctx_ids.append(tok)  # EOS ends the text; it is not part of it
             length = len(s.out_ids) >= s.params.max_tokens

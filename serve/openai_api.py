@@ -258,6 +258,9 @@ class _GenerationBody(_Body):
     """Up to 4 non-empty stop strings (a single string is accepted); the text stops before the first match."""
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     """Seed for sampling, for repeatable answers."""
+    ignore_eos: bool | None = None
+    """vLLM's extension: keep generating past the end-of-sequence token until max_tokens or a stop string (for
+    benchmarks that need answers of a fixed length). Default false."""
     stream: bool | None = None
     """Stream the answer as server-sent events ending with `data: [DONE]`."""
     stream_options: StreamOptions | None = None
@@ -732,6 +735,7 @@ def create_app(
             top_p=1.0 if req.top_p is None else float(req.top_p),
             stop=tuple(req.stop or ()),
             seed=req.seed,
+            ignore_eos=bool(req.ignore_eos),
         )
 
     async def open_generation(model: str, ids: list[int], params: SamplingParams) -> Any:

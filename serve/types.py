@@ -12,6 +12,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past EOS until max_tokens or a stop string (vLLM's extension)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         sp = VllmSampling(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                          stop=list(params.stop) or None, seed=params.seed, output_kind=RequestOutputKind.DELTA)
+                          stop=list(params.stop) or None, seed=params.seed,
+                          ignore_eos=params.ignore_eos, output_kind=RequestOutputKind.DELTA)
         rid = uuid.uuid4().hex
         n, finished = 0, False
         self.inflight += 1

@@ -117,18 +117,23 @@ def test_one_sigterm_drains_then_stops_everything(server):
     import threading
 
     proc, base = server["proc"], server["base"]
-    out: dict = {}
+    out: dict = {"lines": []}
+    started = threading.Event()
 
-    def stream():
+    def stream():  # as long as the context allows, whatever the sampled tokens (EOS does not end it)
         with requests.post(base + "/v1/completions", timeout=120, stream=True, json={
-                "model": "tiny-int8", "prompt": "def ", "max_tokens": 200, "temperature": 1.0, "seed": 3,
-                "stream": True, "stream_options": {"include_usage": True}}) as r:
+                "model": "tiny-int8", "prompt": "def ", "max_tokens": 240, "ignore_eos": True, "temperature": 1.0,
+                "seed": 3, "stream": True, "stream_options": {"include_usage": True}}) as r:
             out["status"] = r.status_code
-            out["lines"] = [ln.decode() for ln in r.iter_lines() if ln]
+            for ln in r.iter_lines():
+                if ln:
+                    out["lines"].append(ln.decode())
+                    started.set()
+        started.set()
 
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(1.0)  # the stream is running
+    assert started.wait(60), "the stream did not start"
     proc.send_signal(signal.SIGTERM)
     deadline, late = time.time() + 20, None
     while late is None and time.time() < deadline and t.is_alive():  # draining begins within a second or so
@@ -144,7 +149,8 @@ def test_one_sigterm_drains_then_stops_everything(server):
     assert out["status"] == 200 and out["lines"][-1] == "data: [DONE]"
     events = [json.loads(ln.removeprefix("data: ")) for ln in out["lines"][:-1]]
     assert not any("error" in e for e in events), events[-3:]
-    assert any(e["choices"] and e["choices"][0].get("finish_reason") for e in events)  # it finished
+    assert any(e["choices"] and e["choices"][0].get("finish_reason") == "length" for e in events)  # it finished
+    assert events[-1]["usage"]["completion_tokens"] == 240
     assert late is not None and late.headers.get("retry-after") and late.json()["error"]["code"] == "model_unavailable"
     assert "draining" in late.json()["error"]["message"]
     proc.wait(timeout=90)

@@ -93,6 +93,8 @@ def test_request_semantics_are_the_same_on_every_engine(app, model):
     assert stop, f"no stop string to cut at in {greedy!r}"
     cut, c_reason, _ = complete(app, model, temperature=0, max_tokens=24, stop=[stop])
     assert c_reason == "stop" and cut == greedy[:greedy.index(stop)], (greedy, stop, cut)
+    _, l_reason, l_usage = complete(app, model, max_tokens=40, ignore_eos=True)
+    assert l_reason == "length" and l_usage["completion_tokens"] == 40  # EOS does not end it
     r = requests.post(f"{app}/v1/chat/completions", timeout=120, json={
         "model": model, "messages": [{"role": "user", "content": "What does os.getcwd do?"}], "max_tokens": 8})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None

@@ -165,6 +165,10 @@ def test_max_tokens_gives_length_and_eos_gives_stop(fp32, make_engine):
     chunks = asyncio.run(collect(eos_eng, prompt, greedy(5)))
     assert chunks[-1].finish_reason == "stop" and chunks[-1].completion_tokens == 1
     assert "".join(c.text for c in chunks) == ""
+    # ignore_eos (vLLM's extension): the same EOS does not end it; max_tokens does
+    chunks = asyncio.run(collect(eos_eng, prompt, greedy(5, ignore_eos=True)))
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 5
+    assert ids_of(chunks)[0] == first
 
 
 def test_seed_reproducible_whatever_the_batch(fp32, make_engine):

@@ -306,7 +306,7 @@ def test_openapi_documents_request_fields(client):
     schemas = r.json()["components"]["schemas"]
     chat_props = schemas["ChatCompletionRequest"]["properties"]
     for field in ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
-                  "seed", "stream", "stream_options", "n", "user"):
+                  "seed", "ignore_eos", "stream", "stream_options", "n", "user"):
         assert chat_props[field].get("description"), field
     for field, prop in schemas["CompletionRequest"]["properties"].items():
         assert prop.get("description"), field
@@ -321,7 +321,8 @@ def test_openapi_documents_request_fields(client):
 
 
 def test_chat_non_stream(client, backend, tok):
-    r = chat(client, temperature=0.5, top_p=0.9, stop=["\n\n", "END"], seed=7, max_tokens=10, user="u1")
+    r = chat(client, temperature=0.5, top_p=0.9, stop=["\n\n", "END"], seed=7, max_tokens=10, user="u1",
+             ignore_eos=True)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
@@ -335,7 +336,8 @@ def test_chat_non_stream(client, backend, tok):
                              "total_tokens": len(expected_ids) + 3}
     ((model, ids, params),) = backend.calls
     assert model == "chat" and ids == expected_ids
-    assert params == SamplingParams(max_tokens=10, temperature=0.5, top_p=0.9, stop=("\n\n", "END"), seed=7)
+    assert params == SamplingParams(max_tokens=10, temperature=0.5, top_p=0.9, stop=("\n\n", "END"), seed=7,
+                                    ignore_eos=True)
     assert backend.closed == 1
 
 
@@ -362,7 +364,7 @@ def test_chat_defaults(client, backend, tok):
     n_prompt = len(chat_ids(tok, USER))
     assert chat(client).status_code == 200
     p = backend.calls[-1][2]
-    assert (p.temperature, p.top_p, p.stop, p.seed) == (1.0, 1.0, (), None)
+    assert (p.temperature, p.top_p, p.stop, p.seed, p.ignore_eos) == (1.0, 1.0, (), None, False)
     assert p.max_tokens == 64 - n_prompt  # whole remaining context when it is under the cap
     assert chat(client, model="big").status_code == 200
     assert backend.calls[-1][2].max_tokens == DEFAULT_MAX_TOKENS == 512
