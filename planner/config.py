@@ -134,10 +134,11 @@ class ModelEntry(_Edge):
     """Allowed quantizations, most preferred first (a single string is one choice)."""
     dtype: Literal["bf16", "fp16", "fp32"] | None = None
     """Dtype of unquantized tensors and compute; default: the model's config dtype, else bf16."""
-    engine: Literal["auto", "transformers", "vllm"] = "auto"
-    """What runs the replicas: `transformers` (bitsandbytes, CPU offload), `vllm` (vLLM's own venv, `make vllm`), or
-    `auto`: vLLM where it is installed and runs the chosen quantization (bf16/fp16, awq, gptq, fp8, mxfp4),
-    transformers otherwise (bitsandbytes int8/nf4/fp4/int4, GGUF)."""
+    engine: Literal["auto", "transformers", "vllm", "llamacpp"] = "auto"
+    """What runs the replicas: `transformers` (bitsandbytes, CPU offload), `vllm` (vLLM's own venv, `make vllm`),
+    `llamacpp` (GGUF files as stored, llama-cpp-python), or `auto`: llama.cpp for a .gguf source, vLLM where it is
+    installed and runs the chosen quantization (bf16/fp16, awq, gptq, fp8, mxfp4), transformers otherwise
+    (bitsandbytes int8/nf4/fp4/int4)."""
     max_model_len: int = Field(2048, gt=0)
     """Prompt + completion tokens per sequence; sizes the KV cache and bounds requests."""
     max_num_seqs: int = Field(8, gt=0)

@@ -1,9 +1,9 @@
 """Which engine runs a model, and the settings the plan gives it (pure: no engine is imported here).
 
-- ``pick_engine``: ``engine: auto | transformers | vllm`` of a deploy.yaml entry and a quantization -> the engine,
-  with the reason. ``auto`` takes vLLM where it is installed (the caller says which engines are) and runs the
-  scheme, transformers otherwise. vLLM moved bitsandbytes out of its tree in 0.28, so int8/nf4/fp4/int4 stay on
-  transformers; GGUF stays on transformers until a llama.cpp engine exists (planned at its dequantized size there).
+- ``pick_engine``: ``engine: auto | transformers | vllm | llamacpp`` of a deploy.yaml entry and a quantization ->
+  the engine, with the reason. ``auto`` takes llama.cpp for GGUF files, vLLM where it is installed (the caller says
+  which engines are) and runs the scheme, transformers otherwise. vLLM moved bitsandbytes out of its tree in 0.28,
+  so int8/nf4/fp4/int4 stay on transformers. GGUF forced onto transformers is planned at its dequantized size.
 - ``vllm_settings``: the engine arguments that make a vLLM replica hold what the plan gave it and no more:
   ``kv_cache_memory_bytes`` = the planned KV cache (vLLM then skips its own KV sizing), ``gpu_memory_utilization``
   = the replica's planned bytes over the device's *total* bytes (vLLM refuses to start unless that share of the
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from .errors import InputError
 
-ENGINES = ("transformers", "vllm")
+ENGINES = ("transformers", "vllm", "llamacpp")
 # what vLLM (0.28+) runs of our schemes: float checkpoints, AWQ/GPTQ (Marlin), fp8, mxfp4; not bitsandbytes, not GGUF
 VLLM_SCHEMES = frozenset({"fp32", "bf16", "fp16", "awq", "gptq", "fp8", "mxfp4"})
 # NOTE: vLLM's KV block (tokens per page). The plan passes it to vLLM explicitly, so both count the same pages. CPU:
@@ -36,7 +36,20 @@ def pick_engine(requested: str, scheme: str, available, model: str = "") -> tupl
     """(engine, why) for a model entry's ``engine`` at quantization ``scheme``; ``available``: engines installed."""
     where = f"models[{model}]." if model else ""
     if requested not in ("auto", *ENGINES):
-        raise InputError(f"{where}engine {requested!r}: use auto, transformers or vllm")
+        raise InputError(f"{where}engine {requested!r}: use auto, transformers, vllm or llamacpp")
+    if requested == "llamacpp" or (requested == "auto" and scheme == "gguf"):
+        if scheme != "gguf":
+            raise InputError(f"{where}engine llamacpp runs GGUF files, not quantization {scheme}: point source at a "
+                             ".gguf file, or use engine: transformers or vllm")
+        if "llamacpp" not in available:
+            if requested == "auto":
+                return "transformers", ("auto: llama-cpp-python is not installed (`make venv` builds it); "
+                                        "transformers dequantizes the GGUF (planned at that size)")
+            raise InputError(f"{where}engine llamacpp: llama-cpp-python is not installed for the replicas; run "
+                             "`make venv` (it builds llama-cpp-python) or use engine: transformers, which "
+                             "dequantizes the file (3.5-7x its size)")
+        return "llamacpp", ("deploy.yaml asks for llamacpp" if requested == "llamacpp"
+                            else "auto: a GGUF file runs on llama.cpp as stored")
     if requested == "vllm":
         if scheme not in VLLM_SCHEMES:
             raise InputError(

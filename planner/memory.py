@@ -96,9 +96,11 @@ class WeightBytes:
 def weight_bytes(spec: ModelSpec, q: QuantSpec, dtype: str) -> WeightBytes:
     """Resident bytes of every tensor of ``spec`` loaded with ``q``; unquantized tensors at ``dtype``."""
     if spec.source == "gguf":
-        total = sum(t.stored_bytes or 0 for t in spec.tensors)
+        # transformers (and vLLM) dequantize a GGUF on load: every tensor at the compute dtype. Stored as it is, the
+        # file runs on llama.cpp (planner/llamacpp.py).
         n = sum(t.numel for t in spec.tensors)
-        return WeightBytes(total, 0, n, 0, {"gguf tensors": total})
+        total = n * FLOAT_BYTES[dtype]
+        return WeightBytes(total, 0, 0, n, {f"gguf tensors dequantized to {dtype}": total})
     stored = stored_checkpoint_bytes(spec, dtype)
     if stored is not None:
         data, state, qp, op = stored
@@ -232,12 +234,23 @@ def estimate_replica(
         raise InputError(f"--kv-dtype {kv_dtype!r}: use one of {', '.join(KV_DTYPES)}")
     if device not in ("cuda", "cpu"):
         raise InputError(f"device {device!r}: use cuda or cpu")
-    if engine not in ("transformers", "vllm"):
-        raise InputError(f"engine {engine!r}: use transformers or vllm")
+    if engine not in ("transformers", "vllm", "llamacpp"):
+        raise InputError(f"engine {engine!r}: use transformers, vllm or llamacpp")
+    if engine == "llamacpp":
+        from .llamacpp import estimate_llamacpp
+
+        return estimate_llamacpp(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                 prefill_tokens=min(max_model_len, max_num_batched_tokens or max_model_len),
+                                 device=device, notes=notes)
+
     act_b = FLOAT_BYTES[dtype]
     kv_b = KV_DTYPES[kv_dtype] or act_b
 
     w = weight_bytes(spec, q, dtype)
+    if spec.source == "gguf":
+        stored = sum(t.stored_bytes or 0 for t in spec.tensors)
+        notes.append(f"{engine} dequantizes a GGUF file on load: its weights are planned at {dtype}, "
+                     f"{w.total / max(stored, 1):.1f}x the file's tensors; engine llamacpp runs it as stored")
     prefill = min(max_model_len, max_num_batched_tokens or max_model_len)
     act, act_detail = activation_bytes(spec, q, tokens=prefill, max_num_seqs=max_num_seqs, act_bytes=act_b,
                                        compute_dtype=dtype)

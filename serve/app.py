@@ -114,6 +114,8 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
         b = by_node.get(spec.node)
         opts = deployment_options(spec, entry, b.selector if b else None, rollout.plan_id)
         extra: dict = {"engine": est.engine}
+        if est.engine == "llamacpp":
+            extra["llamacpp"] = est.detail["llamacpp"]
         if est.engine == "vllm":
             extra["vllm"] = vllm_settings_for(est, entry, int(mp.replica_bytes), nodes.get(spec.node),
                                               result.device).to_json()

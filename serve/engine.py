@@ -1,5 +1,9 @@
 """Batched, streamed generation for one replica: pure torch + transformers (no Ray, no HTTP).
 
+``BatchedEngine`` holds what does not depend on the model runtime (queue, admission, streaming, detokenization, stop
+strings, cancellation); ``GenerationEngine`` runs a transformers model under it, and serve/engines/llamacpp.py a GGUF
+file on llama.cpp.
+
 One background thread owns the model. It keeps one running batch with a shared KV cache
 (transformers ``DynamicCache``, left-padded, with a 2-D attention mask and explicit position ids) and loops:
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import logging
 import threading
@@ -85,6 +90,7 @@ class _Seq:
     sent_chars: int = 0
     unsent_ids: list[int] = field(default_factory=list)
     stop_scan_from: int = 0
+    engine_state: dict = field(default_factory=dict)  # what the engine running it keeps per sequence (a slot, ...)
 
 
 @dataclass(eq=False)
@@ -94,16 +100,23 @@ class _Batch:
     mask: torch.Tensor  # [B, T] long, 1 = real token in the cache
 
 
-class GenerationEngine:
-    """Batched generation for one replica's model (see the module docstring)."""
+class BatchedEngine:
+    """What every batching engine of a replica shares, whatever runs the model (the transformers engine below, llama.cpp
+    in serve/engines/llamacpp.py): the waiting queue and admission (a new wave, or joining between decode steps), one
+    worker thread, streaming to asyncio, incremental detokenization, EOS / stop strings / max_tokens, cancellation,
+    counters. A subclass runs the model: ``_prefill(seqs)`` (prompts in, first tokens out through ``_emit``),
+    ``_decode_step()`` (one token for each running sequence) and ``_compact(batch)`` (drop what finished); it calls
+    ``_start_worker()`` at the end of its ``__init__``."""
 
-    def __init__(self, model, tokenizer, *, max_num_seqs: int, max_model_len: int, batch_wait_s: float = 0.005,
-                 continuous: bool = True, max_num_batched_tokens: int | None = None):
+    name = "batched"
+
+    def __init__(self, tokenizer, *, max_num_seqs: int, max_model_len: int, batch_wait_s: float = 0.005,
+                 continuous: bool = True, max_num_batched_tokens: int | None = None,
+                 eos_ids: frozenset[int] = frozenset(), vocab_size: int = 0):
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
-        self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = int(max_num_seqs)
         self.max_model_len = int(max_model_len)
@@ -112,30 +125,13 @@ class GenerationEngine:
         # A prefill forward pass holds at most this many (padded) tokens: the activation peak the planner sized
         # (planner.memory: one prefill chunk of max_num_batched_tokens, default max_model_len).
         self.max_num_batched_tokens = int(max_num_batched_tokens or max_model_len)
-
-        self._device = self._input_device(model)
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id
-        if pad is None:
-            pad = getattr(model.config, "pad_token_id", None) or 0
-        self._pad_id = int(pad)
-        self._eos_ids = self._eos_token_ids(model, tokenizer)
-        try:
-            self._vocab_size = int(model.get_input_embeddings().num_embeddings)
-        except Exception:
-            self._vocab_size = 0  # unknown: not checked
-        params = inspect.signature(model.forward).parameters
-        accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        self._logits_to_keep = "logits_to_keep" in params
-        # transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated)
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._position_ids = "position_ids" in params or accepts_kwargs
-        self._joinable: bool | None = None  # learned from the first prefill's cache
+        self._eos_ids = frozenset(eos_ids)
+        self._vocab_size = int(vocab_size)  # 0: unknown, not checked
+        self._joinable: bool | None = None  # None until the subclass knows whether new requests can join
 
         self._cv = threading.Condition()
         self._waiting: collections.deque[_Seq] = collections.deque()
-        self._batch: _Batch | None = None
+        self._batch = None  # the running batch: any object with a ``seqs`` list
         self._stop = False
         self._closed = False
 
@@ -152,9 +148,23 @@ class GenerationEngine:
         self.max_running_seen = 0
         self._tps = collections.deque()  # (monotonic time, tokens generated in that step)
         self._started = time.monotonic()
+        self._thread: threading.Thread | None = None
 
-        self._thread = threading.Thread(target=self._worker, name="gpuplan-engine", daemon=True)
+    def _start_worker(self) -> None:
+        self._thread = threading.Thread(target=self._worker, name=f"gpuplan-{self.name}", daemon=True)
         self._thread.start()
+
+    def _worker_context(self):
+        """Context the worker thread runs the model in."""
+        return contextlib.nullcontext()
+
+    def _init_seq(self, s: _Seq) -> None:
+        """A sequence's detokenization state once its prompt is in the cache."""
+        s.n_cached = len(s.prompt_ids)
+        s.ctx_ids = list(s.prompt_ids[-_PREFIX_CONTEXT:])
+        s.prefix_offset = 0
+        s.read_offset = len(s.ctx_ids)
+        self.prompt_tokens += len(s.prompt_ids)
 
     # ------------------------------------------------------------------ public API
 
@@ -167,8 +177,6 @@ class GenerationEngine:
         self._validate(prompt_ids, params)
         return self._stream(prompt_ids, params)
 
-    name = "transformers"
-
     def check_health(self) -> None:
         """Raise when the worker thread is gone (the replica's health check)."""
         if not self._thread.is_alive() and not self._stop:
@@ -176,8 +184,8 @@ class GenerationEngine:
 
     def report(self) -> dict:
         """What this engine was given (the interface of serve/engines/base.py)."""
-        return {"engine": "transformers", "given": {"max_num_seqs": self.max_num_seqs,
-                                                    "max_model_len": self.max_model_len}}
+        return {"engine": self.name, "given": {"max_num_seqs": self.max_num_seqs,
+                                               "max_model_len": self.max_model_len}}
 
     def stats(self) -> dict:
         now = time.monotonic()
@@ -279,7 +287,7 @@ class GenerationEngine:
 
     def _worker(self) -> None:
         try:
-            with torch.inference_mode():
+            with self._worker_context():
                 while True:
                     newcomers = self._admit()
                     if newcomers is None:
@@ -318,8 +326,6 @@ class GenerationEngine:
 
     def _after_error(self) -> None:
         self.errors += 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _take(self, n: int) -> list[_Seq]:
         out = []
@@ -360,6 +366,165 @@ class GenerationEngine:
 
     # -- model calls
 
+    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
+        """Split newcomers so that each prefill pass (padded to its longest prompt) stays within
+        max_num_batched_tokens; a single prompt is never split (it is at most max_model_len)."""
+        groups: list[list[_Seq]] = []
+        for s in sorted(seqs, key=lambda x: len(x.prompt_ids)):
+            g = groups[-1] if groups else None
+            if g is not None and (len(g) + 1) * len(s.prompt_ids) <= self.max_num_batched_tokens:
+                g.append(s)
+            else:
+                groups.append([s])
+        return groups
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _new_text(self, s: _Seq, final: bool) -> str:
+        """Incremental detokenization (prefix/read offsets, as vLLM and TGI do it): the text the tokens after
+        ``read_offset`` add, holding it back while it ends in an incomplete UTF-8 sequence (unless ``final``)."""
+        if s.read_offset >= len(s.ctx_ids):
+            return ""
+        prefix = self._decode(s.ctx_ids[s.prefix_offset:s.read_offset])
+        full = self._decode(s.ctx_ids[s.prefix_offset:])
+        if not final and (len(full) <= len(prefix) or full.endswith("\ufffd")):
+            return ""
+        s.prefix_offset, s.read_offset = s.read_offset, len(s.ctx_ids)
+        return full[len(prefix):]
+
+    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
+        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+        now = time.monotonic()
+        for s, tok in zip(seqs, tokens):
+            if s.done:
+                continue
+            s.out_ids.append(tok)
+            s.unsent_ids.append(tok)
+            finish = None
+            eos = tok in self._eos_ids and not s.params.ignore_eos
+            if not eos:
+                s.ctx_ids.append(tok)  # EOS ends the text; it is not part of it
+            length = len(s.out_ids) >= s.params.max_tokens
+            s.text += self._new_text(s, final=eos or length)
+            if s.params.stop:
+                cut = self._find_stop(s)
+                if cut is not None:
+                    s.text = s.text[:cut]
+                    finish = "stop"
+            if finish is None:
+                finish = "stop" if eos else "length" if length else None
+            if finish is not None:
+                end = len(s.text)
+            else:
+                end = len(s.text) - self._stop_holdback(s)
+            if end <= s.sent_chars and finish is None:
+                continue  # nothing printable yet; these token ids go out with the next chunk
+            chunk = GenerationChunk(text=s.text[s.sent_chars:end], token_ids=tuple(s.unsent_ids),
+                                    finish_reason=finish, prompt_tokens=len(s.prompt_ids),
+                                    completion_tokens=len(s.out_ids))
+            s.sent_chars = max(s.sent_chars, end)
+            s.unsent_ids = []
+            if finish is not None:
+                s.done = True
+                self.completed += 1
+            deliveries.setdefault(s.loop, []).append((s, chunk))
+        n = len(tokens)
+        self.generated_tokens += n
+        with self._cv:
+            self._tps.append((now, n))
+            while self._tps[0][0] < now - _TPS_WINDOW_S:
+                self._tps.popleft()
+        self._deliver(deliveries)
+
+    @staticmethod
+    def _find_stop(s: _Seq) -> int | None:
+        longest = max(len(x) for x in s.params.stop)
+        start = max(0, s.stop_scan_from - longest + 1)
+        best = None
+        for stop in s.params.stop:
+            if not stop:
+                continue
+            i = s.text.find(stop, start)
+            if i != -1 and (best is None or i < best):
+                best = i
+        s.stop_scan_from = len(s.text)
+        return best
+
+    @staticmethod
+    def _stop_holdback(s: _Seq) -> int:
+        """Length of the longest tail of the text that could be the start of a stop string."""
+        hold = 0
+        for stop in s.params.stop:
+            for k in range(min(len(stop) - 1, len(s.text)), hold, -1):
+                if s.text.endswith(stop[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _deliver(self, deliveries: dict) -> None:
+        for loop, items in deliveries.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumer's event loop is gone: nobody listens any more
+                for s, _ in items:
+                    s.cancelled = True
+                    s.done = True
+
+    def _finish_cancelled(self, s: _Seq) -> None:
+        if not s.done:
+            s.done = True
+            self.cancelled += 1
+
+    def _fail(self, seqs: list[_Seq], exc: BaseException) -> None:
+        deliveries: dict = {}
+        for s in seqs:
+            if s.done:
+                continue
+            s.done = True
+            deliveries.setdefault(s.loop, []).append((s, exc))
+        self._deliver(deliveries)
+
+
+class GenerationEngine(BatchedEngine):
+    """Batched generation over a transformers model (see the module docstring)."""
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, *, max_num_seqs: int, max_model_len: int, batch_wait_s: float = 0.005,
+                 continuous: bool = True, max_num_batched_tokens: int | None = None):
+        self.model = model
+        try:
+            vocab = int(model.get_input_embeddings().num_embeddings)
+        except Exception:
+            vocab = 0  # unknown: not checked
+        super().__init__(tokenizer, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                         batch_wait_s=batch_wait_s, continuous=continuous,
+                         max_num_batched_tokens=max_num_batched_tokens,
+                         eos_ids=self._eos_token_ids(model, tokenizer), vocab_size=vocab)
+        self._device = self._input_device(model)
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id
+        if pad is None:
+            pad = getattr(model.config, "pad_token_id", None) or 0
+        self._pad_id = int(pad)
+        params = inspect.signature(model.forward).parameters
+        accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self._logits_to_keep = "logits_to_keep" in params
+        # transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` is deprecated)
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._position_ids = "position_ids" in params or accepts_kwargs
+        self._start_worker()
+
+    def _worker_context(self):
+        return torch.inference_mode()
+
+    def _after_error(self) -> None:
+        super()._after_error()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @staticmethod
     def _input_device(model) -> torch.device:
         try:
@@ -392,18 +557,6 @@ class GenerationEngine:
             new_cache = out.get("past_key_values")
         return out.logits[:, -1, :], new_cache
 
-    def _prefill_groups(self, seqs: list[_Seq]) -> list[list[_Seq]]:
-        """Split newcomers so that each prefill pass (padded to its longest prompt) stays within
-        max_num_batched_tokens; a single prompt is never split (it is at most max_model_len)."""
-        groups: list[list[_Seq]] = []
-        for s in sorted(seqs, key=lambda x: len(x.prompt_ids)):
-            g = groups[-1] if groups else None
-            if g is not None and (len(g) + 1) * len(s.prompt_ids) <= self.max_num_batched_tokens:
-                g.append(s)
-            else:
-                groups.append([s])
-        return groups
-
     def _prefill(self, seqs: list[_Seq]) -> None:
         lens = [len(s.prompt_ids) for s in seqs]
         width = max(lens)
@@ -417,16 +570,12 @@ class GenerationEngine:
         logits, cache = self._forward(ids, mask, positions, None)
         self.prefill_passes += 1
         for s in seqs:
-            s.n_cached = len(s.prompt_ids)
+            self._init_seq(s)
             s.generator = torch.Generator(device="cpu")
             if s.params.seed is not None:
                 s.generator.manual_seed(int(s.params.seed))
             else:
                 s.generator.seed()
-            s.ctx_ids = list(s.prompt_ids[-_PREFIX_CONTEXT:])
-            s.prefix_offset = 0
-            s.read_offset = len(s.ctx_ids)
-            self.prompt_tokens += len(s.prompt_ids)
         if self._joinable is None:
             self._joinable = self._plain_dynamic_cache(cache)
             if not self._joinable and self.continuous:
@@ -566,114 +715,6 @@ class GenerationEngine:
         return out
 
     # -- detokenization and delivery
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _new_text(self, s: _Seq, final: bool) -> str:
-        """Incremental detokenization (prefix/read offsets, as vLLM and TGI do it): the text the tokens after
-        ``read_offset`` add, holding it back while it ends in an incomplete UTF-8 sequence (unless ``final``)."""
-        if s.read_offset >= len(s.ctx_ids):
-            return ""
-        prefix = self._decode(s.ctx_ids[s.prefix_offset:s.read_offset])
-        full = self._decode(s.ctx_ids[s.prefix_offset:])
-        if not final and (len(full) <= len(prefix) or full.endswith("\ufffd")):
-            return ""
-        s.prefix_offset, s.read_offset = s.read_offset, len(s.ctx_ids)
-        return full[len(prefix):]
-
-    def _emit(self, seqs: list[_Seq], tokens: list[int]) -> None:
-        deliveries: dict[asyncio.AbstractEventLoop, list] = {}
-        now = time.monotonic()
-        for s, tok in zip(seqs, tokens):
-            if s.done:
-                continue
-            s.out_ids.append(tok)
-            s.unsent_ids.append(tok)
-            finish = None
-            eos = tok in self._eos_ids and not s.params.ignore_eos
-            if not eos:
-                s.ctx_ids.append(tok)  # EOS ends the text; it is not part of it
-            length = len(s.out_ids) >= s.params.max_tokens
-            s.text += self._new_text(s, final=eos or length)
-            if s.params.stop:
-                cut = self._find_stop(s)
-                if cut is not None:
-                    s.text = s.text[:cut]
-                    finish = "stop"
-            if finish is None:
-                finish = "stop" if eos else "length" if length else None
-            if finish is not None:
-                end = len(s.text)
-            else:
-                end = len(s.text) - self._stop_holdback(s)
-            if end <= s.sent_chars and finish is None:
-                continue  # nothing printable yet; these token ids go out with the next chunk
-            chunk = GenerationChunk(text=s.text[s.sent_chars:end], token_ids=tuple(s.unsent_ids),
-                                    finish_reason=finish, prompt_tokens=len(s.prompt_ids),
-                                    completion_tokens=len(s.out_ids))
-            s.sent_chars = max(s.sent_chars, end)
-            s.unsent_ids = []
-            if finish is not None:
-                s.done = True
-                self.completed += 1
-            deliveries.setdefault(s.loop, []).append((s, chunk))
-        n = len(tokens)
-        self.generated_tokens += n
-        with self._cv:
-            self._tps.append((now, n))
-            while self._tps[0][0] < now - _TPS_WINDOW_S:
-                self._tps.popleft()
-        self._deliver(deliveries)
-
-    @staticmethod
-    def _find_stop(s: _Seq) -> int | None:
-        longest = max(len(x) for x in s.params.stop)
-        start = max(0, s.stop_scan_from - longest + 1)
-        best = None
-        for stop in s.params.stop:
-            if not stop:
-                continue
-            i = s.text.find(stop, start)
-            if i != -1 and (best is None or i < best):
-                best = i
-        s.stop_scan_from = len(s.text)
-        return best
-
-    @staticmethod
-    def _stop_holdback(s: _Seq) -> int:
-        """Length of the longest tail of the text that could be the start of a stop string."""
-        hold = 0
-        for stop in s.params.stop:
-            for k in range(min(len(stop) - 1, len(s.text)), hold, -1):
-                if s.text.endswith(stop[:k]):
-                    hold = k
-                    break
-        return hold
-
-    def _deliver(self, deliveries: dict) -> None:
-        for loop, items in deliveries.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the consumer's event loop is gone: nobody listens any more
-                for s, _ in items:
-                    s.cancelled = True
-                    s.done = True
-
-    def _finish_cancelled(self, s: _Seq) -> None:
-        if not s.done:
-            s.done = True
-            self.cancelled += 1
-
-    def _fail(self, seqs: list[_Seq], exc: BaseException) -> None:
-        deliveries: dict = {}
-        for s in seqs:
-            if s.done:
-                continue
-            s.done = True
-            deliveries.setdefault(s.loop, []).append((s, exc))
-        self._deliver(deliveries)
-
 
 def _put_all(items) -> None:
     for s, item in items:

@@ -195,6 +195,21 @@ def load_model(source: str, *, quantization: str, dtype: str = "bf16", device: s
     return model, tokenizer
 
 
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The Hugging Face tokenizer of ``source``: a model directory, or a .gguf file (its folder's tokenizer.json when
+    there is one, as published GGUF repositories beside their original; else the vocabulary inside the file, which
+    transformers converts)."""
+    from transformers import AutoTokenizer
+
+    if source.lower().endswith(".gguf"):
+        folder = os.path.dirname(os.path.abspath(source))
+        if os.path.exists(os.path.join(folder, "tokenizer.json")):
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=os.path.basename(source),
+                                             trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
 def fix_tokenizer(tokenizer, model=None):
     """Left padding, and a pad token (the EOS token) when the tokenizer has none."""
     if tokenizer.pad_token is None:

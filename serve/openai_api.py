@@ -445,10 +445,9 @@ class _Tokenizers:
         with self._lock:
             tok = self._by_source.get(card.source)
             if tok is None:
-                from transformers import AutoTokenizer  # heavy import, only when a tokenizer is not injected
+                from .loader import load_tokenizer  # heavy import, only when a tokenizer is not injected
 
-                tok = AutoTokenizer.from_pretrained(
-                    card.source, trust_remote_code=bool(card.extra.get("trust_remote_code", False)))
+                tok = load_tokenizer(card.source, trust_remote_code=bool(card.extra.get("trust_remote_code", False)))
                 self._by_source[card.source] = tok
             return tok
 

@@ -58,8 +58,8 @@ class ModelReplica:
             log.warning("gpuplan replica %s of %s: Ray put it on node %s (GPU %s); the plan put it on node %s",
                         info["replica_id"], self.name, info["node_label"], info["gpu_ids"], cfg["node"])
         faults = cfg.get("faults") or {}
-        if cfg.get("engine") == "vllm":
-            self._start_vllm(faults, info or {})
+        if cfg.get("engine") in ("vllm", "llamacpp"):
+            (self._start_vllm if cfg["engine"] == "vllm" else self._start_llamacpp)(faults, info or {})
             self.load_s = round(time.time() - t0, 2)
             self.started = time.time()
             self._metrics()
@@ -108,6 +108,32 @@ class ModelReplica:
         self.started = time.time()
         self._metrics()
         self._report()
+
+    def _start_llamacpp(self, faults: dict, info: dict) -> None:
+        """llama.cpp with the context the plan gave this replica (planner.llamacpp.llamacpp_settings): one KV stream
+        per sequence, every layer on the GPU when there is one (a CPU build runs everything on the CPU)."""
+        from .engines.llamacpp import LlamaCppEngine
+        from .loader import load_tokenizer
+
+        st = self.cfg["llamacpp"]
+        cuda, _, _, _, why = _cuda_state(faults.get("cuda"))
+        try:
+            self.tokenizer = load_tokenizer(self.cfg["source"], self.cfg.get("trust_remote_code", False))
+            self.engine = LlamaCppEngine(
+                self.cfg["source"], self.tokenizer, max_num_seqs=self.cfg["max_num_seqs"],
+                max_model_len=self.cfg["max_model_len"], n_gpu_layers=st["n_gpu_layers"] if cuda else 0,
+                n_batch=st["n_batch"], n_ubatch=st["n_ubatch"], flash_attn=st["flash_attn"],
+                n_threads=int(os.environ.get("GPUPLAN_CPU_THREADS", 0)) or max(1, int(self.cfg.get("num_cpus", 1) or 1)))
+        except Exception as exc:
+            kind = classify_load_failure(type(exc).__name__, str(exc))
+            msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self._report_failure("gpu" if cuda else "cpu", kind, msg, gave_up=True)
+            self._give_up("gpu" if cuda else "cpu", kind, msg)
+        rep = self.engine.report()
+        self.resident = {"total": rep["reported"]["model_size"], "llamacpp_buffers": rep["reported"]["buffers"]}
+        log.info("gpuplan replica %s: llama.cpp context of %s cells (%s sequences), buffers %s; %s", self.name,
+                 rep["given"]["n_ctx"], rep["given"]["n_seq_max"], rep["reported"]["buffers"],
+                 "GPU" if cuda else f"CPU ({why or 'no CUDA'})")
 
     def _start_vllm(self, faults: dict, info: dict) -> None:
         """vLLM's AsyncLLM with the settings the plan gave this replica (planner.engines.vllm_settings). On a GPU

@@ -1,6 +1,7 @@
 """The engines a replica can run, behind one small interface (base.Engine): the transformers engine
-(serve/engine.py: continuous batching over transformers, bitsandbytes, CPU offload) and vLLM (vllm.py: AsyncLLM
-inside the replica, in vLLM's own venv). Which engines are installed for the replicas: ``available()``."""
+(serve/engine.py: continuous batching over transformers, bitsandbytes, CPU offload), vLLM (vllm.py: AsyncLLM
+inside the replica, in vLLM's own venv) and llama.cpp (llamacpp.py: GGUF files through llama-cpp-python's C API,
+with serve/engine.py's batching). Which engines are installed for the replicas: ``available()``."""
 
 from __future__ import annotations
 
@@ -27,4 +28,5 @@ def vllm_python() -> str | None:
 
 def available() -> frozenset[str]:
     """Engines installed for the replicas (what ``engine: auto`` may pick)."""
-    return frozenset({"transformers"} | ({"vllm"} if vllm_python() else set()))
+    return frozenset({"transformers"} | ({"vllm"} if vllm_python() else set())
+                     | ({"llamacpp"} if importlib.util.find_spec("llama_cpp") is not None else set()))

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
     port = free_port()
     cfg["http_options"]["port"] = port
     for m in cfg["applications"][0]["args"]["models"]:
-        m["source"] = os.path.join(ROOT, "models", "tiny-chat")
+        m["source"] = os.path.normpath(os.path.join(ROOT, m["source"]))  # relative to deploy.yaml
     path = tmp_path_factory.mktemp("e2e") / "deploy.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = open(path.parent / "serve.log", "w")
@@ -63,7 +63,7 @@ def server(tmp_path_factory):
 
 def test_openai_client_chat_stream_and_completion(server):
     client = openai.OpenAI(base_url=server["base"] + "/v1", api_key="unused")
-    assert {m.id for m in client.models.list().data} == {"tiny-int8", "tiny-int4"}
+    assert {m.id for m in client.models.list().data} == {"tiny-int8", "tiny-int4", "tiny-gguf"}
     r = client.chat.completions.create(model="tiny-int4", max_tokens=16, temperature=0,
                                        messages=[{"role": "user", "content": "What does json.dumps do?"}])
     assert r.choices[0].message.content and r.usage.completion_tokens >= 1
@@ -74,6 +74,17 @@ def test_openai_client_chat_stream_and_completion(server):
     assert len(pieces) >= 2 and "".join(pieces)
     c = client.completions.create(model="tiny-int4", prompt="import os\n", max_tokens=12, temperature=0.7, seed=3)
     assert c.choices[0].text is not None and c.usage.completion_tokens >= 1
+    # the GGUF model runs on llama.cpp, behind the same API
+    g = client.chat.completions.create(model="tiny-gguf", max_tokens=16, temperature=0,
+                                       messages=[{"role": "user", "content": "What does os.getcwd do?"}])
+    assert g.choices[0].message.content and g.usage.completion_tokens >= 1
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny-gguf", max_tokens=16, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What does os.getcwd do?"}]) if c.choices]
+    assert "".join(pieces) == g.choices[0].message.content  # streamed = not streamed, greedy
+    plan = requests.get(server["base"] + "/plan").json()
+    gg = [r for r in plan["replicas"] if r["model"] == "tiny-gguf"]
+    assert gg and all(r["engine"] == "llamacpp" for r in gg), gg
 
 
 def test_bad_requests_get_openai_errors(server):
@@ -89,13 +100,13 @@ def test_bad_requests_get_openai_errors(server):
     assert form.status_code == 415 and "error" in form.json()
     assert requests.get(f"{base}/healthz").status_code == 200
     plan = requests.get(f"{base}/plan").json()
-    assert plan["feasible"] and {m["name"] for m in plan["models"]} == {"tiny-int8", "tiny-int4"}
+    assert plan["feasible"] and {m["name"] for m in plan["models"]} == {"tiny-int8", "tiny-int4", "tiny-gguf"}
 
 
 def test_16_concurrent_clients_none_lost(server):
     def one(i):
         r = requests.post(server["base"] + "/v1/chat/completions", timeout=180, json={
-            "model": "tiny-int4" if i % 2 else "tiny-int8", "max_tokens": 24, "temperature": 0.8, "seed": i,
+            "model": ("tiny-int8", "tiny-int4", "tiny-gguf")[i % 3], "max_tokens": 24, "temperature": 0.8, "seed": i,
             "messages": [{"role": "user", "content": f"What does module {i} do?"}]})
         return r.status_code, r.headers.get("retry-after"), r.json()
 

@@ -1,6 +1,6 @@
-"""Every engine behind the same API (the shared Ray cluster with fake GPUs): a transformers model and a vLLM model
-(vLLM's CPU build in its own venv, `make vllm`, run by the replicas through Ray's runtime_env py_executable) on one
-declared L4.
+"""Every engine behind the same API (the shared Ray cluster with fake GPUs): a transformers model, a vLLM model
+(vLLM's CPU build in its own venv, `make vllm`, run by the replicas through Ray's runtime_env py_executable) and a
+GGUF model on llama.cpp (llama-cpp-python, `make venv`) on one declared L4.
 
 - request semantics, checked once for every engine: max_tokens, a seed per request (same seed, same text, streamed
   or not), stop strings (cut before the stop, finish_reason "stop"), streaming ending in a finish reason and [DONE];
@@ -37,6 +37,9 @@ ARGS = {
          "max_num_seqs": 4, "replicas": {"min": 1, "max": 1}, "stream_interval_s": 0},
         {"name": "v", "source": TINY, "quantization": "bf16", "engine": "vllm", "max_model_len": 256,
          "max_num_seqs": 4, "replicas": {"min": 2, "max": 2}, "stream_interval_s": 0},
+        {"name": "g", "source": os.path.join(TINY, "tiny-chat-Q8_0.gguf"), "quantization": "gguf",
+         "engine": "llamacpp", "max_model_len": 256, "max_num_seqs": 4, "replicas": {"min": 1, "max": 1},
+         "stream_interval_s": 0},
     ],
 }
 
@@ -77,7 +80,7 @@ def complete(base: str, model: str, stream: bool = False, **kw) -> tuple[str, st
     return text, reason, usage
 
 
-@pytest.mark.parametrize("model", ["t", "v"])
+@pytest.mark.parametrize("model", ["t", "v", "g"])
 def test_request_semantics_are_the_same_on_every_engine(app, model):
     text, reason, usage = complete(app, model)
     assert 1 <= usage["completion_tokens"] <= 12 and reason in ("length", "stop")
@@ -102,7 +105,7 @@ def test_request_semantics_are_the_same_on_every_engine(app, model):
 
 def test_vllm_replicas_got_the_planned_memory_and_report_the_planned_kv(app):
     result = make_plan(parse_deploy_args(ARGS), cluster_from_decl(parse_deploy_args(ARGS).cluster),
-                       frozenset({"transformers", "vllm"}))
+                       frozenset({"transformers", "vllm", "llamacpp"}))
     est = result.estimates["v"]["bf16"]
     assert est.engine == "vllm"
     reps = [r for r in requests.get(f"{app}/plan", timeout=30).json()["replicas"] if r["model"] == "v"]
@@ -123,3 +126,20 @@ def test_two_vllm_replicas_on_one_gpu_started_one_after_the_other(app):
     assert len(reps) == 2 and reps[0]["gpu_ids"] == reps[1]["gpu_ids"] and reps[0]["gpu_ids"]
     a, b = sorted((r["engine_report"]["start"] for r in reps), key=lambda s: s["started_at"])
     assert a["ready_at"] <= b["started_at"], (a, b)  # b's engine began only after a's had its KV cache
+
+
+def test_llamacpp_replica_runs_the_planned_context_and_its_buffers_match_the_plan(app):
+    result = make_plan(parse_deploy_args(ARGS), cluster_from_decl(parse_deploy_args(ARGS).cluster),
+                       frozenset({"transformers", "vllm", "llamacpp"}))
+    est = result.estimates["g"]["gguf"]
+    assert est.engine == "llamacpp"
+    planned = est.detail["llamacpp_buffers"]
+    (rep,) = [r for r in requests.get(f"{app}/plan", timeout=30).json()["replicas"] if r["model"] == "g"]
+    assert rep["engine"] == "llamacpp"
+    given, reported = rep["engine_report"]["given"], rep["engine_report"]["reported"]
+    assert given["n_ctx"] == est.detail["llamacpp"]["n_ctx"] == reported["n_ctx"] == 4 * 256
+    assert given["n_seq_max"] == 4 and given["n_gpu_layers"] == 0  # Ray's fake GPU: no CUDA, all on the CPU
+    for term, key in (("KV", "kv"), ("compute", "compute"), ("output", "output")):
+        got = sum(reported["buffers"][term].values())
+        assert abs(got - planned[key]) <= 0.02 * got + 5243, (term, got, planned[key])
+    assert reported["model_size"] == planned["model"]

@@ -20,7 +20,18 @@ def test_auto_takes_vllm_where_it_runs_the_scheme_and_is_installed():
     assert eng == "transformers" and "not a scheme vLLM runs" in why
     eng, why = pick_engine("auto", "bf16", ONLY_T)
     assert eng == "transformers" and "make vllm" in why
-    assert pick_engine("auto", "gguf", BOTH)[0] == "transformers"
+    eng, why = pick_engine("auto", "gguf", BOTH)
+    assert eng == "transformers" and "llama-cpp-python is not installed" in why
+    assert pick_engine("auto", "gguf", BOTH | {"llamacpp"})[0] == "llamacpp"
+    assert pick_engine("auto", "bf16", BOTH | {"llamacpp"})[0] == "vllm"
+
+
+def test_llamacpp_runs_gguf_only_and_says_how_to_install_it():
+    with pytest.raises(InputError, match=r"models\[m\]\.engine llamacpp runs GGUF files, not quantization bf16"):
+        pick_engine("llamacpp", "bf16", BOTH | {"llamacpp"}, "m")
+    with pytest.raises(InputError, match="make venv"):
+        pick_engine("llamacpp", "gguf", BOTH, "m")
+    assert pick_engine("transformers", "gguf", BOTH | {"llamacpp"})[0] == "transformers"
 
 
 def test_asking_vllm_for_bitsandbytes_or_without_vllm_says_why_and_the_fix():
@@ -28,7 +39,7 @@ def test_asking_vllm_for_bitsandbytes_or_without_vllm_says_why_and_the_fix():
         pick_engine("vllm", "nf4", BOTH, "m")
     with pytest.raises(InputError, match="make vllm"):
         pick_engine("vllm", "bf16", ONLY_T, "m")
-    with pytest.raises(InputError, match="use auto, transformers or vllm"):
+    with pytest.raises(InputError, match="use auto, transformers, vllm or llamacpp"):
         pick_engine("tensorrt", "bf16", BOTH)
 
 

@@ -7,6 +7,8 @@ are read back too.
 
 from __future__ import annotations
 
+import math
+
 import json
 import struct
 import subprocess
@@ -537,10 +539,14 @@ def test_estimate_from_gguf_counts_stored_bytes(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_gguf(path, _llama_meta(), _llama_tensors())
     g = read_gguf(path)
-    est = estimate_replica(load_spec(str(path)), max_model_len=1024)
-    assert est.quantization == "gguf" and est.source == "gguf"
-    assert est.weights == sum(t.nbytes for t in g.tensors)
+    est = estimate_replica(load_spec(str(path)), max_model_len=1024, engine="llamacpp", device="cpu")
+    assert est.quantization == "gguf" and est.source == "gguf" and est.engine == "llamacpp"
+    assert est.weights == sum(t.nbytes for t in g.tensors)  # llama.cpp keeps the tensors as stored
     # KV: 2 x n_ctx x kv_heads x head_dim x 2 bytes per block, 4 blocks
     assert est.kv_cache == 4 * 2 * 1024 * KV_HEADS * (EMB // HEADS) * 2
+    # transformers dequantizes on load: every element at bf16, and the plan says so
+    tf = estimate_replica(load_spec(str(path)), max_model_len=1024, dtype="bf16")
+    n = sum(math.prod(t.shape) for t in g.tensors)
+    assert tf.weights == 2 * n and any("dequantizes" in x for x in tf.notes)
     with pytest.raises(ModelSpecError, match="GGUF file"):
         estimate_replica(load_spec(str(path)), quant="int4")

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def run_with(tmp_path, mutate):
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
     for m in cfg["applications"][0]["args"]["models"]:
-        m["source"] = os.path.join(ROOT, "models", "tiny-chat")
+        m["source"] = os.path.normpath(os.path.join(ROOT, m["source"]))  # relative to deploy.yaml
     mutate(cfg["applications"][0]["args"])
     path = tmp_path / "deploy.yaml"
     path.write_text(yaml.safe_dump(cfg))

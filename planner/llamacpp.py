@@ -1,0 +1,181 @@
+"""A GGUF replica as llama.cpp allocates it (serve/engines/llamacpp.py runs it), and the settings that make it so.
+
+llama.cpp logs one line per buffer when a context starts; each term here is one of them (docs/memory-model.md 5c):
+
+- ``model buffer size``: the GGUF's tensors as stored (per-tensor ggml types). On the CPU they are mmap'd file pages.
+  With layers on a GPU, ``token_embd`` stays on the CPU (the input layer always does) and a tied output (no
+  ``output.weight``) is loaded a second time for the GPU (planner/gguf_offload.py places the layers).
+- ``KV buffer size``: ``n_ctx`` cells x layers x (K + V) of f16 (2 bytes) per cell, ``n_ctx = n_seq_max x
+  n_ctx_seq``, ``n_ctx_seq`` = max_model_len rounded up to 256 (llama.cpp pads it; one KV stream per sequence,
+  ``kv_unified`` off).
+- ``output buffer size``: logits of ``n_outputs_max`` rows x n_vocab x 4 bytes. The engine sets ``n_outputs_max`` =
+  ``n_seq_max`` (one row per running sequence is all it reads); llama.cpp's default, n_batch rows, would also put
+  n_batch x n_vocab x 4 bytes into the compute buffer.
+- ``compute buffer size``: ggml-alloc's peak over one ``n_ubatch``-token graph with flash attention (llama.cpp's
+  ``auto`` picks it on CPU and current GPUs). Fitted to llama.cpp's own reports over 4 Llama shapes (hidden 128-512,
+  FFN 384-1,408, vocab 4,096-16,384, n_ubatch 64-512, n_ctx_seq 256-2,048; tests/unit/test_llamacpp_plan.py holds
+  them): the FFN step holds three n_ubatch x FFN and four n_ubatch x hidden f32 tensors, and the attention mask is
+  n_ubatch x n_ctx_seq f16: ``4 x n_ubatch x (3 x FFN + 4 x hidden) + 2 x n_ubatch x n_ctx_seq``.
+
+Pure arithmetic over a ModelSpec from a GGUF file (planner/gguf_spec.py); no file is read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import InputError
+from .spec import ModelSpec
+
+KV_CELL_PAD = 256  # llama.cpp: n_ctx and n_ctx_seq are multiples of 256
+DEFAULT_N_UBATCH = 512  # llama.cpp's default physical batch
+F16_BYTES = 2
+F32_BYTES = 4
+
+
+def n_ctx_seq(max_model_len: int) -> int:
+    """KV cells of one sequence: max_model_len rounded up to 256."""
+    return -(-int(max_model_len) // KV_CELL_PAD) * KV_CELL_PAD
+
+
+@dataclass(frozen=True)
+class LlamaCppSettings:
+    """What a llama.cpp replica is started with (serve/engines/llamacpp.py)."""
+
+    n_gpu_layers: int
+    n_ctx: int
+    n_ctx_seq: int
+    n_seq_max: int
+    n_batch: int
+    n_ubatch: int
+    n_outputs_max: int
+    flash_attn: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def llamacpp_settings(*, max_model_len: int, max_num_seqs: int, prefill_tokens: int, n_gpu_layers: int
+                      ) -> LlamaCppSettings:
+    """The context of one replica: one KV stream per sequence, a logical batch that holds the longest prompt (the
+    engine never splits one) or the planned prefill chunk, whichever is larger, physical batches of up to 512."""
+    for name, v in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise InputError(f"{name} must be a positive integer, got {v!r}")
+    cells = n_ctx_seq(max_model_len)
+    n_batch = max(max_model_len, prefill_tokens, max_num_seqs)
+    return LlamaCppSettings(n_gpu_layers=int(n_gpu_layers), n_ctx=cells * max_num_seqs, n_ctx_seq=cells,
+                            n_seq_max=max_num_seqs, n_batch=n_batch, n_ubatch=min(DEFAULT_N_UBATCH, n_batch),
+                            n_outputs_max=max_num_seqs, flash_attn="auto")
+
+
+def kv_buffer_bytes(spec: ModelSpec, n_ctx: int) -> int:
+    """llama.cpp's KV buffer: every layer keeps n_ctx cells of f16 K and V."""
+    d = spec.dims
+    per_cell_layer = d.num_kv_heads * d.head_dim * F16_BYTES * 2
+    return d.num_layers * n_ctx * per_cell_layer
+
+
+def output_buffer_bytes(spec: ModelSpec, n_outputs_max: int) -> int:
+    return n_outputs_max * spec.dims.vocab_size * F32_BYTES
+
+
+def compute_buffer_bytes(spec: ModelSpec, *, n_ubatch: int, n_ctx_seq: int, n_outputs_max: int) -> int:
+    """ggml-alloc's peak for one n_ubatch graph with flash attention (see the module docstring): the FFN step, or the
+    output step (n_outputs_max logits rows beside two n_ubatch x hidden tensors) when that is larger."""
+    d = spec.dims
+    ffn = F32_BYTES * n_ubatch * (3 * d.intermediate_size + 4 * d.hidden_size)
+    out = F32_BYTES * (n_outputs_max * d.vocab_size + 2 * n_ubatch * d.hidden_size)
+    return max(ffn, out) + F16_BYTES * n_ubatch * n_ctx_seq
+
+
+def model_buffer_bytes(spec: ModelSpec) -> int:
+    """Every tensor of the GGUF as stored."""
+    return sum(t.stored_bytes or 0 for t in spec.tensors)
+
+
+@dataclass(frozen=True)
+class LlamaCppBuffers:
+    """The four buffers llama.cpp reports, in bytes."""
+
+    model: int
+    kv: int
+    output: int
+    compute: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def buffers(spec: ModelSpec, settings: LlamaCppSettings) -> LlamaCppBuffers:
+    return LlamaCppBuffers(
+        model=model_buffer_bytes(spec), kv=kv_buffer_bytes(spec, settings.n_ctx),
+        output=output_buffer_bytes(spec, settings.n_outputs_max),
+        compute=compute_buffer_bytes(spec, n_ubatch=settings.n_ubatch, n_ctx_seq=settings.n_ctx_seq,
+                                     n_outputs_max=settings.n_outputs_max))
+
+
+def gpu_weight_bytes(spec: ModelSpec) -> int:
+    """Model bytes on the GPU when every layer is offloaded: all tensors but ``token_embd`` (the input layer stays on
+    the CPU), plus ``token_embd`` again as the output layer when the output is tied to it."""
+    names = {t.name: (t.stored_bytes or 0) for t in spec.tensors}
+    embd = names.get("token_embd.weight", 0)
+    tied = "output.weight" not in names
+    return model_buffer_bytes(spec) - embd + (embd if tied else 0)
+
+
+# NOTE: a CPU llama.cpp replica's process besides its buffers: the Serve replica's Python with Ray, transformers (the
+# tokenizer that detokenizes) and torch (serve/engine.py, whose batching it shares) imported, plus the llama.cpp
+# library: the transformers replica's baseline (planner.memory.CPU_PROCESS_BYTES) is taken for it.
+
+
+def estimate_llamacpp(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, prefill_tokens: int, device: str,
+                      notes: list):
+    """planner.memory.ReplicaEstimate of one llama.cpp replica: its buffers as llama.cpp reports them. On ``cuda``
+    every layer is offloaded (``n_gpu_layers`` = blocks + 1) and the estimate is the GPU's share: model (less the
+    input embeddings, plus a tied output's copy) + KV + compute + the CUDA context; the output buffer and
+    ``token_embd`` stay in host memory (in ``detail``)."""
+    from .memory import CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, ReplicaEstimate
+
+    if spec.source != "gguf":
+        raise InputError(f"engine llamacpp runs GGUF files; {spec.name} is a {spec.source} model: point source at a "
+                         ".gguf file, or use engine: transformers or vllm")
+    d = spec.dims
+    n_layers_total = d.num_layers + 1
+    settings = llamacpp_settings(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                 prefill_tokens=prefill_tokens,
+                                 n_gpu_layers=n_layers_total if device == "cuda" else 0)
+    b = buffers(spec, settings)
+    if d.layer_types and "sliding" in d.layer_types:
+        notes.append("sliding-window layers are sized as full-attention layers (an upper bound)")
+    host = {"output_buffer": b.output}
+    if device == "cuda":
+        weights = gpu_weight_bytes(spec)
+        host["token_embd"] = next((t.stored_bytes or 0 for t in spec.tensors if t.name == "token_embd.weight"), 0)
+        overhead, over_detail = CUDA_CONTEXT_BYTES, {"cuda_context": CUDA_CONTEXT_BYTES}
+        kv, act = b.kv, b.compute
+    else:
+        weights = b.model
+        overhead, over_detail = CPU_PROCESS_BYTES, {"python_process": CPU_PROCESS_BYTES}
+        kv, act = b.kv, b.compute + b.output
+    n_params = sum(_numel(t.shape) for t in spec.tensors)
+    total = weights + kv + act + overhead
+    return ReplicaEstimate(
+        model=spec.name, quantization="gguf", quant_label="gguf (as stored)", dtype="fp16", device=device,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, prefill_tokens=settings.n_ubatch,
+        params_total=n_params, params_quantized=n_params, params_unquantized=0, weights=weights,
+        weights_quant_state=0, kv_cache=kv, activations=act, runtime_overhead=overhead, total=total, source="gguf",
+        detail={"weights": {"gguf tensors": weights}, "weights_quant_state": 0,
+                "kv_cache": {"n_ctx": settings.n_ctx, "n_ctx_seq": settings.n_ctx_seq, "type": "f16"},
+                "activations": {"compute_buffer": b.compute, **({} if device == "cuda" else
+                                                                 {"output_buffer": b.output})},
+                "runtime_overhead": over_detail, "llamacpp": settings.to_json(), "llamacpp_buffers": b.to_json(),
+                "host_memory": host},
+        notes=tuple(notes), engine="llamacpp")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
