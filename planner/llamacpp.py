@@ -179,3 +179,75 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def layer_bytes(spec: ModelSpec) -> tuple[tuple[int, ...], int, int]:
+    """(bytes of each block ``blk.N``, output layer bytes, input layer bytes) from the GGUF's tensors. The output
+    layer is ``output_norm`` + ``output`` (``token_embd`` again when the output is tied to it); the input layer is
+    ``token_embd``."""
+    n = spec.dims.num_layers
+    blocks = [0] * n
+    by_name = {t.name: (t.stored_bytes or 0) for t in spec.tensors}
+    for name, b in by_name.items():
+        if name.startswith("blk."):
+            i = int(name.split(".")[1])
+            if i < n:
+                blocks[i] += b
+    embd = by_name.get("token_embd.weight", 0)
+    output = by_name.get("output_norm.weight", 0) + by_name.get("output.weight", embd)
+    return tuple(blocks), output, embd
+
+
+@dataclass(frozen=True)
+class GpuLayersDecision:
+    """How many layers a llama.cpp replica puts on its GPU, decided from the memory it has there."""
+
+    mode: str  # "gpu" (every layer), "offload" (some layers; the rest run on the CPU) | "cpu"
+    n_gpu_layers: int
+    max_n_gpu_layers: int
+    reason: str
+    gpu_bytes: int = 0
+    cpu_bytes: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def decide_gpu_layers(spec: ModelSpec, settings: LlamaCppSettings, *, model: str, budget_bytes: int | None,
+                      offload_cpu_bytes: int = 0, fixed_gpu_bytes: int = 0,
+                      why_no_cuda: str = "no CUDA device is visible to this replica") -> GpuLayersDecision:
+    """The GGUF form of "offload to the CPU when the GPU is short": the largest ``n_gpu_layers`` whose blocks, their
+    KV cache, the output layer, the compute buffer and ``fixed_gpu_bytes`` (the CUDA context) fit ``budget_bytes``
+    (the replica's planned share, or less when the GPU has less free), placed as llama.cpp places them
+    (planner/gguf_offload.py). The layers left on the CPU (their weights and KV) must fit ``offload_cpu_bytes``.
+    ``budget_bytes`` None: no GPU, everything on the CPU."""
+    from .errors import InfeasiblePlanError
+    from .gguf_offload import plan_layer_offload
+    from .units import format_bytes
+
+    top = spec.dims.num_layers + 1
+    if budget_bytes is None:
+        return GpuLayersDecision("cpu", 0, top, f"{why_no_cuda}: {model} runs every layer on the CPU")
+    blocks, output, embd = layer_bytes(spec)
+    kv_layer = kv_buffer_bytes(spec, settings.n_ctx) // max(spec.dims.num_layers, 1)
+    b = buffers(spec, settings)
+    p = plan_layer_offload(blocks, max(int(budget_bytes), 0), kv_bytes_per_layer=kv_layer, output_bytes=output,
+                           input_bytes=embd, compute_reserve_bytes=b.compute + fixed_gpu_bytes)
+    if p.full_offload:
+        return GpuLayersDecision("gpu", top, top, f"{format_bytes(budget_bytes)} on the GPU hold all {top} layers "
+                                 f"of {model} ({format_bytes(p.gpu_bytes)})", p.gpu_bytes, p.cpu_bytes)
+    cpu_part = p.cpu_weight_bytes + p.cpu_kv_bytes - embd  # token_embd is on the CPU in every case
+    if cpu_part > offload_cpu_bytes:
+        need = p.cpu_weight_bytes + p.cpu_kv_bytes
+        raise InfeasiblePlanError(
+            f"{model}: {format_bytes(budget_bytes)} on the GPU hold {p.n_gpu_layers} of its {top} llama.cpp layers; "
+            f"the other {format_bytes(cpu_part)} of weights and KV cache would run on the CPU, more than "
+            f"offload.cpu_memory {format_bytes(offload_cpu_bytes)}: set offload.cpu_memory to at least "
+            f"{format_bytes(need)}, give the model more GPU memory (replica_memory, or a GPU with more free), or "
+            "lower max_model_len/max_num_seqs")
+    mode = "offload" if p.n_gpu_layers else "cpu"
+    return GpuLayersDecision(
+        mode, p.n_gpu_layers, top,
+        f"{format_bytes(budget_bytes)} on the GPU hold {p.n_gpu_layers} of the {top} layers of {model} "
+        f"({format_bytes(p.gpu_bytes)}); the other {top - p.n_gpu_layers} run on the CPU "
+        f"({format_bytes(p.cpu_weight_bytes + p.cpu_kv_bytes)} of weights and KV in RAM)", p.gpu_bytes, p.cpu_bytes)

@@ -115,7 +115,7 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
         opts = deployment_options(spec, entry, b.selector if b else None, rollout.plan_id)
         extra: dict = {"engine": est.engine}
         if est.engine == "llamacpp":
-            extra["llamacpp"] = est.detail["llamacpp"]
+            extra["llamacpp"] = llamacpp_settings_for(est, entry, int(mp.replica_bytes), result.device)
         if est.engine == "vllm":
             extra["vllm"] = vllm_settings_for(est, entry, int(mp.replica_bytes), nodes.get(spec.node),
                                               result.device).to_json()
@@ -136,6 +136,23 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
             "options": opts,
         }
     return out
+
+
+def llamacpp_settings_for(est, entry, planned_bytes: int, device: str) -> dict:
+    """planner.llamacpp settings for one deployment: every layer on the GPU, or, when the plan gives the replica less
+    than the whole model (``replica_memory``), the largest ``n_gpu_layers`` that fits its share (the replica decides
+    again from the GPU's free memory when it starts)."""
+    from planner.gguf_spec import spec_from_gguf
+    from planner.llamacpp import LlamaCppSettings, decide_gpu_layers
+    from planner.memory import CUDA_CONTEXT_BYTES
+
+    st = dict(est.detail["llamacpp"])
+    if device == "cuda" and planned_bytes < est.total:
+        d = decide_gpu_layers(spec_from_gguf(entry.source), LlamaCppSettings(**st), model=entry.name,
+                              budget_bytes=planned_bytes, fixed_gpu_bytes=CUDA_CONTEXT_BYTES,
+                              offload_cpu_bytes=entry.offload.cpu_memory if entry.offload else 0)
+        st["n_gpu_layers"] = d.n_gpu_layers
+    return st
 
 
 def vllm_settings_for(est, entry, planned_bytes: int, node, device: str):

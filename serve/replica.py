@@ -115,13 +115,27 @@ class ModelReplica:
         from .engines.llamacpp import LlamaCppEngine
         from .loader import load_tokenizer
 
+        from planner.gguf_spec import spec_from_gguf
+        from planner.llamacpp import LlamaCppSettings, decide_gpu_layers
+        from planner.memory import CUDA_CONTEXT_BYTES
+
         st = self.cfg["llamacpp"]
-        cuda, _, _, _, why = _cuda_state(faults.get("cuda"))
+        cuda, idx, total, free, why = _cuda_state(faults.get("cuda"))
+        budget = min(self.cfg["planned_bytes"], free if free is not None else total) if cuda else None
+        try:
+            layers = decide_gpu_layers(spec_from_gguf(self.cfg["source"]), LlamaCppSettings(**st), model=self.name,
+                                       budget_bytes=budget, offload_cpu_bytes=self.cfg.get("offload_cpu_bytes", 0),
+                                       fixed_gpu_bytes=CUDA_CONTEXT_BYTES, why_no_cuda=why or "no CUDA")
+        except InfeasiblePlanError as exc:  # the GPU's free memory is below plan and the rest exceeds offload
+            self._report_failure("gpu", "gpu_memory", str(exc), gave_up=True)
+            self._give_up("gpu", "gpu_memory", str(exc))
+        log.info("gpuplan replica %s: %s", self.name, layers.reason)
+        self.decision = layers
         try:
             self.tokenizer = load_tokenizer(self.cfg["source"], self.cfg.get("trust_remote_code", False))
             self.engine = LlamaCppEngine(
                 self.cfg["source"], self.tokenizer, max_num_seqs=self.cfg["max_num_seqs"],
-                max_model_len=self.cfg["max_model_len"], n_gpu_layers=st["n_gpu_layers"] if cuda else 0,
+                max_model_len=self.cfg["max_model_len"], n_gpu_layers=layers.n_gpu_layers,
                 n_batch=st["n_batch"], n_ubatch=st["n_ubatch"], flash_attn=st["flash_attn"],
                 n_threads=int(os.environ.get("GPUPLAN_CPU_THREADS", 0)) or max(1, int(self.cfg.get("num_cpus", 1) or 1)))
         except Exception as exc:

@@ -26,7 +26,7 @@ def test_one_minute_soak_with_a_kill_loses_nothing(tmp_path):
         s.bind(("127.0.0.1", 0))
         cfg["http_options"]["port"] = s.getsockname()[1]
     for m in cfg["applications"][0]["args"]["models"]:
-        m["source"] = os.path.normpath(os.path.join(ROOT, m["source"]))  # relative to deploy.yaml
+        m["source"] = os.path.normpath(os.path.join(ROOT, "benchmarks", m["source"]))  # relative to soak.yaml
     path = tmp_path / "soak.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "soak.json"

@@ -92,3 +92,29 @@ def test_llamacpp_runs_gguf_only():
     spec = load_spec(os.path.join(ROOT, "models", "tiny-chat"))
     with pytest.raises(InputError, match="engine llamacpp runs GGUF files"):
         estimate_replica(spec, quant="bf16", max_model_len=256, engine="llamacpp")
+
+
+def test_a_gpu_share_below_the_model_gives_a_partial_n_gpu_layers():
+    from planner.errors import InfeasiblePlanError
+    from planner.llamacpp import buffers, decide_gpu_layers, layer_bytes
+
+    spec = load_spec(os.path.join(ROOT, "models", "tiny-chat", "tiny-chat-Q8_0.gguf"))
+    st = llamacpp_settings(max_model_len=256, max_num_seqs=8, prefill_tokens=256, n_gpu_layers=5)
+    full = estimate_replica(spec, max_model_len=256, max_num_seqs=8, device="cuda", engine="llamacpp")
+    ctx = CUDA_CONTEXT_BYTES
+    d = decide_gpu_layers(spec, st, model="m", budget_bytes=full.total, fixed_gpu_bytes=ctx)
+    assert (d.mode, d.n_gpu_layers, d.max_n_gpu_layers) == ("gpu", 5, 5) and d.gpu_bytes == full.total
+    blocks, output, embd = layer_bytes(spec)
+    assert len(blocks) == 4 and sum(blocks) + output + embd - embd == gpu_weight_bytes(spec)  # tied: embd twice
+    kv_layer = buffers(spec, st).kv // 4
+    fixed = buffers(spec, st).compute + ctx
+    # room for the output layer and the last two blocks (llama.cpp offloads the output layer first), not three
+    budget = fixed + output + blocks[3] + blocks[2] + 2 * kv_layer + blocks[1] // 2
+    d = decide_gpu_layers(spec, st, model="m", budget_bytes=budget, fixed_gpu_bytes=ctx, offload_cpu_bytes=2**30)
+    assert (d.mode, d.n_gpu_layers) == ("offload", 3) and "3 of the 5 layers" in d.reason
+    assert d.cpu_bytes == embd + blocks[0] + blocks[1] + 2 * kv_layer
+    with pytest.raises(InfeasiblePlanError, match=r"hold 3 of its 5 llama.cpp layers.*set offload.cpu_memory to at "
+                                                  r"least"):
+        decide_gpu_layers(spec, st, model="m", budget_bytes=budget, fixed_gpu_bytes=ctx, offload_cpu_bytes=0)
+    none = decide_gpu_layers(spec, st, model="m", budget_bytes=None, why_no_cuda="Ray assigned no GPU")
+    assert (none.mode, none.n_gpu_layers) == ("cpu", 0) and "Ray assigned no GPU" in none.reason
