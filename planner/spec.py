@@ -225,7 +225,29 @@ def _text_config(cfg: dict) -> dict:
     return cfg
 
 
+# Other spellings of the config fields the formulas read, as transformers' configs map them (attribute_map): GPT-2,
+# BLOOM, Falcon, GPT-J, MPT, OPT, T5-style and others save their own names in config.json.
+_ALIASES = {
+    "hidden_size": ("n_embd", "d_model", "embed_dim", "dim", "model_dim", "hidden_dim"),
+    "num_hidden_layers": ("n_layer", "num_layers", "n_layers", "num_decoder_layers"),
+    "num_attention_heads": ("n_head", "num_heads", "n_heads", "decoder_attention_heads"),
+    "intermediate_size": ("n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_hidden_size"),
+    "max_position_embeddings": ("n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length"),
+    "num_key_value_heads": ("num_kv_heads", "n_head_kv", "multi_query_group_num"),
+}
+
+
+def _aliased(cfg: dict, key: str):
+    v = cfg.get(key)
+    if v in (None, ""):
+        for alt in _ALIASES.get(key, ()):
+            if cfg.get(alt) not in (None, ""):
+                return cfg[alt]
+    return v
+
+
 def _need(cfg: dict, model_type: str, *keys: str) -> list:
+    cfg = {**cfg, **{k: _aliased(cfg, k) for k in keys}}
     missing = [k for k in keys if cfg.get(k) in (None, "")]
     if missing:
         raise ModelSpecError(
@@ -543,6 +565,10 @@ def role_from_name(name: str, ndim: int) -> str:
         return "embedding"
     if low.endswith(("lm_head.weight", "embed_out.weight")) or low == "output.weight":
         return "lm_head"
+    if low.endswith(("position_embeddings.weight", "embed_positions.weight", "wpe.weight", "pos_emb.weight",
+                     "token_type_embeddings.weight", "embed_pos.weight")):
+        # learned position / token-type tables are nn.Embedding: bitsandbytes leaves them at the load dtype
+        return "embedding"
     if "norm" in low or ".ln_" in low or low.startswith("ln_"):
         return "norm"
     if re.search(r"\.(gate|router)\.(weight|bias|e_score_correction_bias)$", low) and "proj" not in low:
@@ -579,6 +605,7 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
         dims = derived.dims
     else:
         dims = _dims_from_tensors(text, tensors)
+        tensors += _unstored_buffers(text, dims, tensors)
     tied = not any(t.role == "lm_head" for t in tensors) and any(t.role == "embedding" for t in tensors)
     notes = ["shapes and dtypes read from safetensors headers"]
     if derived is not None:
@@ -603,6 +630,36 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
     )
 
 
+def _unstored_buffers(cfg: dict, dims: ArchDims, tensors: list[TensorSpec]) -> list[TensorSpec]:
+    """Buffers transformers creates on load that checkpoints do not store, for a family the planner does not derive
+    from config.json: the rotary embedding's ``inv_freq`` and ``original_inv_freq`` (float32, head_dim x the rotary
+    fraction / 2 each, one module per model) when the config describes rotary positions, and BERT-style
+    ``position_ids`` (int64, one per position) next to a learned position table."""
+    names = {t.name for t in tensors}
+    out: list[TensorSpec] = []
+    rp = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    rotary = (rp or cfg.get("rope_theta") is not None or cfg.get("rotary_emb_base") is not None
+              or cfg.get("position_embedding_type") == "rotary")
+    if rotary and not any(n.endswith("inv_freq") for n in names):
+        frac = cfg.get("partial_rotary_factor", cfg.get("rotary_pct", rp.get("partial_rotary_factor", 1.0)))
+        rot = cfg.get("qk_rope_head_dim") or int(dims.head_dim * (frac or 1.0))
+        for buf in ("inv_freq", "original_inv_freq"):
+            out.append(TensorSpec(f"model.rotary_emb.{buf}", (rot // 2,), "buffer", fixed_dtype="F32"))
+    mpe = dims.max_position_embeddings
+    for n in names:
+        for table, buf in (("position_embeddings.weight", "position_ids"), ("token_type_embeddings.weight",
+                                                                            "token_type_ids")):
+            if n.endswith("embeddings." + table) and mpe and n.replace(table, buf) not in names:
+                out.append(TensorSpec(n.replace(table, buf), (1, mpe), "buffer", fixed_dtype="I64"))
+    mt = cfg.get("model_type")
+    if mt in ("gptj", "codegen") and mpe:  # a sin/cos table of every position, float32
+        rot = cfg.get("rotary_dim") or dims.head_dim
+        out.append(TensorSpec("transformer.rotary_emb.embed_positions", (mpe, rot), "buffer", fixed_dtype="F32"))
+    if mt == "gpt_bigcode" and mpe:  # the causal mask of every position pair
+        out.append(TensorSpec("transformer.bias", (mpe, mpe), "buffer", fixed_dtype="BOOL"))
+    return out
+
+
 def _dims_from_tensors(cfg: dict, tensors: list[TensorSpec]) -> ArchDims:
     """Dims for an architecture gpuplan cannot derive: the KV/activation terms need these config fields."""
     try:
@@ -610,8 +667,11 @@ def _dims_from_tensors(cfg: dict, tensors: list[TensorSpec]) -> ArchDims:
                             "num_attention_heads", "vocab_size")
     except ModelSpecError as exc:
         raise ModelSpecError(f"{exc} (weights were read, but the KV cache needs them)") from None
-    nkv = cfg.get("num_key_value_heads") or nh
+    nkv = _aliased(cfg, "num_key_value_heads") or nh
+    if cfg.get("multi_query") is True and not cfg.get("new_decoder_architecture"):
+        nkv = 1  # Falcon-7B style multi-query attention
     hd = cfg.get("head_dim") or H // nh
+    mpe = _aliased(cfg, "max_position_embeddings")
     return ArchDims(num_layers=L, hidden_size=H, num_heads=nh, num_kv_heads=nkv, head_dim=hd,
-                    intermediate_size=cfg.get("intermediate_size") or 4 * H, vocab_size=V,
-                    max_position_embeddings=cfg.get("max_position_embeddings"), layer_types=("full",) * L)
+                    intermediate_size=_aliased(cfg, "intermediate_size") or 4 * H, vocab_size=V,
+                    max_position_embeddings=mpe if isinstance(mpe, int) else None, layer_types=("full",) * L)
