@@ -94,7 +94,27 @@ def tiny_config(model_type: str):
     return cfg
 
 
-def build(model_type: str, out_dir: str) -> tuple[str, int]:
+def not_linear_2d(model) -> list[str]:
+    """Modules holding a 2-D ``weight`` that bitsandbytes leaves alone although their names look like Linear layers:
+    transformers converts exact ``nn.Linear`` (and GPT-2's Conv1D) only, so subclasses (FalconLinear, ...) and
+    other modules stay at the load dtype. Layer indices become ``*``."""
+    import re
+
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    out = set()
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.nn.Parameter) or w.dim() != 2:
+            continue
+        if type(mod) is torch.nn.Linear or isinstance(mod, (Conv1D, torch.nn.Embedding)):
+            continue
+        out.add(re.sub(r"\.\d+\.", ".*.", name + "."). rstrip("."))
+    return sorted(out)
+
+
+def build(model_type: str, out_dir: str) -> tuple[str, int, list[str]]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -108,7 +128,7 @@ def build(model_type: str, out_dir: str) -> tuple[str, int]:
         raise ValueError(f"tiny config still has {n:,} parameters")
     d = os.path.join(out_dir, model_type)
     model.save_pretrained(d)
-    return d, n
+    return d, n, not_linear_2d(model)
 
 
 def sweep_one(model_type: str, cls: str, root: str, per_arch_s: int) -> dict:
@@ -121,8 +141,8 @@ def sweep_one(model_type: str, cls: str, root: str, per_arch_s: int) -> dict:
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(per_arch_s)
     try:
-        d, n = build(model_type, root)
-        row.update(built=True, params=n)
+        d, n, not_linear = build(model_type, root)
+        row.update(built=True, params=n, not_linear=not_linear)
         cfg_only = os.path.join(root, model_type + "-config")
         os.makedirs(cfg_only, exist_ok=True)
         shutil.copy(os.path.join(d, "config.json"), os.path.join(cfg_only, "config.json"))
@@ -189,6 +209,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-arch-s", type=int, default=120)
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--write-not-linear", default=None, metavar="JSON",
+                    help="write {model_type: [module patterns]} of 2-D weights bitsandbytes does not convert "
+                         "(planner/catalog/not_linear.json)")
     a = ap.parse_args(argv)
     import transformers
 
@@ -221,6 +244,10 @@ def main(argv=None) -> int:
         Path(a.json).write_text(json.dumps({"machine": head, "summary": summary, "rows": rows}, indent=1))
     if a.markdown:
         Path(a.markdown).write_text(head + "\n\n" + summary + "\n\n" + md + "\n")
+    if a.write_not_linear:
+        table = {r["arch"]: r["not_linear"] for r in rows if r.get("not_linear")}
+        Path(a.write_not_linear).write_text(json.dumps(
+            {"_source": f"benchmarks/arch_sweep.py --write-not-linear ({head})", **table}, indent=1) + "\n")
     return 0
 
 

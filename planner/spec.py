@@ -565,9 +565,13 @@ def role_from_name(name: str, ndim: int) -> str:
         return "embedding"
     if low.endswith(("lm_head.weight", "embed_out.weight")) or low == "output.weight":
         return "lm_head"
-    if low.endswith(("position_embeddings.weight", "embed_positions.weight", "wpe.weight", "pos_emb.weight",
-                     "token_type_embeddings.weight", "embed_pos.weight")):
-        # learned position / token-type tables are nn.Embedding: bitsandbytes leaves them at the load dtype
+    if low.endswith(("predictions.decoder.weight", "lm_head.decoder.weight")):
+        return "lm_head"  # BERT-style output embeddings: transformers keeps the output embedding unquantized
+    module = low[:-len(".weight")].rsplit(".", 1)[-1] if low.endswith(".weight") else ""
+    if (("embed" in module or module.endswith("emb") or module in ("wpe", "wte"))
+            and not any(x in module for x in ("proj", "mapping", "linear", "fc", "dense"))):
+        # nn.Embedding tables (tokens, learned positions, token types, segments): bitsandbytes converts exact
+        # nn.Linear only, so they stay at the load dtype
         return "embedding"
     if "norm" in low or ".ln_" in low or low.startswith("ln_"):
         return "norm"
@@ -606,6 +610,7 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
     else:
         dims = _dims_from_tensors(text, tensors)
         tensors += _unstored_buffers(text, dims, tensors)
+    tensors = _not_linear(cfg.get("model_type", text.get("model_type")), tensors)
     tied = not any(t.role == "lm_head" for t in tensors) and any(t.role == "embedding" for t in tensors)
     notes = ["shapes and dtypes read from safetensors headers"]
     if derived is not None:
@@ -628,6 +633,27 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
         path=path,
         notes=tuple(notes),
     )
+
+
+def _not_linear_table() -> dict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog", "not_linear.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    except (OSError, ValueError):
+        return {}
+
+
+def _not_linear(model_type: str | None, tensors: list[TensorSpec]) -> list[TensorSpec]:
+    """Modules whose 2-D weights look like Linear layers by name but are not exact ``nn.Linear`` in transformers
+    (FalconLinear, ...): bitsandbytes does not convert them (transformers replaces ``type(m) is nn.Linear`` and
+    Conv1D only), so they keep the load dtype. The table (planner/catalog/not_linear.json) is written by
+    ``benchmarks/arch_sweep.py --write-not-linear`` from the modules transformers builds."""
+    patterns = _not_linear_table().get(model_type or "")
+    if not patterns:
+        return tensors
+    rx = re.compile("|".join(re.escape(p).replace(r"\*", r"\d+") + r"\.weight$" for p in patterns))
+    return [replace(t, role="other") if t.role == "linear" and rx.match(t.name) else t for t in tensors]
 
 
 def _unstored_buffers(cfg: dict, dims: ArchDims, tensors: list[TensorSpec]) -> list[TensorSpec]:
