@@ -133,8 +133,8 @@ def build(model_type: str, out_dir: str) -> tuple[str, int, list[str]]:
 
 def sweep_one(model_type: str, cls: str, root: str, per_arch_s: int) -> dict:
     from planner.errors import GpuplanError
-    from planner.memory import estimate_replica
-    from planner.spec import load_spec
+    from planner.model.memory import estimate_replica
+    from planner.model.spec import load_spec
     from serve.calibration import load_and_measure
 
     row: dict = {"arch": model_type, "class": cls, "built": False, "params": None, "schemes": {}, "config": {}}

@@ -49,9 +49,9 @@ def free_port() -> int:
 
 def planned_vllm(device: str = "cpu") -> dict:
     """The settings gpuplan's plan gives a vLLM replica of the model (so plain vLLM gets the same)."""
-    from planner.engines import vllm_settings
-    from planner.memory import estimate_replica
-    from planner.spec import load_spec
+    from planner.model.engines import vllm_settings
+    from planner.model.memory import estimate_replica
+    from planner.model.spec import load_spec
 
     est = estimate_replica(load_spec(MODEL), quant="bf16", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,
                            device=device, engine="vllm")

@@ -20,8 +20,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from planner.memory import estimate_replica  # noqa: E402
-from planner.spec import load_spec  # noqa: E402
+from planner.model.memory import estimate_replica  # noqa: E402
+from planner.model.spec import load_spec  # noqa: E402
 
 GiB = 1024**3
 

@@ -98,8 +98,8 @@ def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from planner.memory import estimate_replica
-    from planner.spec import _catalog_path, load_spec
+    from planner.model.memory import estimate_replica
+    from planner.model.spec import _catalog_path, load_spec
     from serve.loader import bnb_config
     from serve.memory_probe import resident_bytes
 

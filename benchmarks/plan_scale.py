@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.inventory import Cluster, Gpu, Node  # noqa: E402
-from planner.packing import EXACT_MAX_VARS, ModelDemand, QuantOption, plan  # noqa: E402
+from planner.cluster.inventory import Cluster, Gpu, Node  # noqa: E402
+from planner.placement.packing import EXACT_MAX_VARS, ModelDemand, QuantOption, plan  # noqa: E402
 from planner.units import GiB, MiB  # noqa: E402
 
 # (type, NVML-like total MiB)
@@ -106,7 +106,7 @@ def rollout_scenarios() -> list[dict]:
     half the maxima (tight), one run each."""
     from dataclasses import replace
 
-    import planner.rollout as rollout
+    import planner.placement.rollout as rollout
 
     cases = [("large", "1000 GPUs x 50 models, loose minimums", cluster_of(125, 8, GPU_KINDS),
               models(50, 1, max_lo=4, max_hi=60, pin_types=("L40S", "A10G"), pin_every=7, cpu_every=5))]
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     print("targets: large < 1 s median, exact proven optimal ->", "MET" if ok else "NOT MET")
     rollout_rows = [] if args.no_rollout else rollout_scenarios()
     if rollout_rows:
-        print(f"\nplan + rollout (planner.rollout.realize with a cold search memo, as build_app in a fresh process); "
+        print(f"\nplan + rollout (planner.placement.rollout.realize with a cold search memo, as build_app in a fresh process); "
               f"target < 1 s each")
         print(f"{'scenario':<12} {'what':<40} {'plan s':>7} {'rollout s':>10} {'total s':>8} {'replicas':>9}")
         for r in rollout_rows:

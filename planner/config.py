@@ -14,8 +14,8 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InputError
-from .units import parse_bytes
+from planner.errors import InputError
+from planner.units import parse_bytes
 
 # a node's name is its Ray node label value (gpuplan.io/node), which follows Kubernetes' label value syntax
 NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,54}[A-Za-z0-9])?$")
@@ -193,7 +193,7 @@ class DeployArgs(_Edge):
     headroom: float = Field(0.10, ge=0, lt=1)
     """Fraction of each GPU's memory kept free by the plan."""
     gpu_reserve: Bytes | None = None
-    """Bytes per GPU no replica owns (driver and firmware reservations); default 512 MiB (planner/packing.py)."""
+    """Bytes per GPU no replica owns (driver and firmware reservations); default 512 MiB (planner/placement/packing.py)."""
     cluster: Union[Literal["auto"], ClusterDecl] = "auto"
     """`auto` probes every Ray node with NVML; or an inline declaration (same shape as --cluster files)."""
     models: list[ModelEntry] = Field(min_length=1)

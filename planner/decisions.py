@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from .errors import InfeasiblePlanError
-from .units import MiB, format_bytes
+from planner.errors import InfeasiblePlanError
+from planner.units import MiB, format_bytes
 
 # NOTE: slack kept on the GPU when offloading, for allocator rounding and buffers created while quantizing
 # (transformers' bnb quantizers shrink max_memory by 10% for the same reason: "need more space for buffers that are

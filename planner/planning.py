@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ClusterDecl, DeployArgs, ModelEntry
-from .engines import pick_engine
-from .errors import InputError, ModelSpecError
-from .inventory import Cluster, Gpu, Node, gpu_type_of
-from .memory import ReplicaEstimate, estimate_replica
-from .packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
-from .rollout import ModelRule, Rollout, realize
-from .spec import ModelSpec, load_spec
-from .units import format_bytes
+from planner.config import ClusterDecl, DeployArgs, ModelEntry
+from planner.model.engines import pick_engine
+from planner.errors import InputError, ModelSpecError
+from planner.cluster.inventory import Cluster, Gpu, Node, gpu_type_of
+from planner.model.memory import ReplicaEstimate, estimate_replica
+from planner.placement.packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
+from planner.placement.rollout import ModelRule, Rollout, realize
+from planner.model.spec import ModelSpec, load_spec
+from planner.units import format_bytes
 
 DEFAULT_ENGINES = frozenset({"transformers"})
 
@@ -26,7 +26,7 @@ class PlanningResult:
     demands: tuple[ModelDemand, ...]
     cluster: Cluster
     device: str  # "cuda" when the cluster has GPUs, else "cpu"
-    rollout: Rollout | None = None  # the plan as Ray Serve deployments (planner/rollout.py)
+    rollout: Rollout | None = None  # the plan as Ray Serve deployments (planner/placement/rollout.py)
 
     def estimate_for(self, model: str) -> ReplicaEstimate:
         q = next(m.quantization for m in self.plan.models if m.name == model)
@@ -45,7 +45,7 @@ class PlanningResult:
 
 def cluster_from_decl(decl: ClusterDecl) -> Cluster:
     """A Cluster value from a declaration; GPU memory from planner/catalog/gpus.json when not given."""
-    from .capacity import lookup_gpu
+    from planner.placement.capacity import lookup_gpu
 
     nodes = []
     for nd in decl.nodes:
@@ -153,7 +153,7 @@ def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_E
 
 
 def model_rules(args: DeployArgs) -> dict[str, ModelRule]:
-    """Each model's scaling knobs from deploy.yaml, for planner.rollout."""
+    """Each model's scaling knobs from deploy.yaml, for planner.placement.rollout."""
     return {m.name: ModelRule(m.name, m.replicas.min, m.replicas.max, m.autoscaling.target_ongoing_requests,
                               m.autoscaling.upscale_delay_s, m.autoscaling.downscale_delay_s) for m in args.models}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import InputError
+from planner.errors import InputError
 
 _UNITS = {
     "": 1,

@@ -1,5 +1,5 @@
 """``serve run deploy.yaml`` entry point: ``build_app(args)`` plans, binds every plan node to a Ray node, and builds
-one deployment per (model, node, fraction) of the plan (planner/rollout.py) behind an OpenAI-compatible FastAPI
+one deployment per (model, node, fraction) of the plan (planner/placement/rollout.py) behind an OpenAI-compatible FastAPI
 ingress that routes each model's requests over its deployments. Thin Ray glue; every decision is in planner/."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError
 from planner.config import DeployArgs, ModelEntry, parse_deploy_args
 from planner.errors import GpuplanError
 from planner.planning import PlanningResult, cluster_from_decl, make_plan, model_rules
-from planner.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes, deployment_options,
+from planner.placement.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes, deployment_options,
                              pick_deployment, placements, realize)
 
 from .engines import available as available_engines
@@ -29,7 +29,7 @@ from .types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailab
 
 log = logging.getLogger("gpuplan")
 REGISTRY = "gpuplan-registry"
-INGRESS_CPUS = 0.1  # see planner/rollout.py for the replicas' CPUs
+INGRESS_CPUS = 0.1  # see planner/placement/rollout.py for the replicas' CPUs
 AVOID_AFTER_LOSS_S = 5.0  # a deployment whose replica just died gets no new request while another can take it
 
 
@@ -139,12 +139,12 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
 
 
 def llamacpp_settings_for(est, entry, planned_bytes: int, device: str) -> dict:
-    """planner.llamacpp settings for one deployment: every layer on the GPU, or, when the plan gives the replica less
+    """planner.model.llamacpp settings for one deployment: every layer on the GPU, or, when the plan gives the replica less
     than the whole model (``replica_memory``), the largest ``n_gpu_layers`` that fits its share (the replica decides
     again from the GPU's free memory when it starts)."""
-    from planner.gguf_spec import spec_from_gguf
-    from planner.llamacpp import LlamaCppSettings, decide_gpu_layers
-    from planner.memory import CUDA_CONTEXT_BYTES
+    from planner.model.gguf_spec import spec_from_gguf
+    from planner.model.llamacpp import LlamaCppSettings, decide_gpu_layers
+    from planner.model.memory import CUDA_CONTEXT_BYTES
 
     st = dict(est.detail["llamacpp"])
     if device == "cuda" and planned_bytes < est.total:
@@ -156,9 +156,9 @@ def llamacpp_settings_for(est, entry, planned_bytes: int, device: str) -> dict:
 
 
 def vllm_settings_for(est, entry, planned_bytes: int, node, device: str):
-    """planner.engines.vllm_settings for one deployment: the share is of the node's GPU total (the basis the plan
+    """planner.model.engines.vllm_settings for one deployment: the share is of the node's GPU total (the basis the plan
     used: its smallest GPU) or, for CPU replicas, of the node's RAM."""
-    from planner.engines import vllm_quantization, vllm_settings
+    from planner.model.engines import vllm_quantization, vllm_settings
 
     if device == "cuda" and node is not None and node.gpus:
         total = min(g.total_bytes for g in node.gpus)
@@ -173,7 +173,7 @@ def vllm_settings_for(est, entry, planned_bytes: int, node, device: str):
 
 
 def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
-    """What the API says of each model; ``placed_replicas`` is what the rollout runs at most (planner.rollout)."""
+    """What the API says of each model; ``placed_replicas`` is what the rollout runs at most (planner.placement.rollout)."""
     plans = {m.name: m for m in result.plan.models}
     ro = result.rollout or realize(result.plan, model_rules(args))
     return [ModelCard(name=e.name, source=e.source, max_model_len=e.max_model_len,
@@ -188,7 +188,7 @@ def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
 @serve.ingress()
 class Ingress:
     """The HTTP front (the Backend of openai_api): routes each request for a model to one of the model's
-    deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
+    deployments (planner.placement.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
 
     def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, rollout_json: dict,
                  bindings_json: list, api_key_env: str, built: dict | None = None):
@@ -381,7 +381,7 @@ def _plan_or_exit(args: DeployArgs) -> PlanningResult:
 
 
 def ray_nodes() -> list[RayNode]:
-    """Ray's nodes as planner.rollout sees them: id, labels, GPUs and accelerator type."""
+    """Ray's nodes as planner.placement.rollout sees them: id, labels, GPUs and accelerator type."""
     out = []
     for n in ray.nodes():
         res = n.get("Resources", {}) or {}
@@ -401,7 +401,7 @@ def build_app(args: dict) -> serve.Application:
         # the planner's message becomes the application's DEPLOY_FAILED message (`serve status`); a SystemExit
         # here would kill the build worker and Ray would retry it forever
         raise PlanFailed(f"gpuplan: {exc}") from None
-    from planner.plan_report import render_text
+    from planner.output.plan_report import render_text
 
     from .scale_board import publish
 

@@ -123,7 +123,7 @@ class BatchedEngine:
         self.batch_wait_s = float(batch_wait_s)
         self.continuous = bool(continuous)
         # A prefill forward pass holds at most this many (padded) tokens: the activation peak the planner sized
-        # (planner.memory: one prefill chunk of max_num_batched_tokens, default max_model_len).
+        # (planner.model.memory: one prefill chunk of max_num_batched_tokens, default max_model_len).
         self.max_num_batched_tokens = int(max_num_batched_tokens or max_model_len)
         self._eos_ids = frozenset(eos_ids)
         self._vocab_size = int(vocab_size)  # 0: unknown, not checked

@@ -1,4 +1,4 @@
-"""The cluster as Ray sees it: run the one hardware probe (planner.inventory.probe_local_gpus) as a task pinned to
+"""The cluster as Ray sees it: run the one hardware probe (planner.cluster.inventory.probe_local_gpus) as a task pinned to
 every alive node, and combine it with each node's Ray resources. Thin glue; the planner only gets the Cluster."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import logging
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from planner.inventory import Cluster, Gpu, Node, probe_local_gpus
-from planner.rollout import GPUPLAN_NODE_LABEL
+from planner.cluster.inventory import Cluster, Gpu, Node, probe_local_gpus
+from planner.placement.rollout import GPUPLAN_NODE_LABEL
 
 log = logging.getLogger("gpuplan")
 

@@ -15,7 +15,7 @@ from ray import serve
 
 from planner.decisions import backoff_s, classify_load_failure, decide_load, next_load_decision
 from planner.errors import InfeasiblePlanError
-from planner.rollout import GPUPLAN_NODE_LABEL
+from planner.placement.rollout import GPUPLAN_NODE_LABEL
 
 from .scale_board import GPU_METRIC
 from .types import SamplingParams
@@ -110,14 +110,14 @@ class ModelReplica:
         self._report()
 
     def _start_llamacpp(self, faults: dict, info: dict) -> None:
-        """llama.cpp with the context the plan gave this replica (planner.llamacpp.llamacpp_settings): one KV stream
+        """llama.cpp with the context the plan gave this replica (planner.model.llamacpp.llamacpp_settings): one KV stream
         per sequence, every layer on the GPU when there is one (a CPU build runs everything on the CPU)."""
         from .engines.llamacpp import LlamaCppEngine
         from .loader import load_tokenizer
 
-        from planner.gguf_spec import spec_from_gguf
-        from planner.llamacpp import LlamaCppSettings, decide_gpu_layers
-        from planner.memory import CUDA_CONTEXT_BYTES
+        from planner.model.gguf_spec import spec_from_gguf
+        from planner.model.llamacpp import LlamaCppSettings, decide_gpu_layers
+        from planner.model.memory import CUDA_CONTEXT_BYTES
 
         st = self.cfg["llamacpp"]
         cuda, idx, total, free, why = _cuda_state(faults.get("cuda"))
@@ -150,7 +150,7 @@ class ModelReplica:
                  "GPU" if cuda else f"CPU ({why or 'no CUDA'})")
 
     def _start_vllm(self, faults: dict, info: dict) -> None:
-        """vLLM's AsyncLLM with the settings the plan gave this replica (planner.engines.vllm_settings). On a GPU
+        """vLLM's AsyncLLM with the settings the plan gave this replica (planner.model.engines.vllm_settings). On a GPU
         whose free memory is below the replica's share vLLM would refuse to start: say so with the numbers."""
         from .engines.vllm import VllmEngine
 

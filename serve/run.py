@@ -25,7 +25,7 @@ import uuid
 import yaml
 
 # NOTE: how long a SIGTERM waits for requests in flight to finish: Serve's graceful_shutdown_timeout_s of a replica
-# (planner/rollout.py GRACEFUL_SHUTDOWN_S), which bounds the same wait inside Serve.
+# (planner/placement/rollout.py GRACEFUL_SHUTDOWN_S), which bounds the same wait inside Serve.
 DRAIN_TIMEOUT_S = 30.0
 ORPHAN_WAIT_S = 15.0  # an earlier run's supervisor still stopping: how long to wait for it
 
@@ -77,7 +77,7 @@ def preflight(config: str) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from planner.config import load_deploy_file
     from planner.errors import GpuplanError
-    from planner.inventory import Cluster, Node, probe_local_gpus
+    from planner.cluster.inventory import Cluster, Node, probe_local_gpus
     from planner.planning import cluster_from_decl, make_plan
 
     try:

@@ -4,8 +4,8 @@ Ray Serve calls a deployment's autoscaling policy (``serve.autoscale:PlanPolicy`
 its controller process, one deployment at a time. A gpuplan decision is about the whole app (a model's slots span
 deployments, a node gate spans models), so every policy call goes through this module -- imported, not pickled, so
 that all of an app's policies share it -- which keeps each deployment's latest context, recomputes
-``planner.rollout.decide_scale`` at most every ``DECIDE_EVERY_S`` (or at once when a context changed what runs),
-and hands each deployment its own target. Thin glue: every decision is in planner/rollout.py.
+``planner.placement.rollout.decide_scale`` at most every ``DECIDE_EVERY_S`` (or at once when a context changed what runs),
+and hands each deployment its own target. Thin glue: every decision is in planner/placement/rollout.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 
-from planner.rollout import DeploymentObs, Rollout, ScaleMemory, applied, decide_scale, observe
+from planner.placement.rollout import DeploymentObs, Rollout, ScaleMemory, applied, decide_scale, observe
 
 log = logging.getLogger("ray.serve")
 

@@ -12,7 +12,7 @@ and its slot (seq id) is reused.
 Sampling runs in llama.cpp, one sampler chain per request: greedy at temperature 0, else temperature -> top-p ->
 ``dist`` seeded by the request's seed (a request's draws depend only on its own seed, not on its batch-mates).
 
-Memory as llama.cpp allocates it, and as the planner sizes it (planner/llamacpp.py): the model buffer (the GGUF's
+Memory as llama.cpp allocates it, and as the planner sizes it (planner/model/llamacpp.py): the model buffer (the GGUF's
 tensors; mmap'd on the CPU), the KV buffer (n_ctx = n_seq_max x n_ctx_seq cells, f16 K and V), the output buffer
 (logits of ``n_outputs_max`` = n_seq_max rows; llama.cpp's default of n_batch rows would only serve prompt logits,
 which nothing here asks for) and the compute buffer (one ``n_ubatch`` graph). llama.cpp's own log lines for each are
@@ -88,7 +88,7 @@ def ctx_cells(max_model_len: int) -> int:
 
 
 class LlamaCppEngine(BatchedEngine):
-    """Batched generation over llama.cpp (see the module docstring). ``settings``: planner.llamacpp's engine settings
+    """Batched generation over llama.cpp (see the module docstring). ``settings``: planner.model.llamacpp's engine settings
     (n_gpu_layers, n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, type_k, type_v)."""
 
     name = "llamacpp"

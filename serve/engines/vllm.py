@@ -1,5 +1,5 @@
 """The vLLM engine: vLLM's AsyncLLM inside the Serve replica (its EngineCore runs as a child process), given exactly
-the memory the plan gave the replica (planner/engines.py vllm_settings: ``kv_cache_memory_bytes``,
+the memory the plan gave the replica (planner/model/engines.py vllm_settings: ``kv_cache_memory_bytes``,
 ``gpu_memory_utilization``, ``max_num_seqs``, ``max_model_len``, ``max_num_batched_tokens``, ``block_size``).
 
 Replicas planned onto one GPU start one after another: vLLM measures the device's free memory while it starts, and

@@ -16,8 +16,8 @@ def test_tiny_replica_on_gpu(scheme):
     import torch
 
     from planner.decisions import decide_load
-    from planner.memory import estimate_replica
-    from planner.spec import load_spec
+    from planner.model.memory import estimate_replica
+    from planner.model.spec import load_spec
     from serve.loader import load_model
     from serve.memory_probe import resident_bytes
 

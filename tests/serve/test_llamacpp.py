@@ -1,5 +1,5 @@
 """The llama.cpp engine (serve/engines/llamacpp.py) on GGUF files made from the shipped model (serve/gguf_export.py),
-and the planner's llama.cpp terms (planner/llamacpp.py) against the buffer sizes llama.cpp itself logs. No Ray.
+and the planner's llama.cpp terms (planner/model/llamacpp.py) against the buffer sizes llama.cpp itself logs. No Ray.
 
 - the export is exact: transformers reading the F32 GGUF gives the checkpoint's logits bit for bit;
 - batched greedy on llama.cpp == transformers' greedy one sequence at a time (F32: same math up to rounding);
@@ -22,8 +22,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make venv`")
 
-from planner.gguf_spec import spec_from_gguf  # noqa: E402
-from planner.llamacpp import buffers, gpu_weight_bytes, llamacpp_settings  # noqa: E402
+from planner.model.gguf_spec import spec_from_gguf  # noqa: E402
+from planner.model.llamacpp import buffers, gpu_weight_bytes, llamacpp_settings  # noqa: E402
 from serve.engines.llamacpp import LlamaCppEngine  # noqa: E402
 from serve.gguf_export import export_llama  # noqa: E402
 from serve.types import SamplingParams  # noqa: E402

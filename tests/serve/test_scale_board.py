@@ -1,4 +1,4 @@
-"""serve/scale_board.py without Ray: Serve's autoscaling context as planner.rollout sees it, and the board every
+"""serve/scale_board.py without Ray: Serve's autoscaling context as planner.placement.rollout sees it, and the board every
 deployment's policy shares (warm-up, one decision per interval, each deployment's own target)."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from serve.scale_board import DECIDE_EVERY_S, GPU_METRIC, WARMUP_S, Board, obs_from_context
 
-from planner.packing import GpuPlan, GpuReplica, ModelPlan, Plan, SolverInfo
-from planner.rollout import rollout_from_plan
+from planner.placement.packing import GpuPlan, GpuReplica, ModelPlan, Plan, SolverInfo
+from planner.placement.rollout import rollout_from_plan
 
 GiB = 1024**3
 
@@ -74,7 +74,7 @@ def test_replica_configs_give_each_deployment_its_nodes_fraction_and_selector():
 
     from planner.config import parse_deploy_args
     from planner.planning import cluster_from_decl, make_plan
-    from planner.rollout import POLICY, RayNode, bind_nodes
+    from planner.placement.rollout import POLICY, RayNode, bind_nodes
 
     args = parse_deploy_args({
         "headroom": 0.1, "gpu_reserve": 0,

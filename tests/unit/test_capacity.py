@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from planner.capacity import CATALOG_PATH, FitResult, GpuSpec, fit_gpus, load_gpu_catalog, lookup_gpu
+from planner.placement.capacity import CATALOG_PATH, FitResult, GpuSpec, fit_gpus, load_gpu_catalog, lookup_gpu
 from planner.errors import InfeasiblePlanError, InputError
-from planner.packing import ModelDemand, QuantOption, usable_gpu_bytes
-from planner.inventory import Gpu
+from planner.placement.packing import ModelDemand, QuantOption, usable_gpu_bytes
+from planner.cluster.inventory import Gpu
 from planner.units import GiB, MiB
 
 REQUIRED = {"T4", "L4", "A10G", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "RTX-4090"}
@@ -124,7 +124,7 @@ def test_fit_errors():
 
 def test_planner_imports_no_heavy_modules():
     code = (
-        "import sys, planner.packing, planner.capacity, planner.plan_report\n"
+        "import sys, planner.placement.packing, planner.placement.capacity, planner.output.plan_report\n"
         "bad = [m for m in ('numpy', 'scipy', 'ray', 'torch', 'transformers', 'bitsandbytes', 'pynvml') "
         "if m in sys.modules]\n"
         "print(','.join(bad))"

@@ -1,6 +1,6 @@
 """GGUF header reader and llama.cpp layer-offload planning, on small GGUF files written by the tests.
 
-The writer below is independent of planner.formats.gguf: its block sizes are the literal ``sizeof(block_*)`` values
+The writer below is independent of planner.model.formats.gguf: its block sizes are the literal ``sizeof(block_*)`` values
 of ggml's ggml-common.h. Where the ``gguf`` package (gguf-py, llama.cpp's own writer) is installed, files it writes
 are read back too.
 """
@@ -17,8 +17,8 @@ import sys
 import pytest
 
 from planner.errors import InputError, ModelSpecError
-from planner.formats.gguf import GGML_TYPES, GgufFile, read_gguf, summarize_gguf
-from planner.gguf_offload import (
+from planner.model.formats.gguf import GGML_TYPES, GgufFile, read_gguf, summarize_gguf
+from planner.model.gguf_offload import (
     DEFAULT_COMPUTE_RESERVE_BYTES,
     kv_cache_bytes_per_layer,
     plan_gguf_offload,
@@ -469,7 +469,7 @@ def test_plan_gguf_offload_tied(tmp_path):
 
 def test_planner_imports_stay_pure():
     code = (
-        "import sys, planner.formats.gguf, planner.gguf_offload, planner.training\n"
+        "import sys, planner.model.formats.gguf, planner.model.gguf_offload, planner.model.training\n"
         "bad = [m for m in ('torch', 'numpy', 'ray', 'transformers', 'bitsandbytes', 'pynvml') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -533,8 +533,8 @@ def test_against_gguf_py(tmp_path):
 
 
 def test_estimate_from_gguf_counts_stored_bytes(tmp_path):
-    from planner.memory import estimate_replica
-    from planner.spec import load_spec
+    from planner.model.memory import estimate_replica
+    from planner.model.spec import load_spec
 
     path = tmp_path / "tiny.gguf"
     write_gguf(path, _llama_meta(), _llama_tensors())

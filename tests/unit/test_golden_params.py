@@ -3,8 +3,8 @@
 
 import pytest
 
-from planner.memory import estimate_replica
-from planner.spec import load_spec
+from planner.model.memory import estimate_replica
+from planner.model.spec import load_spec
 
 # HF API `safetensors.total` (exact element counts of the bf16 checkpoints)
 EXACT = {

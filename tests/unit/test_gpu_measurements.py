@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from planner.memory import estimate_replica
-from planner.spec import load_spec
+from planner.model.memory import estimate_replica
+from planner.model.spec import load_spec
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpu-h200-2026-12-04.json")
 ROWS = json.load(open(DATA))["rows"]

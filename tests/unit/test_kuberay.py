@@ -15,7 +15,7 @@ import yaml
 from planner.cli import main
 from planner.config import ClusterDecl, load_cluster_file, load_deploy_file, parse_deploy_args
 from planner.errors import InfeasiblePlanError, InputError
-from planner.kuberay import render_files, render_rayservice, upgrade_spare_gpus
+from planner.output.kuberay import render_files, render_rayservice, upgrade_spare_gpus
 from planner.planning import cluster_from_decl, make_plan
 
 # Ray Serve's own pydantic models warn about their Field(...) style on import; not ours to fix
@@ -377,7 +377,7 @@ def test_render_rayservice_returns_a_plain_dict_without_ray(tmp_path):
 
     d, c = _write(tmp_path, DEPLOY, (ROOT / "k8s" / "cluster.yaml").read_text())
     code = (
-        "import sys, json\nfrom planner.kuberay import render_files\n"
+        "import sys, json\nfrom planner.output.kuberay import render_files\n"
         f"render_files({d!r}, cluster_path={c!r})\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch')))\n"
     )

@@ -4,8 +4,8 @@ published-figures.md section 5). The blog's rows work out with "1k" = 1,024 toke
 
 import pytest
 
-from planner.memory import estimate_replica, kv_cache_bytes
-from planner.spec import load_spec
+from planner.model.memory import estimate_replica, kv_cache_bytes
+from planner.model.spec import load_spec
 
 GiB = 1024**3
 

@@ -10,8 +10,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from planner.errors import InfeasiblePlanError, InputError
-from planner.inventory import Cluster, Gpu, Node
-from planner.packing import (
+from planner.cluster.inventory import Cluster, Gpu, Node
+from planner.placement.packing import (
     DEFAULT_GPU_RESERVE,
     RAY_GPU_UNITS,
     ModelDemand,
@@ -25,7 +25,7 @@ from planner.packing import (
     ray_gpu_units,
     usable_gpu_bytes,
 )
-from planner.plan_report import render_svg, render_text
+from planner.output.plan_report import render_svg, render_text
 from planner.units import GiB, MiB
 
 

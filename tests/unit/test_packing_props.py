@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planner.errors import InfeasiblePlanError
-from planner.inventory import Cluster, Gpu, Node
-from planner.packing import RAY_GPU_UNITS, ModelDemand, QuantOption, plan, ray_gpu_units, usable_gpu_bytes
+from planner.cluster.inventory import Cluster, Gpu, Node
+from planner.placement.packing import RAY_GPU_UNITS, ModelDemand, QuantOption, plan, ray_gpu_units, usable_gpu_bytes
 from planner.units import GiB, MiB
 
 GRID = 256 * MiB

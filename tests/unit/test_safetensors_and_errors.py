@@ -7,9 +7,9 @@ import struct
 import pytest
 
 from planner.errors import InputError, ModelSpecError
-from planner.formats.safetensors import read_header
-from planner.memory import estimate_replica
-from planner.spec import load_spec
+from planner.model.formats.safetensors import read_header
+from planner.model.memory import estimate_replica
+from planner.model.spec import load_spec
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from planner.errors import InputError
-from planner.training import estimate_activation_memory, estimate_from_spec, estimate_training_memory, format_table
+from planner.model.training import estimate_activation_memory, estimate_from_spec, estimate_training_memory, format_table
 
 PSI = 7_500_000_000  # the ZeRO paper's example: Psi = 7.5B, K = 12, N_d = 64 (Figure 1; GB = 1e9)
 

@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from .errors import GpuplanError, InputError
-from .units import parse_bytes
+from planner.errors import GpuplanError, InputError
+from planner.units import parse_bytes
 
 
 def _positive_int(name):
@@ -83,16 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_plan_commands(sub) -> None:
     try:
-        from . import cli_plan
+        from planner.cli import plan as cli_plan
     except ImportError:  # planning commands not built in this version
         return
     cli_plan.add_commands(sub)
 
 
 def cmd_estimate(args) -> int:
-    from .memory import estimate_replica
-    from .report import compare_table, estimate_table
-    from .spec import load_spec
+    from planner.model.memory import estimate_replica
+    from planner.output.report import compare_table, estimate_table
+    from planner.model.spec import load_spec
 
     spec = load_spec(args.source)
     if args.mode == "train":
@@ -117,7 +117,7 @@ def cmd_estimate(args) -> int:
 
 
 def _train(spec, args) -> int:
-    from . import training
+    from planner.model import training
 
     est = training.estimate_from_spec(spec, dtype=args.dtype or "bf16", zero_stage=args.zero_stage,
                                       num_gpus=args.num_gpus, seq_len=args.max_model_len or 2048,
@@ -127,9 +127,9 @@ def _train(spec, args) -> int:
 
 
 def cmd_catalog(args) -> int:
-    from .memory import estimate_replica
-    from .spec import catalog_names, load_spec
-    from .units import format_bytes
+    from planner.model.memory import estimate_replica
+    from planner.model.spec import catalog_names, load_spec
+    from planner.units import format_bytes
 
     rows = []
     for name in catalog_names():
@@ -149,8 +149,8 @@ def cmd_catalog(args) -> int:
 
 
 def cmd_gguf_layers(args) -> int:
-    from .formats.gguf import read_gguf
-    from .gguf_offload import plan_gpu_layers
+    from planner.model.formats.gguf import read_gguf
+    from planner.model.gguf_offload import plan_gpu_layers
 
     res = plan_gpu_layers(read_gguf(args.file), vram_bytes=args.vram, n_ctx=args.ctx)
     print(json.dumps(res.to_json(), indent=2) if args.json else res.describe())
@@ -158,8 +158,8 @@ def cmd_gguf_layers(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .inventory import probe_local_gpus
-    from .units import format_bytes
+    from planner.cluster.inventory import probe_local_gpus
+    from planner.units import format_bytes
 
     res = probe_local_gpus()
     if args.json:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = COMMANDS.get(args.cmd)
     if handler is None:
-        from . import cli_plan
+        from planner.cli import plan as cli_plan
 
         handler = cli_plan.COMMANDS[args.cmd]
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .memory import ReplicaEstimate
-from .units import format_bytes
+from planner.model.memory import ReplicaEstimate
+from planner.units import format_bytes
 
 
 def _console(width: int = 100):

@@ -25,11 +25,11 @@ from dataclasses import dataclass, replace
 
 import yaml
 
-from .config import ClusterDecl, DeployArgs, NodeDecl, parse_deploy_args
-from .errors import InputError
-from .planning import PlanningResult, cluster_from_decl, make_plan
-from .rollout import GPUPLAN_NODE_LABEL, deployment_options
-from .units import GiB, MiB, format_bytes
+from planner.config import ClusterDecl, DeployArgs, NodeDecl, parse_deploy_args
+from planner.errors import InputError
+from planner.planning import PlanningResult, cluster_from_decl, make_plan
+from planner.placement.rollout import GPUPLAN_NODE_LABEL, deployment_options
+from planner.units import GiB, MiB, format_bytes
 
 # NOTE: the Ray image matching the Ray the project is tested with (ray[serve] 2.60 in the venv); `-gpu` images
 # carry CUDA. rayVersion is read from the image tag when it has one (the autoscaler sidecar uses the same image).
@@ -87,7 +87,7 @@ def check_declaration(decl: ClusterDecl, *, where: str = "cluster") -> None:
 
     A worker group requests one kind of ``nvidia.com/gpu``, so a node declaration holds one GPU kind; a GPU without
     ``memory`` must be in planner/catalog/gpus.json."""
-    from .capacity import lookup_gpu
+    from planner.placement.capacity import lookup_gpu
 
     for nd in decl.nodes:
         if len(nd.gpus) > 1:
@@ -553,8 +553,8 @@ def render_files(deploy_path: str, *, cluster_path: str | None = None, app: str 
                  command: str | None = None, **options) -> str:
     """Read deploy.yaml and the cluster file, plan, and return the manifest text (what ``gpuplan render kuberay``
     writes). Raises InputError (exit 2) and InfeasiblePlanError (exit 3) as ``gpuplan plan`` does."""
-    from .config import load_cluster_file, load_deploy_file
-    from .planning import cluster_from_decl, make_plan
+    from planner.config import load_cluster_file, load_deploy_file
+    from planner.planning import cluster_from_decl, make_plan
 
     args, data = load_deploy_file(deploy_path, app=app)
     if cluster_path:

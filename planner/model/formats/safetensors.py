@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ..errors import ModelSpecError
+from planner.errors import ModelSpecError
 
 # NOTE: element sizes of the dtype strings safetensors writes (safetensors' Dtype enum). Sub-byte types are
 # stored packed, so their element size is fractional.

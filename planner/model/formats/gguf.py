@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ..errors import ModelSpecError
-from ..units import format_bytes
+from planner.errors import ModelSpecError
+from planner.units import format_bytes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

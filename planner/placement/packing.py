@@ -28,7 +28,7 @@ Pipeline (each step documented on its helper):
    covers a whole replica. With no GPU at all, every replica is a CPU replica sized against its node's RAM.
 6. ``num_gpus`` per replica: its bytes over the GPU's total (or usable, ``fraction_basis``), rounded up to 1e-4;
    the per-GPU sum of those units is a packing constraint (<= 1). How the plan is brought up on Ray so that Ray's
-   own fractional placement reproduces it is planner/rollout.py's job.
+   own fractional placement reproduces it is planner/placement/rollout.py's job.
 
 Sizes are ints of bytes; the results are frozen dataclasses with ``to_json()``. Pure Python: numpy and scipy are
 imported lazily inside the functions that need them.
@@ -42,9 +42,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from .errors import InfeasiblePlanError, InputError
-from .inventory import Cluster, Gpu, gpu_type_of
-from .units import GiB, MiB, format_bytes
+from planner.errors import InfeasiblePlanError, InputError
+from planner.cluster.inventory import Cluster, Gpu, gpu_type_of
+from planner.units import GiB, MiB, format_bytes
 
 # NOTE (reserve): GPU memory no replica owns, taken off every GPU on top of the headroom. Origin: NVML's
 # ``used`` includes memory the driver/firmware reserves on an idle GPU ("Sum of Reserved and Allocated device
@@ -1390,7 +1390,7 @@ def _grow_offload(st: _State, models: Sequence[int]) -> None:
 
 def _validate(demands, cluster, headroom, reserve):
     if not isinstance(cluster, Cluster):
-        raise InputError(f"cluster must be a planner.inventory.Cluster, got {type(cluster).__name__}")
+        raise InputError(f"cluster must be a planner.cluster.inventory.Cluster, got {type(cluster).__name__}")
     if not cluster.nodes:
         raise InputError("the cluster has no nodes; declare at least one node (with its GPUs, or CPU-only)")
     ids = [g.id for g in cluster.gpus]
@@ -2049,7 +2049,7 @@ def _try_add_gpus(P: _Problem, ok, deficit: int, budget: _Budget, max_factor: in
     ``budget``. ``ok(problem)`` is the feasibility check. Returns (count, template gpu) or None."""
     from dataclasses import replace
 
-    from .inventory import Cluster, Node
+    from planner.cluster.inventory import Cluster, Node
 
     kinds: dict = {}
     for b, g in enumerate(P.gpus):

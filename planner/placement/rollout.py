@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .packing import RAY_GPU_UNITS, Plan
+from planner.placement.packing import RAY_GPU_UNITS, Plan
 
 GPUPLAN_NODE_LABEL = "gpuplan.io/node"  # a Ray node label: which declared node this Ray node is
 RAY_NODE_ID_LABEL = "ray.io/node-id"  # Ray's own label on every node (Ray >= 2.49)
@@ -1075,7 +1075,7 @@ class NodeBinding:
 
 
 def bind_nodes(plan_nodes: Iterable, ray_nodes: Sequence[RayNode]) -> tuple[NodeBinding, ...]:
-    """Bind every plan node (``planner.inventory.Node``) to a Ray node.
+    """Bind every plan node (``planner.cluster.inventory.Node``) to a Ray node.
 
     A Ray node labelled ``gpuplan.io/node=<name>`` is that node (the label survives pod restarts: the binding is the
     label). A probed node is the Ray node it was probed on. Otherwise any alive, not yet bound Ray node with the

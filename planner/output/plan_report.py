@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 from xml.sax.saxutils import escape
 
-from .packing import GpuPlan, Plan
-from .units import GiB, format_bytes
+from planner.placement.packing import GpuPlan, Plan
+from planner.units import GiB, format_bytes
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 # (rich colour, SVG hex) pairs, distinguishable on light and dark terminals

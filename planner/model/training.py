@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import InputError
-from .units import format_bytes
+from planner.errors import InputError
+from planner.units import format_bytes
 
 # Optimizer states per trainable parameter, in units of optimizer_state_dtype_bytes (fp32 = 4 by default).
 # NOTE: torch.optim.AdamW keeps exp_avg and exp_avg_sq (2 states); SGD with momentum keeps momentum_buffer (1);
@@ -249,7 +249,7 @@ def estimate_activation_memory(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# From a ModelSpec (planner.spec), for ``gpuplan estimate --mode train``
+# From a ModelSpec (planner.model.spec), for ``gpuplan estimate --mode train``
 
 _TRAIN_DTYPES = {"bf16": (2, True), "fp16": (2, True), "fp32": (4, False)}  # weight bytes, mixed precision
 
@@ -290,7 +290,7 @@ def estimate_from_spec(
     recompute: str = "none",
     trainable_params: int | None = None,
 ) -> TrainingEstimate:
-    """Training memory per GPU for a ``planner.spec.ModelSpec``: ``params_total`` parameters trained in ``dtype``
+    """Training memory per GPU for a ``planner.model.spec.ModelSpec``: ``params_total`` parameters trained in ``dtype``
     (bf16/fp16: mixed precision with an fp32 master copy; fp32: full precision) under ZeRO ``zero_stage`` over
     ``num_gpus``, plus Korthikanti activations from ``spec.dims`` (num_layers, hidden_size, num_heads).
 

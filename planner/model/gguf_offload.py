@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from .errors import InputError, ModelSpecError
-from .formats.gguf import GgufFile, GgufSummary, ggml_type_nbytes, summarize_gguf
-from .units import MiB, format_bytes
+from planner.errors import InputError, ModelSpecError
+from planner.model.formats.gguf import GgufFile, GgufSummary, ggml_type_nbytes, summarize_gguf
+from planner.units import MiB, format_bytes
 
 # NOTE: reserve for llama.cpp's GPU compute buffer (the "CUDA0 compute buffer size = ... MiB" log line). It is the
 # scratch memory of one forward pass of n_ubatch = 512 tokens and depends on n_ubatch, n_ctx, n_head, n_vocab and
@@ -324,5 +324,5 @@ def plan_gguf_offload(
     )
 
 
-# The name planner/cli.py calls (``gpuplan gguf-layers``).
+# The name planner/cli/__init__.py calls (``gpuplan gguf-layers``).
 plan_gpu_layers = plan_gguf_offload

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import InputError
+from planner.errors import InputError
 
 ENGINES = ("transformers", "vllm", "llamacpp")
 # what vLLM (0.28+) runs of our schemes: float checkpoints, AWQ/GPTQ (Marlin), fp8, mxfp4; not bitsandbytes, not GGUF

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import InputError
+from planner.errors import InputError
 
 
 def add_commands(sub) -> None:
@@ -25,16 +25,16 @@ def add_commands(sub) -> None:
                         "transformers plus those importable here")
     p.add_argument("--json", action="store_true", help="stable JSON instead of the picture")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan as an SVG file")
-    # `gpuplan render kuberay ...` (planner/kuberay.py) registers itself here when present
+    # `gpuplan render kuberay ...` (planner/output/kuberay.py) registers itself here when present
     if "add_render_command" in globals():
         globals()["add_render_command"](sub)
         COMMANDS["render"] = globals()["cmd_render"]
 
 
 def _cluster_for(args, parsed):
-    from .config import load_cluster_file
-    from .inventory import Cluster, Node, probe_local_gpus
-    from .planning import cluster_from_decl
+    from planner.config import load_cluster_file
+    from planner.cluster.inventory import Cluster, Node, probe_local_gpus
+    from planner.planning import cluster_from_decl
 
     if args.cluster:
         return cluster_from_decl(load_cluster_file(args.cluster))
@@ -59,7 +59,7 @@ def _engines(spec: str | None) -> frozenset:
     """--engines, or transformers plus the engines whose package this Python finds (without importing them)."""
     import importlib.util
 
-    from .engines import ENGINES
+    from planner.model.engines import ENGINES
 
     if spec:
         names = frozenset(x.strip() for x in spec.split(",") if x.strip())
@@ -76,13 +76,13 @@ def _engines(spec: str | None) -> frozenset:
 
 
 def cmd_plan(args) -> int:
-    from .config import load_deploy_file
+    from planner.config import load_deploy_file
 
     parsed, _ = load_deploy_file(args.deploy, app=args.app)
     if args.fit_gpus:
         return _fit(args, parsed)
-    from .plan_report import render_svg, render_text
-    from .planning import describe_cluster, make_plan
+    from planner.output.plan_report import render_svg, render_text
+    from planner.planning import describe_cluster, make_plan
 
     cluster = _cluster_for(args, parsed)
     result = make_plan(parsed, cluster, _engines(getattr(args, "engines", None)))
@@ -117,8 +117,8 @@ def rollout_text(ro) -> str:
 
 
 def _fit(args, parsed) -> int:
-    from .capacity import fit_gpus
-    from .planning import build_demands, estimate_models
+    from planner.placement.capacity import fit_gpus
+    from planner.planning import build_demands, estimate_models
 
     types = [t.strip() for t in args.fit_gpus.split(",") if t.strip()]
     if not types:
@@ -129,8 +129,8 @@ def _fit(args, parsed) -> int:
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
         return 0
-    from .plan_report import render_text
-    from .units import format_bytes
+    from planner.output.plan_report import render_text
+    from planner.units import format_bytes
 
     gpus = ", ".join(f"{n} x {t}" for t, n in res.counts if n)
     cost = f", ${res.cost_per_hour:.2f}/hour" if res.cost_per_hour is not None else ""
@@ -146,7 +146,7 @@ def _fit(args, parsed) -> int:
 
 def add_render_command(sub) -> None:
     """``gpuplan render kuberay DEPLOY --cluster FILE``: a KubeRay RayService with the plan baked in."""
-    from .kuberay import DEFAULT_GPUPLAN_PIP, DEFAULT_IMAGE, UPGRADE_STRATEGIES
+    from planner.output.kuberay import DEFAULT_GPUPLAN_PIP, DEFAULT_IMAGE, UPGRADE_STRATEGIES
 
     r = sub.add_parser("render", help="deployment manifests with the plan baked in (KubeRay RayService)")
     rs = r.add_subparsers(dest="target", required=True, metavar="TARGET")
@@ -182,7 +182,7 @@ def add_render_command(sub) -> None:
 def cmd_render(args) -> int:
     import shlex
 
-    from .kuberay import DEFAULT_GPUPLAN_PIP, DEFAULT_IMAGE, render_files
+    from planner.output.kuberay import DEFAULT_GPUPLAN_PIP, DEFAULT_IMAGE, render_files
 
     flags = [("--cluster", args.cluster, None), ("--app", args.app, None), ("--name", args.name, "gpuplan"),
              ("--namespace", args.namespace, None), ("--image", args.image, DEFAULT_IMAGE),
@@ -216,6 +216,6 @@ COMMANDS = {"plan": cmd_plan}
 
 
 def main() -> int:  # pragma: no cover
-    from .cli import main as cli_main
+    from planner.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

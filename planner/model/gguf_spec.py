@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from .errors import ModelSpecError
-from .formats.gguf import read_gguf, summarize_gguf
-from .spec import ArchDims, ModelSpec, TensorSpec
+from planner.errors import ModelSpecError
+from planner.model.formats.gguf import read_gguf, summarize_gguf
+from planner.model.spec import ArchDims, ModelSpec, TensorSpec
 
 
 def spec_from_gguf(path: str) -> ModelSpec:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import InputError
-from .quant import FLOAT_BYTES, QuantSpec, is_quantized, resolve_quant, stored_checkpoint_bytes, tensor_bytes
-from .spec import ModelSpec
-from .units import MiB
+from planner.errors import InputError
+from planner.model.quant import FLOAT_BYTES, QuantSpec, is_quantized, resolve_quant, stored_checkpoint_bytes, tensor_bytes
+from planner.model.spec import ModelSpec
+from planner.units import MiB
 
 # NOTE: memory outside torch's allocator of one process with torch and a model on the GPU (CUDA context, lazily
 # loaded kernels, library handles): NVML's used memory of the process less torch's reserved peak, measured 688 MiB
@@ -97,7 +97,7 @@ def weight_bytes(spec: ModelSpec, q: QuantSpec, dtype: str) -> WeightBytes:
     """Resident bytes of every tensor of ``spec`` loaded with ``q``; unquantized tensors at ``dtype``."""
     if spec.source == "gguf":
         # transformers (and vLLM) dequantize a GGUF on load: every tensor at the compute dtype. Stored as it is, the
-        # file runs on llama.cpp (planner/llamacpp.py).
+        # file runs on llama.cpp (planner/model/llamacpp.py).
         n = sum(t.numel for t in spec.tensors)
         total = n * FLOAT_BYTES[dtype]
         return WeightBytes(total, 0, 0, n, {f"gguf tensors dequantized to {dtype}": total})
@@ -237,7 +237,7 @@ def estimate_replica(
     if engine not in ("transformers", "vllm", "llamacpp"):
         raise InputError(f"engine {engine!r}: use transformers, vllm or llamacpp")
     if engine == "llamacpp":
-        from .llamacpp import estimate_llamacpp
+        from planner.model.llamacpp import estimate_llamacpp
 
         return estimate_llamacpp(spec, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                  prefill_tokens=min(max_model_len, max_num_batched_tokens or max_model_len),
@@ -313,7 +313,7 @@ VLLM_CPU_PROCESS_BYTES = 1600 * MiB
 def _estimate_vllm(spec: ModelSpec, q: QuantSpec, w: WeightBytes, act: int, act_detail: dict, *, dtype: str,
                    device: str, kv_b: int, max_model_len: int, max_num_seqs: int, prefill: int,
                    notes: list) -> ReplicaEstimate:
-    from .engines import VLLM_SCHEMES, kv_tokens_vllm, vllm_block_size
+    from planner.model.engines import VLLM_SCHEMES, kv_tokens_vllm, vllm_block_size
 
     if q.scheme not in VLLM_SCHEMES:
         raise InputError(f"vLLM does not run {q.scheme} (it removed bitsandbytes in 0.28); use engine: transformers "

@@ -4,7 +4,7 @@ llama.cpp logs one line per buffer when a context starts; each term here is one 
 
 - ``model buffer size``: the GGUF's tensors as stored (per-tensor ggml types). On the CPU they are mmap'd file pages.
   With layers on a GPU, ``token_embd`` stays on the CPU (the input layer always does) and a tied output (no
-  ``output.weight``) is loaded a second time for the GPU (planner/gguf_offload.py places the layers).
+  ``output.weight``) is loaded a second time for the GPU (planner/model/gguf_offload.py places the layers).
 - ``KV buffer size``: ``n_ctx`` cells x layers x (K + V) of f16 (2 bytes) per cell, ``n_ctx = n_seq_max x
   n_ctx_seq``, ``n_ctx_seq`` = max_model_len rounded up to 256 (llama.cpp pads it; one KV stream per sequence,
   ``kv_unified`` off).
@@ -17,15 +17,15 @@ llama.cpp logs one line per buffer when a context starts; each term here is one 
   them): the FFN step holds three n_ubatch x FFN and four n_ubatch x hidden f32 tensors, and the attention mask is
   n_ubatch x n_ctx_seq f16: ``4 x n_ubatch x (3 x FFN + 4 x hidden) + 2 x n_ubatch x n_ctx_seq``.
 
-Pure arithmetic over a ModelSpec from a GGUF file (planner/gguf_spec.py); no file is read here.
+Pure arithmetic over a ModelSpec from a GGUF file (planner/model/gguf_spec.py); no file is read here.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .errors import InputError
-from .spec import ModelSpec
+from planner.errors import InputError
+from planner.model.spec import ModelSpec
 
 KV_CELL_PAD = 256  # llama.cpp: n_ctx and n_ctx_seq are multiples of 256
 DEFAULT_N_UBATCH = 512  # llama.cpp's default physical batch
@@ -126,16 +126,16 @@ def gpu_weight_bytes(spec: ModelSpec) -> int:
 
 # NOTE: a CPU llama.cpp replica's process besides its buffers: the Serve replica's Python with Ray, transformers (the
 # tokenizer that detokenizes) and torch (serve/engine.py, whose batching it shares) imported, plus the llama.cpp
-# library: the transformers replica's baseline (planner.memory.CPU_PROCESS_BYTES) is taken for it.
+# library: the transformers replica's baseline (planner.model.memory.CPU_PROCESS_BYTES) is taken for it.
 
 
 def estimate_llamacpp(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int, prefill_tokens: int, device: str,
                       notes: list):
-    """planner.memory.ReplicaEstimate of one llama.cpp replica: its buffers as llama.cpp reports them. On ``cuda``
+    """planner.model.memory.ReplicaEstimate of one llama.cpp replica: its buffers as llama.cpp reports them. On ``cuda``
     every layer is offloaded (``n_gpu_layers`` = blocks + 1) and the estimate is the GPU's share: model (less the
     input embeddings, plus a tied output's copy) + KV + compute + the CUDA context; the output buffer and
     ``token_embd`` stay in host memory (in ``detail``)."""
-    from .memory import CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, ReplicaEstimate
+    from planner.model.memory import CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, ReplicaEstimate
 
     if spec.source != "gguf":
         raise InputError(f"engine llamacpp runs GGUF files; {spec.name} is a {spec.source} model: point source at a "
@@ -219,11 +219,11 @@ def decide_gpu_layers(spec: ModelSpec, settings: LlamaCppSettings, *, model: str
     """The GGUF form of "offload to the CPU when the GPU is short": the largest ``n_gpu_layers`` whose blocks, their
     KV cache, the output layer, the compute buffer and ``fixed_gpu_bytes`` (the CUDA context) fit ``budget_bytes``
     (the replica's planned share, or less when the GPU has less free), placed as llama.cpp places them
-    (planner/gguf_offload.py). The layers left on the CPU (their weights and KV) must fit ``offload_cpu_bytes``.
+    (planner/model/gguf_offload.py). The layers left on the CPU (their weights and KV) must fit ``offload_cpu_bytes``.
     ``budget_bytes`` None: no GPU, everything on the CPU."""
-    from .errors import InfeasiblePlanError
-    from .gguf_offload import plan_layer_offload
-    from .units import format_bytes
+    from planner.errors import InfeasiblePlanError
+    from planner.model.gguf_offload import plan_layer_offload
+    from planner.units import format_bytes
 
     top = spec.dims.num_layers + 1
     if budget_bytes is None:

@@ -21,8 +21,8 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from .errors import InputError, ModelSpecError
-from .spec import ModelSpec, TensorSpec
+from planner.errors import InputError, ModelSpecError
+from planner.model.spec import ModelSpec, TensorSpec
 
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BNB_SCHEMES = ("int8", "nf4", "fp4", "int4")

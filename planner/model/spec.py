@@ -21,7 +21,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
-from .errors import ModelSpecError
+from planner.errors import ModelSpecError
 
 ROLES = ("linear", "bias", "embedding", "lm_head", "norm", "router", "experts", "buffer", "other")
 PARAM_ROLES = tuple(r for r in ROLES if r != "buffer")
@@ -121,7 +121,7 @@ _DTYPE_NAMES = {
     "float32": "fp32", "fp32": "fp32", "float": "fp32",
 }
 
-CATALOG_DIR = os.path.join(os.path.dirname(__file__), "catalog", "models")
+CATALOG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "catalog", "models")
 
 
 def catalog_names() -> list[str]:
@@ -146,7 +146,7 @@ def load_spec(source: str) -> ModelSpec:
         return _from_dir(source)
     if os.path.isfile(source):
         if source.endswith(".gguf"):
-            from .gguf_spec import spec_from_gguf
+            from planner.model.gguf_spec import spec_from_gguf
 
             return spec_from_gguf(source)
         return _from_config(_read_config(source), name=_name_from_path(source), path=source)
@@ -184,13 +184,13 @@ def _read_config(path: str) -> dict:
 
 
 def _from_dir(model_dir: str) -> ModelSpec:
-    from .formats.safetensors import read_checkpoint
+    from planner.model.formats.safetensors import read_checkpoint
 
     cfg_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(cfg_path):
         ggufs = sorted(f for f in os.listdir(model_dir) if f.endswith(".gguf"))
         if ggufs:
-            from .gguf_spec import spec_from_gguf
+            from planner.model.gguf_spec import spec_from_gguf
 
             return spec_from_gguf(os.path.join(model_dir, ggufs[0]))
         raise ModelSpecError(f"{model_dir}: no config.json in the model directory; download it with the weights")
@@ -636,7 +636,7 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
 
 
 def _not_linear_table() -> dict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "catalog", "not_linear.json")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "catalog", "not_linear.json")
     try:
         with open(path, encoding="utf-8") as f:
             return {k: v for k, v in json.load(f).items() if not k.startswith("_")}

@@ -2,7 +2,7 @@
 
 ``load_gpu_catalog()`` reads ``planner/catalog/gpus.json`` (common NVIDIA GPUs: memory, the total NVML reports,
 an approximate and editable price per hour). ``fit_gpus()`` searches GPU counts per type -- fewest GPUs, or cheapest
-per hour -- and plans the winning cluster with :func:`planner.packing.plan` to say how many replicas each model could
+per hour -- and plans the winning cluster with :func:`planner.placement.packing.plan` to say how many replicas each model could
 reach on it. Pure Python; numpy/scipy are imported lazily by the packing module.
 """
 
@@ -17,9 +17,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from .errors import InfeasiblePlanError, InputError
-from .inventory import Cluster, Gpu, Node, gpu_type_of
-from .packing import (
+from planner.errors import InfeasiblePlanError, InputError
+from planner.cluster.inventory import Cluster, Gpu, Node, gpu_type_of
+from planner.placement.packing import (
     DEFAULT_GPU_RESERVE,
     DEFAULT_HEADROOM,
     ModelDemand,
@@ -31,9 +31,9 @@ from .packing import (
     plan,
     usable_gpu_bytes,
 )
-from .units import MiB, format_bytes, parse_bytes
+from planner.units import MiB, format_bytes, parse_bytes
 
-CATALOG_PATH = Path(__file__).resolve().parent / "catalog" / "gpus.json"
+CATALOG_PATH = Path(__file__).resolve().parent.parent / "catalog" / "gpus.json"
 # Host RAM given to each node of a hypothetical cluster: fit_gpus sizes GPUs, not hosts.
 FIT_NODE_RAM_BYTES = 2**50
 MAX_CANDIDATES = 200_000  # GPU-count combinations considered at most
@@ -211,7 +211,7 @@ def fit_gpus(
     cheapest per hour (every type needs a price). Each model is sized at its first (most preferred) option, or at
     its least-memory option with ``quantization="smallest"``. GPUs of one type share nodes of ``gpus_per_node``;
     host RAM is not sized (nodes get unlimited RAM) and offload is not used. The winning cluster is then planned
-    with :func:`planner.packing.plan` (all options allowed), which says how many replicas each model reaches.
+    with :func:`planner.placement.packing.plan` (all options allowed), which says how many replicas each model reaches.
     """
     if by not in ("count", "cost"):
         raise InputError(f"by must be 'count' or 'cost', got {by!r}")
