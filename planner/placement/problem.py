@@ -270,6 +270,11 @@ class SolverInfo:
     bound: int | None  # proven upper bound on replicas placeable (when known)
     seconds: float
 
+    @property
+    def gap(self) -> int | None:
+        """Replicas between the total placed and the proven bound (0 when optimal; None when no bound is known)."""
+        return None if self.bound is None else max(0, self.bound - self.placed)
+
     def to_json(self) -> dict:
         return {
             "quantization_search": self.quantization_search,
@@ -279,6 +284,7 @@ class SolverInfo:
             "status": self.status,
             "placed": self.placed,
             "bound": self.bound,
+            "gap": self.gap,
             "seconds": round(self.seconds, 4),
         }
 

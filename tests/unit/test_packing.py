@@ -220,8 +220,10 @@ def test_exact_fill_beats_greedy_and_is_proven():
     demands = [one(f"m{i}", s * GiB, 0, 1) for i, s in enumerate([3, 3, 4, 4, 5, 5])]
     p = plan(demands, c, headroom=0.0, gpu_reserve_bytes=GiB)
     assert p.solver.placed == 6 and p.solver.fill == "exact" and p.solver.optimal is True
+    assert p.solver.gap == 0 and p.to_json()["solver"]["gap"] == 0
     p2 = plan(demands, c, headroom=0.0, gpu_reserve_bytes=GiB, exact=False)
     assert p2.solver.placed == 5 and p2.solver.optimal is None
+    assert p2.solver.gap == (None if p2.solver.bound is None else p2.solver.bound - 5)
     check_invariants(p, c, 0.0, GiB)
 
 
