@@ -115,7 +115,7 @@ def rollout_scenarios() -> list[dict]:
                   [replace(m, min_replicas=max(m.min_replicas, m.max_replicas // 2)) for m in tight]))
     out = []
     for key, what, cluster, ms in cases:
-        rollout._MEMO.clear()
+        rollout._MEMO.clear()  # a cold search memo, as in a fresh process
         t0 = time.perf_counter()
         p = plan(ms, cluster)
         t1 = time.perf_counter()

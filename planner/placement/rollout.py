@@ -345,9 +345,17 @@ class _Budget:
                 raise _TooBig(pool=True)
 
 
+# all_land's states live in one sub-dictionary per (sizes, phases) inside _MEMO (cheaper keys); _MEMO_SUB counts
+# [sub-dictionaries, their entries] so that the memo is cleared at the same size as if they were top-level keys.
+_MEMO_SUB = [0, 0]
+
+
 def _memo() -> dict:
-    if len(_MEMO) > MEMO_MAX:
+    if not _MEMO:  # cleared from outside (a benchmark's cold start)
+        _MEMO_SUB[0] = _MEMO_SUB[1] = 0
+    if len(_MEMO) - _MEMO_SUB[0] + _MEMO_SUB[1] > MEMO_MAX:
         _MEMO.clear()
+        _MEMO_SUB[0] = _MEMO_SUB[1] = 0
     return _MEMO
 
 
@@ -437,20 +445,43 @@ class _Search:
         """Every order of ``arriving`` lands each, and then (``phases`` not None) ``phases`` can still land."""
         if not any(arriving):
             return phases is None or self.completes(rooms, phases)
-        key = ("a", self.classes, rooms, arriving, phases)
-        hit = self.memo.get(key)
+        sub_key = ("a", self.classes, phases)
+        states = self.memo.get(sub_key)
+        if states is None:
+            states = self.memo[sub_key] = {}
+            _MEMO_SUB[0] += 1
+        return self._all_land(rooms, arriving, phases, states)
+
+    def _all_land(self, rooms: tuple, arriving: tuple, phases: tuple | None, states: dict) -> bool:
+        key = (rooms, arriving)
+        hit = states.get(key)
         if hit is not None:
             return hit
         self.budget.spend()
         ok = True
-        for k in range(len(arriving)):
-            if not arriving[k]:
+        classes, bisect_left, top = self.classes, bisect.bisect_left, len(rooms)
+        for k, n in enumerate(arriving):
+            if not n:
                 continue
-            nxt = self.place(rooms, self.classes[k])
-            if nxt is None or not self.all_land(nxt, arriving[:k] + (arriving[k] - 1,) + arriving[k + 1:], phases):
+            u = classes[k]
+            i = bisect_left(rooms, u)  # self.place, inline: best fit, then the rooms kept sorted
+            if i == top:
                 ok = False
                 break
-        self.memo[key] = ok
+            left = rooms[i] - u
+            others = rooms[:i] + rooms[i + 1:]
+            j = bisect_left(others, left)
+            nxt = others[:j] + (left,) + others[j:]
+            rest = arriving[:k] + (n - 1,) + arriving[k + 1:]
+            if any(rest):
+                if not self._all_land(nxt, rest, phases, states):
+                    ok = False
+                    break
+            elif phases is not None and not self.completes(nxt, phases):
+                ok = False
+                break
+        states[key] = ok
+        _MEMO_SUB[1] += 1
         return ok
 
 
@@ -767,19 +798,25 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
         if {m: n for m, n in fresh.items() if n} != {m: n for m, n in asked_n.items() if n} or below != short:
             raise AssertionError(f"rollout bookkeeping drifted: asked {asked_n} vs {fresh}, short {short} vs {below}")
 
+    node_rows: dict[str, list[tuple]] = {}  # node -> its GPU deployments' fixed fields, read once
+
     def remaining(node: str) -> tuple[Counter, Counter]:
         """The node's planned replicas not asked for yet: (minimum slots of models still below their minimum, the
         rest)."""
         if VERIFY_BOOKKEEPING:
             verify()
+        rows = node_rows.get(node)
+        if rows is None:
+            rows = node_rows[node] = [(d.name, d.model, d.units, d.min_slots, d.planned)
+                                      for d in rollout.on_node(node) if d.kind != "cpu"]
         first: Counter = Counter()
         then: Counter = Counter()
-        for d in rollout.on_node(node):
-            if d.kind != "cpu":
-                a = max(baseline[d.name], alloc[d.name])
-                m = d.min_slots if d.model in short else 0
-                first[d.units] += max(0, m - a)
-                then[d.units] += d.planned - max(m, a)
+        for name, model, units, min_slots, planned in rows:
+            b, c = baseline[name], alloc[name]
+            a = b if b > c else c
+            m = min_slots if model in short else 0
+            first[units] += m - a if m > a else 0
+            then[units] += planned - (m if m > a else a)
         return first, then
 
     def gate(d: DeploymentSpec, complete: bool) -> bool:
