@@ -443,20 +443,22 @@ class _Search:
 
     def all_land(self, rooms: tuple, arriving: tuple, phases: tuple | None) -> bool:
         """Every order of ``arriving`` lands each, and then (``phases`` not None) ``phases`` can still land."""
-        if not any(arriving):
+        left = sum(arriving)
+        if not left:
             return phases is None or self.completes(rooms, phases)
         sub_key = ("a", self.classes, phases)
         states = self.memo.get(sub_key)
         if states is None:
             states = self.memo[sub_key] = {}
             _MEMO_SUB[0] += 1
-        return self._all_land(rooms, arriving, phases, states)
-
-    def _all_land(self, rooms: tuple, arriving: tuple, phases: tuple | None, states: dict) -> bool:
-        key = (rooms, arriving)
-        hit = states.get(key)
+        hit = states.get((rooms, arriving))
         if hit is not None:
             return hit
+        return self._all_land(rooms, arriving, left, phases, states)
+
+    def _all_land(self, rooms: tuple, arriving: tuple, left: int, phases: tuple | None, states: dict) -> bool:
+        """all_land of a state not in ``states`` (``left`` = sum(arriving) > 0); children found in ``states`` are
+        read there without a call."""
         self.budget.spend()
         ok = True
         classes, bisect_left, top = self.classes, bisect.bisect_left, len(rooms)
@@ -468,19 +470,22 @@ class _Search:
             if i == top:
                 ok = False
                 break
-            left = rooms[i] - u
+            room = rooms[i] - u
             others = rooms[:i] + rooms[i + 1:]
-            j = bisect_left(others, left)
-            nxt = others[:j] + (left,) + others[j:]
-            rest = arriving[:k] + (n - 1,) + arriving[k + 1:]
-            if any(rest):
-                if not self._all_land(nxt, rest, phases, states):
+            j = bisect_left(others, room)
+            nxt = others[:j] + (room,) + others[j:]
+            if left > 1:
+                rest = arriving[:k] + (n - 1,) + arriving[k + 1:]
+                hit = states.get((nxt, rest))
+                if hit is None:
+                    hit = self._all_land(nxt, rest, left - 1, phases, states)
+                if not hit:
                     ok = False
                     break
             elif phases is not None and not self.completes(nxt, phases):
                 ok = False
                 break
-        states[key] = ok
+        states[(rooms, arriving)] = ok
         _MEMO_SUB[1] += 1
         return ok
 
