@@ -91,6 +91,10 @@ def cmd_plan(args) -> int:
             f.write(render_svg(result.plan))
     if args.json:
         out = result.plan.to_json()
+        out["engines"] = {m.name: {"engine": result.estimates[m.name][m.quantization].engine,
+                                   **({"llamacpp": result.estimates[m.name][m.quantization].detail["llamacpp"]}
+                                      if result.estimates[m.name][m.quantization].engine == "llamacpp" else {})}
+                          for m in result.plan.models}
         out["rollout"] = result.rollout.to_json()
         print(json.dumps(out, indent=2))
     else:
@@ -98,8 +102,27 @@ def cmd_plan(args) -> int:
         for n in cluster.notes:
             print(f"note: {n}")
         print(render_text(result.plan))
+        print(engines_text(result))
         print(rollout_text(result.rollout))
     return 0
+
+
+def engines_text(result) -> str:
+    """Which engine runs each model, and what it is given (vLLM's memory settings, llama.cpp's context)."""
+    lines = ["Engines (what runs each model's replicas)"]
+    for m in result.plan.models:
+        est = result.estimates[m.name][m.quantization]
+        extra = ""
+        ll = est.detail.get("llamacpp") if isinstance(est.detail, dict) else None
+        if est.engine == "llamacpp" and ll:
+            extra = (f": n_ctx {ll['n_ctx']} ({ll['n_seq_max']} x {ll['n_ctx_seq']}), n_ubatch {ll['n_ubatch']}, "
+                     f"n_gpu_layers {ll['n_gpu_layers']}")
+        elif est.engine == "vllm":
+            kv = est.detail.get("kv_cache") or {}
+            extra = f": KV {kv.get('tokens')} tokens in blocks of {kv.get('block_size')}"
+        lines.append(f"  {m.name}: {est.engine}{extra}")
+        lines += [f"    note: {n}" for n in est.notes if "dequantizes a GGUF" in n]
+    return "\n".join(lines)
 
 
 def rollout_text(ro) -> str:

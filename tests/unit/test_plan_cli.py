@@ -137,3 +137,25 @@ def test_fit_gpus(tmp_path):
     assert rc == 0 and "smallest cluster by count" in out, err
     rc, out, err = run("plan", path, "--fit-gpus", "Z9000")
     assert rc == 2 and "Z9000" in err
+
+
+def test_plan_says_which_engine_runs_each_model(tmp_path, capsys):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    gguf = os.path.join(root, "models", "tiny-chat", "tiny-chat-Q8_0.gguf")
+    path = write(tmp_path, {"cluster": CLUSTER, "models": [
+        {"name": "g", "source": gguf, "quantization": "gguf", "max_model_len": 256, "max_num_seqs": 4}]})
+    assert main(["plan", path, "--engines", "transformers,llamacpp"]) == 0
+    out = capsys.readouterr().out
+    # on a GPU node llama.cpp gets every layer: 4 blocks + the output layer; 4 KV streams of 256 cells
+    assert "g: llamacpp: n_ctx 1024 (4 x 256), n_ubatch 256, n_gpu_layers 5" in out
+    assert main(["plan", path, "--json", "--engines", "transformers,llamacpp"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["engines"]["g"]["engine"] == "llamacpp" and d["engines"]["g"]["llamacpp"]["n_ctx"] == 1024
+    # without llama.cpp the file is dequantized by transformers, and the plan says so with the factor
+    assert main(["plan", path, "--engines", "transformers"]) == 0
+    out = capsys.readouterr().out
+    assert "g: transformers" in out and re.search(r"dequantizes a GGUF file on load: .* planned at \w+, [\d.]+x", out)
+    code, _, err = run("plan", path, "--engines", "tensorrt")
+    assert code == 2 and "unknown tensorrt" in err and "Traceback" not in err
