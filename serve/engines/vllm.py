@@ -29,6 +29,28 @@ def start_lock_path(gpu_key: str) -> str:
     return os.path.join(d, f"vllm-start-{gpu_key}.lock")
 
 
+def _scheduler_counts(box: dict):
+    """A vLLM stat logger (the StatLoggerBase interface) that keeps the scheduler's latest running and waiting counts
+    in ``box``: vLLM's own counts, so the replica's queue metric and /plan show what waits inside the engine. With
+    ``disable_log_stats`` vLLM then runs this logger alone (no periodic log lines)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerCounts(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                box["running"] = int(scheduler_stats.num_running_reqs)
+                box["waiting"] = int(scheduler_stats.num_waiting_reqs) + int(
+                    getattr(scheduler_stats, "num_skipped_waiting_reqs", 0) or 0)
+
+        def log_engine_initialized(self):
+            pass
+
+    return SchedulerCounts
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -50,7 +72,8 @@ class VllmEngine:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # one vLLM start per GPU at a time
             self.started_at = time.time()
             self.lock_wait_s = round(self.started_at - t0, 3)
-            self.llm = AsyncLLM.from_engine_args(self.args)
+            self._sched: dict = {}
+            self.llm = AsyncLLM.from_engine_args(self.args, stat_loggers=[_scheduler_counts(self._sched)])
             self.ready_at = time.time()
         finally:
             if lock:
@@ -117,7 +140,12 @@ class VllmEngine:
         while self._tps and self._tps[0][0] < now - _TPS_WINDOW_S:
             self._tps.popleft()
         span = max(1e-3, min(_TPS_WINDOW_S, now - self._t0))
-        return {"waiting": 0, "running": self.inflight, "completed": self.completed, "cancelled": self.cancelled,
+        # vLLM's scheduler counts as of its last step, bounded by what is in flight here (they go stale when idle)
+        # (before vLLM's first report: as its scheduler would, max_num_seqs run and the rest wait)
+        cap = int(self.settings.get("max_num_seqs") or self.inflight)
+        running = min(self._sched.get("running", min(self.inflight, cap)), self.inflight)
+        waiting = min(self._sched.get("waiting", self.inflight - running), self.inflight - running)
+        return {"waiting": waiting, "running": running, "completed": self.completed, "cancelled": self.cancelled,
                 "errors": self.errors, "generated_tokens": self.generated_tokens,
                 "tokens_per_s": round(sum(k for _, k in self._tps) / span, 1)}
 
