@@ -174,11 +174,14 @@ def is_quantized(t: TensorSpec, q: QuantSpec) -> bool:
     """Does scheme q replace tensor t by a quantized representation?"""
     if q.scheme in FLOAT_BYTES or q.scheme == "gguf":
         return False
+    if t.role in ("lm_head", "embedding"):
+        return False
     if q.skip_modules is not None:
-        skip = q.skip_modules
-    else:
-        skip = ("lm_head",)  # NOTE: transformers' get_keys_to_not_convert: the output embedding (and tied weights)
-    if _matches(t.module, skip) or t.role in ("lm_head", "embedding"):
+        if _matches(t.module, q.skip_modules):
+            return False
+    elif t.module == "lm_head":
+        # NOTE: transformers' get_keys_to_not_convert skips the output embedding module itself, tied weights and the
+        # last parameter's module, not every module under an ``lm_head`` prefix (RoBERTa's lm_head.dense is converted)
         return False
     if q.scheme in BNB_SCHEMES:
         # bitsandbytes replaces exact nn.Linear only; transformers 5 MoE experts/routers are not nn.Linear.

@@ -20,9 +20,10 @@ from arch_sweep import SCHEMES, causal_lm_architectures, sweep_one  # noqa: E402
 # learned position tables (opt, biogpt, electra), ALiBi (bloom), a sin/cos buffer (gptj), a causal-mask buffer
 # (gpt_bigcode), partial rotary (phi, stablelm), config spellings (bloom's n_layer/n_head), rotary buffers of
 # families not derived from config.json (cohere, olmo, starcoder2, bitnet), Linear subclasses bitsandbytes leaves
-# alone (falcon, planner/catalog/not_linear.json), an embedding named `embeddings` (xlstm)
+# alone (falcon, planner/catalog/not_linear.json), an embedding named `embeddings` (xlstm), a Linear under the
+# `lm_head.` prefix that transformers does quantize (roberta's lm_head.dense)
 SAMPLE = ("opt", "biogpt", "bloom", "gptj", "gpt_bigcode", "phi", "stablelm", "cohere", "olmo", "starcoder2",
-          "bitnet", "electra", "falcon", "xlstm")
+          "bitnet", "electra", "falcon", "xlstm", "roberta")
 
 
 def test_the_sample_is_in_the_installed_transformers():
