@@ -110,7 +110,7 @@ def not_linear_2d(model) -> list[str]:
             continue
         if type(mod) is torch.nn.Linear or isinstance(mod, (Conv1D, torch.nn.Embedding)):
             continue
-        out.add(re.sub(r"\.\d+\.", ".*.", name + "."). rstrip("."))
+        out.add(re.sub(r"\.\d+\.", ".*.", name + ".").rstrip("."))
     return sorted(out)
 
 

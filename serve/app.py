@@ -19,8 +19,8 @@ from ray.exceptions import RayActorError
 from planner.config import DeployArgs, ModelEntry, parse_deploy_args
 from planner.errors import GpuplanError
 from planner.planning import PlanningResult, cluster_from_decl, make_plan, model_rules
-from planner.placement.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes, deployment_options,
-                             pick_deployment, placements, realize)
+from planner.placement.rollout import (NodeBinding, RayNode, ReplicaReport, Rollout, bind_nodes,
+                                       deployment_options, pick_deployment, placements, realize)
 
 from .engines import available as available_engines
 from .engines import vllm_python

@@ -39,7 +39,8 @@ def _tokenizer_metadata(w, model_dir: str, cfg: dict) -> None:
     tj = json.load(open(os.path.join(model_dir, "tokenizer.json"), encoding="utf-8"))
     model = tj["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"{model_dir}: tokenizer model {model.get('type')!r}; only byte-level BPE is exported")
+        raise ValueError(f"{model_dir}: tokenizer model {model.get('type')!r}; this exporter writes byte-level BPE "
+                         "vocabularies only: use llama.cpp's convert_hf_to_gguf.py for this model")
     vocab = model["vocab"]
     added = {t["id"]: t for t in tj.get("added_tokens", [])}
     n = cfg["vocab_size"]
@@ -98,12 +99,14 @@ def export_llama(model_dir: str, out_path: str, qtype: str = "Q8_0", name: str |
         raise ValueError(f"type {qtype!r}: use one of {', '.join(TYPES)}")
     cfg = json.load(open(os.path.join(model_dir, "config.json"), encoding="utf-8"))
     if cfg.get("model_type") != "llama":
-        raise ValueError(f"{model_dir}: model_type {cfg.get('model_type')!r}; only llama checkpoints are exported")
+        raise ValueError(f"{model_dir}: model_type {cfg.get('model_type')!r}; this exporter writes llama "
+                         "checkpoints only: use llama.cpp's convert_hf_to_gguf.py for this model")
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
     rope = cfg.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{model_dir}: rope_type {rope.get('rope_type')!r} is not exported (default rope only)")
+        raise ValueError(f"{model_dir}: rope_type {rope.get('rope_type')!r} is not exported (default rope only): "
+                         "use llama.cpp's convert_hf_to_gguf.py for this model")
     tensors = {}
     for fn in sorted(os.listdir(model_dir)):
         if fn.endswith(".safetensors"):

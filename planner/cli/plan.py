@@ -91,10 +91,11 @@ def cmd_plan(args) -> int:
             f.write(render_svg(result.plan))
     if args.json:
         out = result.plan.to_json()
-        out["engines"] = {m.name: {"engine": result.estimates[m.name][m.quantization].engine,
-                                   **({"llamacpp": result.estimates[m.name][m.quantization].detail["llamacpp"]}
-                                      if result.estimates[m.name][m.quantization].engine == "llamacpp" else {})}
-                          for m in result.plan.models}
+        out["engines"] = {}
+        for m in result.plan.models:
+            est = result.estimates[m.name][m.quantization]
+            out["engines"][m.name] = {"engine": est.engine, **({"llamacpp": est.detail["llamacpp"]}
+                                                               if est.engine == "llamacpp" else {})}
         out["rollout"] = result.rollout.to_json()
         print(json.dumps(out, indent=2))
     else:

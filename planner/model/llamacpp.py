@@ -158,7 +158,7 @@ def estimate_llamacpp(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int,
         weights = b.model
         overhead, over_detail = CPU_PROCESS_BYTES, {"python_process": CPU_PROCESS_BYTES}
         kv, act = b.kv, b.compute + b.output
-    n_params = sum(_numel(t.shape) for t in spec.tensors)
+    n_params = sum(t.numel for t in spec.tensors)
     total = weights + kv + act + overhead
     return ReplicaEstimate(
         model=spec.name, quantization="gguf", quant_label="gguf (as stored)", dtype="fp16", device=device,
@@ -173,12 +173,6 @@ def estimate_llamacpp(spec: ModelSpec, *, max_model_len: int, max_num_seqs: int,
                 "host_memory": host},
         notes=tuple(notes), engine="llamacpp")
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def layer_bytes(spec: ModelSpec) -> tuple[tuple[int, ...], int, int]:

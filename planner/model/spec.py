@@ -14,6 +14,7 @@ nn.Linear in transformers 5), ``buffer`` (non-parameter tensors such as rotary `
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -635,6 +636,7 @@ def _from_stored(cfg: dict, stored, *, name: str, path: str, derived: ModelSpec 
     )
 
 
+@functools.lru_cache(maxsize=1)
 def _not_linear_table() -> dict:
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "catalog", "not_linear.json")
     try:

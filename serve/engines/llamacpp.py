@@ -29,6 +29,8 @@ import re
 import threading
 from dataclasses import dataclass
 
+from planner.model.llamacpp import llamacpp_settings
+
 from ..engine import BatchedEngine, _Seq
 
 log = logging.getLogger("gpuplan")
@@ -82,14 +84,9 @@ class _Running:
     seqs: list[_Seq]
 
 
-def ctx_cells(max_model_len: int) -> int:
-    """KV cells per sequence: llama.cpp pads n_ctx_seq to a multiple of 256."""
-    return -(-int(max_model_len) // 256) * 256
-
-
 class LlamaCppEngine(BatchedEngine):
-    """Batched generation over llama.cpp (see the module docstring). ``settings``: planner.model.llamacpp's engine settings
-    (n_gpu_layers, n_ctx, n_batch, n_ubatch, n_seq_max, flash_attn, type_k, type_v)."""
+    """Batched generation over llama.cpp (see the module docstring). The context is the one the planner sizes
+    (planner.model.llamacpp.llamacpp_settings): ``n_batch`` / ``n_ubatch`` left out take its values."""
 
     name = "llamacpp"
 
@@ -104,9 +101,11 @@ class LlamaCppEngine(BatchedEngine):
             first_line = _LOG_COUNT[0]
         self.path = path
         n_threads = int(n_threads or len(os.sched_getaffinity(0)))
-        cells = ctx_cells(max_model_len)
-        n_batch = int(n_batch or max(max_model_len, max_num_seqs))
-        n_ubatch = int(n_ubatch or min(512, n_batch))
+        planned = llamacpp_settings(max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                    prefill_tokens=max_model_len, n_gpu_layers=n_gpu_layers)
+        cells = planned.n_ctx_seq
+        n_batch = int(n_batch or planned.n_batch)
+        n_ubatch = int(n_ubatch or min(planned.n_ubatch, n_batch))
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = int(n_gpu_layers)
         mp.use_mmap = bool(use_mmap)
