@@ -1,15 +1,19 @@
 """Servers side by side, one after another, same model, same requests, same load: the plain vLLM OpenAI server,
 Ray Serve LLM (the same vLLM behind Ray Serve), gpuplan with the vLLM engine, gpuplan with the transformers engine.
 
-    .venv/bin/python benchmarks/compare_servers.py                                   # all three, 1 / 8 / 16 clients
+    .venv/bin/python benchmarks/compare_servers.py                          # all four, 1 / 8 / 16 / 32 clients
+    .venv/bin/python benchmarks/compare_servers.py --rounds 2 --seed -1 --ignore-eos   # what the README reports
     .venv/bin/python benchmarks/compare_servers.py --servers gpuplan-vllm vllm --clients 1 8 --requests 100
 
 Each server is started alone on the machine (nothing else of ours runs), warmed up with a few requests, loaded
 with the levels of benchmarks/serve_load.py (N clients share ``--requests`` streamed chat completions, request i
-with seed SEED+i at every level), and stopped before the next one starts. The model is the shipped tiny model in
-bf16, ``max_model_len`` 256, ``max_num_seqs`` 16 everywhere; plain vLLM gets the same KV cache bytes and block size
-the plan gives gpuplan's vLLM replica. Prints one table: tokens/s, the ratio to plain vLLM at the same level,
-latency and time-to-first-token p50/p95, and requests lost (there should be none).
+with seed SEED+i at every level unless ``--seed -1``), and stopped before the next one starts; ``--rounds N``
+repeats the whole sequence N times, interleaved, and the table shows medians (this machine's run-to-run spread is
+large). The model is the shipped tiny model in bf16, ``max_model_len`` 256, ``max_num_seqs`` 16 everywhere; plain
+vLLM and Ray Serve LLM get the KV cache bytes and block size the plan gives gpuplan's vLLM replica. gpuplan is
+reached as deploy.yaml serves it, through its own front (``--via proxy``: through Ray Serve's proxy only). Prints
+one table (tokens/s, each round's, the ratios to plain vLLM and to Ray Serve LLM at the same level, latency and
+time-to-first-token, requests lost: there should be none), then which of issue 21's targets each gpuplan server meets.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -63,9 +68,13 @@ def planned_vllm(device: str = "cpu") -> dict:
                          quantization=None).to_json()
 
 
-def gpuplan_config(engine: str, port: int, path: Path) -> None:
-    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+def gpuplan_config(engine: str, port: int, path: Path, via: str = "front") -> None:
+    """deploy.yaml's shape: the API on ``port`` from gpuplan's own front (serve/front.py) and Ray Serve's proxy on
+    another port, or (``via="proxy"``) only the proxy, on ``port``."""
+    front = via == "front"
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": free_port() if front else port},
            "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app", "args": {
+               **({"http": {"host": "127.0.0.1", "port": port}} if front else {}),
                "cluster": "auto", "models": [{
                    "name": SERVED, "source": MODEL, "quantization": "bf16", "engine": engine,
                    "max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS,
@@ -73,7 +82,7 @@ def gpuplan_config(engine: str, port: int, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-def start(kind: str, port: int, log: Path) -> tuple[subprocess.Popen, str]:
+def start(kind: str, port: int, log: Path, via: str = "front") -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     out = open(log, "w")
     py = os.environ.get("GPUPLAN_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
@@ -93,7 +102,7 @@ def start(kind: str, port: int, log: Path) -> tuple[subprocess.Popen, str]:
                "--block-size", str(s["block_size"]), "--enforce-eager", "--disable-log-stats"]
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), "/health"
     cfg = log.with_suffix(".yaml")
-    gpuplan_config(kind.split("-", 1)[1], port, cfg)
+    gpuplan_config(kind.split("-", 1)[1], port, cfg, via)
     cmd = [sys.executable, "-m", "serve.run", str(cfg)]
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), "/readyz"
 
@@ -178,13 +187,14 @@ def run(kind: str, a) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / f"compare_{kind}.log"
-    proc, probe = start(kind, port, log)
+    proc, probe = start(kind, port, log, a.via)
     try:
         ready = wait_ready(url, probe, proc, a.ready_timeout)
         if ready is None:
             return {"server": kind, "error": f"not ready; see {log}"}
         ns = argparse.Namespace(url=url, model=SERVED, requests=a.requests, max_tokens=a.max_tokens,
-                                prompt=a.prompt, temperature=a.temperature, seed=a.seed, timeout=300.0)
+                                prompt=a.prompt, temperature=a.temperature, seed=a.seed, timeout=300.0,
+                                ignore_eos=a.ignore_eos)
         warm = argparse.Namespace(**{**vars(ns), "requests": a.warmup})
         asyncio.run(serve_load.run_level(warm, 1))
         levels, cpu = [], []
@@ -197,49 +207,123 @@ def run(kind: str, a) -> dict:
         stop(proc, kind)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--servers", nargs="+", default=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"],
-                    choices=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"])
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
-    ap.add_argument("--requests", type=int, default=100)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--prompt", default="Tell me a short story about a robot who learns to paint.")
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--ready-timeout", type=float, default=600)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args(argv)
-    runs = [run(k, a) for k in a.servers]
-    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
-    print(f"model: {MODEL} bf16, max_model_len {MAX_MODEL_LEN}, max_num_seqs {MAX_NUM_SEQS}; {a.requests} streamed "
-          f"chats per level, max_tokens {a.max_tokens}\n")
-    base = {lv.clients: lv for r in runs if r["server"] == "vllm" and "levels" in r for lv in r["levels"]}
-    print("| server | clients | ok | lost | tok/s | vs plain vLLM | latency p50 / p95 ms | TTFT p50 / p95 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    out, bad = [], 0
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per (server, clients) over every round: median tokens/s, p50 latency and TTFT (medians of the
+    rounds' p50s), and each round's tokens/s."""
+    rows: dict[tuple, dict] = {}
     for r in runs:
         if "error" in r:
-            print(f"| {r['server']} | - | - | - | - | - | {r['error']} | - |")
-            bad += 1
+            rows.setdefault((r["server"], None), {"server": r["server"], "clients": None, "error": r["error"]})
             continue
         for lv, cpu in zip(r["levels"], r["cpu"]):
             ok = lv.of("ok")
             lat = [x.latency_s for x in ok if x.latency_s is not None]
             ttft = [x.ttft_s for x in ok if x.ttft_s is not None]
-            b = base.get(lv.clients)
-            ratio = f"{lv.tokens_per_s / b.tokens_per_s:.2f}x" if b is not None and b.tokens_per_s else "-"
-            lost = len(lv.of("lost")) + len(lv.of("error"))
-            bad += lost
-            print(f"| {r['server']} | {lv.clients} | {len(ok)} | {lost} | {lv.tokens_per_s:.0f} | {ratio} | "
-                  f"{serve_load.ms(serve_load.pct(lat, 50))} / {serve_load.ms(serve_load.pct(lat, 95))} | "
-                  f"{serve_load.ms(serve_load.pct(ttft, 50))} / {serve_load.ms(serve_load.pct(ttft, 95))} |")
-            out.append({"server": r["server"], "clients": lv.clients, "ok": len(ok), "lost": lost,
-                        "tokens_per_s": lv.tokens_per_s, "latency_p50_s": serve_load.pct(lat, 50),
-                        "ttft_p50_s": serve_load.pct(ttft, 50), "cpu_s_by_role": cpu})
-    print("\nCPU seconds per level by process (user + system, whole machine; the load generator is this process):")
-    for r in runs:
+            row = rows.setdefault((r["server"], lv.clients), {"server": r["server"], "clients": lv.clients, "ok": 0,
+                                                               "lost": 0, "runs": [], "p50": [], "p95": [],
+                                                               "ttft50": [], "cpu": []})
+            row["ok"] += len(ok)
+            row["lost"] += len(lv.of("lost")) + len(lv.of("error"))
+            row["runs"].append(lv.tokens_per_s)
+            row["p50"].append(serve_load.pct(lat, 50))
+            row["p95"].append(serve_load.pct(lat, 95))
+            row["ttft50"].append(serve_load.pct(ttft, 50))
+            row["cpu"].append(cpu)
+    out = []
+    for row in rows.values():
+        if row.get("error"):
+            out.append(row)
+            continue
+        med = lambda xs: statistics.median([x for x in xs if x is not None]) if any(x is not None for x in xs) \
+            else None  # noqa: E731
+        out.append({**row, "tokens_per_s": med(row["runs"]) if row["ok"] else 0.0, "latency_p50_s": med(row["p50"]),
+                    "latency_p95_s": med(row["p95"]), "ttft_p50_s": med(row["ttft50"])})
+    return out
+
+
+TARGETS = (  # issue 21: (peer, clients: None = every level, what, threshold)
+    ("rayserve-llm", None, "tok/s", 1.0), ("rayserve-llm", 1, "p50", 1.0),
+    ("vllm", 1, "tok/s", 0.8), ("vllm", 8, "tok/s", 1.0), ("vllm", 1, "p50", 1.3))
+
+
+def verdicts(rows: list[dict], server: str) -> list[str]:
+    """The targets of the serving path for one gpuplan server against the peers that ran."""
+    by = {(r["server"], r["clients"]): r for r in rows if not r.get("error")}
+    levels = sorted({c for s, c in by if s == server})
+    out = []
+    for peer, at, what, thr in TARGETS:
+        lv = levels if at is None else ([c for c in levels if c >= at] if what == "tok/s" and at > 1 else [at])
+        for c in lv:
+            me, them = by.get((server, c)), by.get((peer, c))
+            if not me or not them:
+                continue
+            if what == "tok/s":
+                if not them["tokens_per_s"]:
+                    out.append(f"{server} vs {peer} at {c} clients: {peer} answered nothing (no ratio)")
+                    continue
+                ratio = me["tokens_per_s"] / them["tokens_per_s"]
+                ok = ratio >= thr
+                out.append(f"{server} vs {peer} at {c} clients: tok/s {ratio:.2f}x (target >= {thr}x): "
+                           f"{'met' if ok else 'NOT met'}")
+            elif me["latency_p50_s"] and them["latency_p50_s"]:
+                ratio = me["latency_p50_s"] / them["latency_p50_s"]
+                out.append(f"{server} vs {peer} at {c} client: p50 latency {ratio:.2f}x (target <= {thr}x): "
+                           f"{'met' if ratio <= thr else 'NOT met'}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--servers", nargs="+", default=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"],
+                    choices=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--requests", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every server this many times, interleaved (A B C, A B C); the table shows medians")
+    ap.add_argument("--via", choices=["front", "proxy"], default="front",
+                    help="gpuplan's API from its own front (args.http.port, as deploy.yaml) or only Ray Serve's proxy")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--ignore-eos", action="store_true", help="every answer is --max-tokens long")
+    ap.add_argument("--prompt", default="Tell me a short story about a robot who learns to paint.")
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--seed", type=int, default=1234, help="request i gets seed SEED+i; -1: no seeds")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    runs = [run(k, a) for _ in range(a.rounds) for k in a.servers]
+    rows = summarize(runs)
+    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
+    print(f"model: {MODEL} bf16, max_model_len {MAX_MODEL_LEN}, max_num_seqs {MAX_NUM_SEQS}; {a.requests} streamed "
+          f"chats per level, max_tokens {a.max_tokens}{' (ignore_eos)' if a.ignore_eos else ''}, "
+          f"{'seeded' if a.seed >= 0 else 'no seeds'}; gpuplan via {a.via}; {a.rounds} round(s), medians\n")
+    by = {(r["server"], r["clients"]): r for r in rows if not r.get("error")}
+
+    def ratio(r: dict, peer: str) -> str:
+        b = by.get((peer, r["clients"]))
+        return f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b and b["tokens_per_s"] and r["ok"] else "-"
+
+    print("| server | clients | ok | lost | tok/s | each round | vs plain vLLM | vs Ray Serve LLM "
+          "| latency p50 / p95 ms | TTFT p50 ms |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    bad = 0
+    for r in rows:
+        if r.get("error"):
+            print(f"| {r['server']} | - | - | - | - | - | - | - | {r['error']} | - |")
+            bad += 1
+            continue
+        bad += r["lost"]
+        print(f"| {r['server']} | {r['clients']} | {r['ok']} | {r['lost']} | {r['tokens_per_s']:.0f} | "
+              f"{', '.join(f'{x:.0f}' for x in r['runs'])} | {ratio(r, 'vllm')} | {ratio(r, 'rayserve-llm')} | "
+              f"{serve_load.ms(r['latency_p50_s'])} / {serve_load.ms(r['latency_p95_s'])} | "
+              f"{serve_load.ms(r['ttft_p50_s'])} |")
+    for server in [s for s in a.servers if s.startswith("gpuplan")]:
+        lines = verdicts(rows, server)
+        if lines:
+            print("\ntargets, " + server + ":\n" + "\n".join("- " + ln for ln in lines))
+    print("\nCPU seconds per level by process (user + system, whole machine; the load generator is this process), "
+          "first round:")
+    for r in runs[:len(a.servers)]:
         for lv, cpu in zip(r.get("levels", []), r.get("cpu", [])):
             toks = sum(x.tokens for x in lv.of("ok"))
             total = sum(cpu.values())
@@ -248,7 +332,9 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if v >= 0.05))
     print("\nready after start (s): " + ", ".join(f"{r['server']} {r.get('ready_s', '-')}" for r in runs))
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
+        Path(a.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "cpu"}
+                                            | ({"cpu_s_by_role": r["cpu"][0]} if r.get("cpu") else {})
+                                            for r in rows], indent=1))
     return 1 if bad else 0
 
 

@@ -77,7 +77,7 @@ def request_body(a: argparse.Namespace, index: int) -> dict:
         "messages": [{"role": "user", "content": a.prompt}],
         "max_tokens": a.max_tokens,
         "temperature": a.temperature,
-        "seed": a.seed + index,
+        **({"seed": a.seed + index} if a.seed is not None and a.seed >= 0 else {}),  # --seed -1: no seeds
         **({"ignore_eos": True} if getattr(a, "ignore_eos", False) else {}),
         "stream": True,
         "stream_options": {"include_usage": True},

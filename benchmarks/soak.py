@@ -226,7 +226,9 @@ def main(argv=None) -> int:
         import yaml
 
         cfg = yaml.safe_load(open(a.config))
-        url = url or f"http://127.0.0.1:{cfg['http_options']['port']}"
+        from serve.run import api_address
+
+        url = url or "http://127.0.0.1:{}".format(api_address(cfg)[1])
         log = open(os.path.join(tempfile.gettempdir(), "soak_server.log"), "w")
         env = dict(os.environ, RAY_AUTH_MODE="disabled")
         proc = subprocess.Popen([sys.executable, "-m", "serve.run", a.config], cwd=ROOT, env=env, stdout=log,

@@ -187,6 +187,12 @@ class ModelEntry(_Edge):
 class HttpOptions(_Edge):
     api_key_env: str = "GPUPLAN_API_KEY"
     """Environment variable holding the bearer token; when it is set, every /v1 request must carry it."""
+    port: int | None = Field(None, ge=1, le=65535)
+    """When set, the ingress replica serves the API itself on this port (serve/front.py), one Ray hop less per
+    request and per streamed chunk than Ray Serve's proxy, which keeps serving the same API on http_options.port
+    (so the two ports must differ). None: only the proxy."""
+    host: str = "127.0.0.1"
+    """Interface of ``port``: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."""
 
 
 class DeployArgs(_Edge):
@@ -268,7 +274,13 @@ def load_deploy_file(path: str, app: str | None = None) -> tuple[DeployArgs, dic
         if not apps:
             raise InputError(f"{path}: no application with import_path serve.app:build_app"
                              + (f" named {app!r}" if app else ""))
-        return parse_deploy_args(apps[0].get("args") or {}, base_dir=base, what=f"{path} args"), data
+        args = parse_deploy_args(apps[0].get("args") or {}, base_dir=base, what=f"{path} args")
+        proxy_port = int((data.get("http_options") or {}).get("port", 8000))  # Ray Serve's default
+        if args.http.port == proxy_port:
+            raise InputError(f"{path}: args.http.port {args.http.port} is also http_options.port, where Ray Serve's "
+                             f"proxy listens; give them different ports (deploy.yaml: 8000 for gpuplan's API, "
+                             f"8001 for the proxy)")
+        return args, data
     return parse_deploy_args(data, base_dir=base, what=path), data
 
 

@@ -191,7 +191,7 @@ class Ingress:
     deployments (planner.placement.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
 
     def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, rollout_json: dict,
-                 bindings_json: list, api_key_env: str, built: dict | None = None):
+                 bindings_json: list, api_key_env: str, built: dict | None = None, front: dict | None = None):
         self.built = dict(built or {})  # {"run_id", "built_at"}: which start of `make run` deployed this app
         self.handles = {model: [(name, h) for name, h in pairs] for model, pairs in handles.items()}
         self._cards = cards
@@ -206,6 +206,13 @@ class Ingress:
         self.draining: float | None = None  # when draining began
         self._status: tuple[float, dict] | None = None
         self._logged: set[str] = set()
+        self.front = None
+        if front and front.get("port"):  # args.http.port: serve the API from this process too (serve/front.py)
+            from .front import DirectFront
+            from .openai_api import create_app
+
+            self.front = DirectFront(create_app(self, api_key=self.api_key), front.get("host") or "127.0.0.1",
+                                     int(front["port"])).start()
 
     def __serve_build_asgi_app__(self):
         from .openai_api import create_app
@@ -295,12 +302,20 @@ class Ingress:
 
     async def check_health(self) -> None:
         """Serve's health check of the ingress, also the moment to forget replicas Serve no longer has."""
+        if self.front is not None and not self.front.alive():
+            raise RuntimeError(f"gpuplan's API server on port {self.front.port} stopped: {self.front.error}")
         try:
             live = await asyncio.to_thread(self._live_replica_ids)
             if live is not None:
                 await ray.get_actor(REGISTRY).prune.remote(live, self.app_name)
         except Exception:  # /plan prunes again when it is read
             pass
+
+    async def __del__(self):
+        """Serve's graceful shutdown of the ingress: the front stops taking connections and lets the requests in
+        flight finish (Serve waits for its own requests; it does not see the front's)."""
+        if self.front is not None:
+            await asyncio.to_thread(self.front.stop)
 
     def identity(self) -> dict:
         """Which deploy this app is (the run id of `make run`, when it was built, the plan): /readyz's ``app``."""
@@ -429,5 +444,10 @@ def build_app(args: dict) -> serve.Application:
             handles[model].append([name, ModelReplica.options(**c["options"]).bind(c["replica"])])
     # a new ingress at every deploy (its init args change), so /readyz says which deploy answers (serve/run.py)
     built = {"run_id": os.environ.get("GPUPLAN_RUN_ID"), "built_at": time.time(), "plan_id": rollout.plan_id}
-    return Ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
-                        [b.to_json() for b in bindings], parsed.http.api_key_env, built)
+    ingress = Ingress
+    front = {"port": parsed.http.port, "host": parsed.http.host} if parsed.http.port else None
+    if front:  # the front listens where the ingress runs: on the head node, like Serve's HeadOnly proxy
+        ingress = Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS,
+                                                     "resources": {"node:__internal_head__": 0.001}})
+    return ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
+                        [b.to_json() for b in bindings], parsed.http.api_key_env, built, front)

@@ -97,6 +97,18 @@ def preflight(config: str) -> int:
     return 0
 
 
+def api_address(cfg: dict) -> tuple[str, int]:
+    """Where the API answers: gpuplan's own front (``args.http.port``, serve/front.py) when the app has one, else
+    Ray Serve's proxy (``http_options``)."""
+    http = cfg.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    for app in cfg.get("applications") or []:
+        front = ((app.get("args") or {}).get("http") or {})
+        if front.get("port"):
+            return front.get("host", "127.0.0.1"), int(front["port"])
+    return host, port
+
+
 def drain(base: str, timeout_s: float) -> None:
     """Ask the ingress to drain (POST /admin/drain), then wait until nothing is in flight or ``timeout_s`` passed:
     running requests and streams finish, new ones get 503 + Retry-After meanwhile."""
@@ -165,13 +177,11 @@ def main(argv=None) -> int:
         return 2
     with open(a.config) as f:
         cfg = yaml.safe_load(f) or {}
-    http = cfg.get("http_options") or {}
-    host = http.get("host", "127.0.0.1")
-    port = int(http.get("port", 8000))
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/readyz"
     rc = preflight(a.config)
     if rc:
         return rc
+    host, port = api_address(cfg)
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/readyz"
     rc = start_clean()
     if rc:
         return rc

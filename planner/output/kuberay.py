@@ -292,6 +292,9 @@ def serve_config(deploy_file: dict, args: DeployArgs, result: PlanningResult, de
     i = _gpuplan_app_index(apps, app)
     a = dict(apps[i])
     baked, planned = inside or inside_plan(deploy_file, args, result, decl, app=app, model_cache=model_cache)
+    front = baked.get("http") or {}
+    if front.get("port"):  # KubeRay's serve Service targets the proxies' port on every pod: no front of our own
+        baked = {**baked, "http": {k: v for k, v in front.items() if k not in ("port", "host")}}
     a["args"] = baked
     ro = planned.rollout
     entries = {m.name: m for m in parse_deploy_args(baked, what="baked args").models}

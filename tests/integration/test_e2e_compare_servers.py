@@ -26,12 +26,17 @@ def test_compare_servers_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "compare.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_servers.py"), "--servers", "vllm",
-                        "gpuplan-vllm", "--clients", "2", "--requests", "4", "--warmup", "1", "--max-tokens", "8",
+                        "gpuplan-vllm", "--clients", "1", "2", "--requests", "4", "--warmup", "1", "--max-tokens", "8",
                         "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["server"] for r in rows] == ["vllm", "gpuplan-vllm"]
+    assert [(r["server"], r["clients"]) for r in rows] == [("vllm", 1), ("vllm", 2), ("gpuplan-vllm", 1),
+                                                           ("gpuplan-vllm", 2)]
     assert all(r["ok"] == 4 and r["lost"] == 0 and r["tokens_per_s"] > 0 for r in rows), rows
-    # where the CPU went: the engine core of each, and the Ray hops of gpuplan
-    assert "vLLM engine core" in rows[0]["cpu_s_by_role"] and "Ray Serve proxy" in rows[1]["cpu_s_by_role"], rows
-    assert "| gpuplan-vllm | 2 |" in p.stdout and "vs plain vLLM" in p.stdout
+    # where the CPU went: the engine core of each; gpuplan's API is its ingress replica (its own front)
+    assert "vLLM engine core" in rows[0]["cpu_s_by_role"] and "ingress replica" in rows[2]["cpu_s_by_role"], rows
+    assert "| gpuplan-vllm | 2 | 4 | 0 |" in p.stdout and "vs plain vLLM" in p.stdout, p.stdout
+    # issue 21's targets for the levels that ran (1 client against plain vLLM; none at 2 clients, none for Ray Serve
+    # LLM, which did not run)
+    assert "gpuplan-vllm vs vllm at 1 clients: tok/s" in p.stdout and "gpuplan-vllm vs vllm at 1 client: p50" \
+        in p.stdout and "at 2 clients" not in p.stdout and "vs rayserve-llm" not in p.stdout, p.stdout

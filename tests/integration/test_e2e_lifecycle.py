@@ -65,8 +65,9 @@ def env(tmp_path):
 def config(tmp_path) -> tuple[str, int]:
     """deploy.yaml with one model (a faster start) on a free port."""
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
-    cfg["http_options"]["port"] = port = free_port()
+    cfg["http_options"]["port"] = free_port()  # Ray Serve's proxy
     args = cfg["applications"][0]["args"]
+    args["http"]["port"] = port = free_port()  # the API (gpuplan's front)
     args["models"] = [dict(args["models"][0], source=os.path.join(ROOT, "models", "tiny-chat"))]
     path = tmp_path / f"deploy-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -39,8 +39,9 @@ def server(tmp_path_factory):
     if ray_running():
         pytest.fail("a Ray cluster is already running on this machine; the end-to-end test needs its own")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
-    port = free_port()
-    cfg["http_options"]["port"] = port
+    port, proxy_port = free_port(), free_port()
+    cfg["http_options"]["port"] = proxy_port  # Ray Serve's proxy
+    cfg["applications"][0]["args"]["http"]["port"] = port  # gpuplan's own front (serve/front.py)
     for m in cfg["applications"][0]["args"]["models"]:
         m["source"] = os.path.normpath(os.path.join(ROOT, m["source"]))  # relative to deploy.yaml
     path = tmp_path_factory.mktemp("e2e") / "deploy.yaml"
@@ -55,7 +56,7 @@ def server(tmp_path_factory):
         log.flush()
         proc.kill()
         pytest.fail("serve run did not become ready:\n" + open(path.parent / "serve.log").read()[-4000:])
-    yield {"base": base, "proc": proc, "log": path.parent / "serve.log"}
+    yield {"base": base, "proxy": f"http://127.0.0.1:{proxy_port}", "proc": proc, "log": path.parent / "serve.log"}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=90)
@@ -85,6 +86,26 @@ def test_openai_client_chat_stream_and_completion(server):
     plan = requests.get(server["base"] + "/plan").json()
     gg = [r for r in plan["replicas"] if r["model"] == "tiny-gguf"]
     assert gg and all(r["engine"] == "llamacpp" for r in gg), gg
+
+
+def test_ray_serve_proxy_serves_the_same_api(server):
+    """The front (args.http.port) and Ray Serve's proxy (http_options.port) are two doors to one ingress: the same
+    models, the same greedy answer, streamed and not."""
+    body = {"model": "tiny-gguf", "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": "What does os.path.join do?"}]}
+    answers = []
+    for base in (server["base"], server["proxy"]):
+        assert {m["id"] for m in requests.get(base + "/v1/models").json()["data"]} == {"tiny-int8", "tiny-int4",
+                                                                                       "tiny-gguf"}
+        r = requests.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["choices"][0]["message"]["content"])
+        with requests.post(base + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=60) as s:
+            events = [ln for ln in s.iter_lines() if ln.startswith(b"data: ")]
+        assert events[-1] == b"data: [DONE]"
+        answers.append("".join((json.loads(e[6:])["choices"] or [{}])[0].get("delta", {}).get("content") or ""
+                               for e in events[:-1]))
+    assert answers[0] and len(set(answers)) == 1, answers
 
 
 def test_bad_requests_get_openai_errors(server):

@@ -389,3 +389,12 @@ def test_infeasible_plan_error_comes_from_render_files_too(tmp_path):
     d, c = _write(tmp_path, DEPLOY, {"nodes": [{"name": "t4", "gpus": [{"name": "T4"}]}]})
     with pytest.raises(InfeasiblePlanError):
         render_files(d, cluster_path=c)
+
+
+def test_gpuplans_own_front_is_not_rendered_into_pods(tmp_path):
+    """args.http.port (gpuplan's front beside Ray Serve's proxy, deploy.yaml's shape) stays out of the RayService: its
+    serve Service targets the proxies' port 8000 on every pod, where a front of our own would only collide."""
+    deploy = {**PINNED_DEPLOY, "http": {"port": 8000, "host": "0.0.0.0", "api_key_env": "TEAM_KEY"}}
+    d, c = _write(tmp_path, yaml.safe_dump(deploy), yaml.safe_dump(MIXED_CLUSTER))
+    app = _gpuplan_app(yaml.safe_load(render_files(d, cluster_path=c)))
+    assert app["args"]["http"] == {"api_key_env": "TEAM_KEY"}

@@ -1,0 +1,99 @@
+"""serve/front.py: gpuplan's own HTTP server for the ingress's API, in a thread of the ingress process."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from serve.front import DirectFront, bind
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app() -> FastAPI:
+    a = FastAPI()
+
+    @a.get("/ping")
+    async def ping():
+        return {"ok": True}
+
+    @a.get("/slow")
+    async def slow():
+        async def chunks():
+            for i in range(4):
+                await asyncio.sleep(0.25)
+                yield f"data: {i}\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    return a
+
+
+def wait_up(url: str, timeout_s: float = 10.0) -> bool:
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    return False
+
+
+def test_serves_then_stops_and_frees_the_port():
+    port = free_port()
+    front = DirectFront(app(), "127.0.0.1", port).start()
+    try:
+        assert wait_up(f"http://127.0.0.1:{port}/ping") and front.alive() and front.bound_at
+    finally:
+        front.stop(timeout=10)
+    assert not front._thread.is_alive() and front.alive()  # stopped on request: not a failure
+    bind("127.0.0.1", port).close()  # the port is free again
+
+
+def test_waits_for_a_taken_port_then_takes_it():
+    """A replacement ingress can start while the old one still holds the port: it binds once the port is free."""
+    port = free_port()
+    holder = bind("127.0.0.1", port)
+    front = DirectFront(app(), "127.0.0.1", port, retry_s=0.1).start()
+    try:
+        time.sleep(0.5)
+        assert front.bound_at is None and front.alive()
+        holder.close()
+        assert wait_up(f"http://127.0.0.1:{port}/ping", 5) and front.bound_at is not None
+    finally:
+        holder.close()
+        front.stop(timeout=10)
+
+
+def test_stop_lets_a_stream_in_flight_finish():
+    port = free_port()
+    front = DirectFront(app(), "127.0.0.1", port, graceful_s=10).start()
+    assert wait_up(f"http://127.0.0.1:{port}/ping")
+    got: list[str] = []
+
+    async def stream_and_stop():
+        async with httpx.AsyncClient() as c:
+            async with c.stream("GET", f"http://127.0.0.1:{port}/slow") as r:
+                stopper = None
+                async for line in r.aiter_lines():
+                    if line:
+                        got.append(line)
+                        if stopper is None:
+                            stopper = asyncio.create_task(asyncio.to_thread(front.stop, 15))
+            await stopper
+
+    asyncio.run(stream_and_stop())
+    assert got == [f"data: {i}" for i in range(4)]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1)
