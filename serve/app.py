@@ -24,6 +24,7 @@ from planner.placement.rollout import (NodeBinding, RayNode, ReplicaReport, Roll
 
 from .engines import available as available_engines
 from .engines import vllm_python
+from . import trace
 from .replica import ModelReplica
 from .types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
@@ -278,8 +279,15 @@ class Ingress:
         handle = dict(pairs)[name].options(stream=True)
         self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
+            trace.mark("ingress.call")
             gen = handle.generate.remote(prompt_ids, params)
+            first = True
             async for chunk in gen:
+                if first:
+                    trace.mark("ingress.first")
+                    first = False
+                if chunk.finish_reason:
+                    trace.mark("ingress.last")
                 yield chunk
         except BackPressureError as exc:
             raise Overloaded(f"model {model!r} has a full queue: {exc}", retry_after_s=1.0) from None

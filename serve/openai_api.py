@@ -73,7 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import sse
+from . import sse, trace
 from .types import GenerationChunk, ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan.api")
@@ -581,6 +581,8 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope.get("method") == "POST":
+            trace.mark("api.request")
         if self.api_key is not None and _route_path(scope) not in PUBLIC_PATHS and not self._authorized(scope):
             resp = error_response(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
                                   "authentication_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -17,6 +17,7 @@ from planner.decisions import backoff_s, classify_load_failure, decide_load, nex
 from planner.errors import InfeasiblePlanError
 from planner.placement.rollout import GPUPLAN_NODE_LABEL
 
+from . import trace
 from .scale_board import GPU_METRIC
 from .types import SamplingParams
 
@@ -313,9 +314,15 @@ class ModelReplica:
         (each message costs two Ray hops and an SSE event; vLLM's --stream-interval makes the same trade)."""
         from .engine import coalesce
 
-        n = 0
+        n, first = 0, True
+        trace.mark("replica.enter")
         stream = self.engine.generate(prompt_ids, params)
         async for chunk in coalesce(stream, float(self.cfg.get("stream_interval_s", 0.0))):
+            if first:
+                trace.mark("replica.first")
+                first = False
+            if chunk.finish_reason:
+                trace.mark("replica.last")
             if chunk.completion_tokens > n:
                 self._m_tokens.inc(chunk.completion_tokens - n)
                 n = chunk.completion_tokens

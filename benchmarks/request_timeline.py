@@ -1,0 +1,138 @@
+"""Where one request's time goes: the serving path of gpuplan, segment by segment, through its own front and through
+Ray Serve's proxy, on the shipped tiny model (bf16, one CPU replica).
+
+    .venv/bin/python benchmarks/request_timeline.py                       # transformers engine, 30 requests per size
+    .venv/bin/python benchmarks/request_timeline.py --engine vllm --requests 50
+
+Starts `python -m serve.run` (deploy.yaml's shape: the front on one port, the proxy on another) with
+``GPUPLAN_TRACE`` set, so the API entry, the ingress and the replica write a timestamp at each step (serve/trace.py).
+Sends streamed chats one at a time (the n-th event of each kind belongs to the n-th request), 1 token and
+``--max-tokens`` tokens (ignore_eos), through each door, and prints the median of each segment in milliseconds:
+
+    client -> API            HTTP in (through the proxy: the proxy, then the request as ASGI messages over Ray)
+    API -> ingress call      body parsing, chat template, choice of deployment
+    ingress call -> replica  the Ray call to the model replica
+    replica: engine first    the engine's queue, prefill and first token
+    replica -> ingress       the first chunk's way back over Ray
+    ingress -> client        SSE encoding and HTTP out (through the proxy: one more Ray hop)
+    last chunk: replica -> client
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import compare_servers as cs  # noqa: E402
+
+EVENTS = ("api.request", "ingress.call", "replica.enter", "replica.first", "ingress.first", "replica.last",
+          "ingress.last")
+SEGMENTS = (  # name, from, to (client events: send, first, end)
+    ("client -> API", "send", "api.request"),
+    ("API -> ingress call", "api.request", "ingress.call"),
+    ("ingress call -> replica", "ingress.call", "replica.enter"),
+    ("replica: engine first chunk", "replica.enter", "replica.first"),
+    ("first chunk: replica -> ingress", "replica.first", "ingress.first"),
+    ("first chunk: ingress -> client", "ingress.first", "first"),
+    ("last chunk: replica -> ingress", "replica.last", "ingress.last"),
+    ("last chunk: ingress -> client", "ingress.last", "end"),
+    ("total", "send", "end"),
+)
+
+
+def read_trace(path: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {e: [] for e in EVENTS}
+    for line in path.read_text().splitlines():
+        d = json.loads(line)
+        out.setdefault(d["event"], []).append(d["t"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def send(url: str, n: int, max_tokens: int, trace: Path) -> list[dict]:
+    """n streamed chats one after another; each row has the client's and the server's timestamps of one request."""
+    trace.write_text("")
+    rows = []
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for i in range(n):
+            body = {"model": cs.SERVED, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i,
+                    "stream": True, "messages": [{"role": "user", "content": "Tell me a short story about a robot."}]}
+            t0, first = time.time(), None
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    raise SystemExit(f"request {i}: HTTP {r.status_code}: {r.read()[:300]!r}")
+                for _ in r.iter_raw():
+                    if first is None:
+                        first = time.time()
+            rows.append({"send": t0, "first": first, "end": time.time()})
+    time.sleep(0.5)  # the last lines of the trace
+    ev = read_trace(trace)
+    for e in EVENTS:
+        if len(ev[e]) != n:
+            raise SystemExit(f"trace {trace}: {len(ev[e])} {e!r} events for {n} requests (is something else "
+                             f"sending requests to this server?)")
+        for row, t in zip(rows, ev[e]):
+            row[e] = t
+    return rows
+
+
+def segments(rows: list[dict]) -> dict[str, float]:
+    return {name: 1000 * statistics.median(r[b] - r[a] for r in rows) for name, a, b in SEGMENTS}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
+    ap.add_argument("--requests", type=int, default=30, help="per size and door (after 3 warm-up requests)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="gpuplan-timeline-"))
+    front, proxy = cs.free_port(), cs.free_port()
+    cfg_path = tmp / "deploy.yaml"
+    cs.gpuplan_config(a.engine, front, cfg_path)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["http_options"]["port"] = proxy
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    trace = tmp / "trace.jsonl"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_TRACE=str(trace))
+    log = tmp / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "serve.run", str(cfg_path)], cwd=ROOT, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    results = {}
+    try:
+        if cs.wait_ready(f"http://127.0.0.1:{front}", "/readyz", proc, 600) is None:
+            raise SystemExit(f"the server did not become ready; see {log}")
+        for door, port in (("front", front), ("proxy", proxy)):
+            for tokens in (1, a.max_tokens):
+                send(f"http://127.0.0.1:{port}", 3, tokens, trace)  # warm-up
+                results[(door, tokens)] = segments(send(f"http://127.0.0.1:{port}", a.requests, tokens, trace))
+    finally:
+        cs.stop(proc, "gpuplan")
+    cols = [(d, t) for t in (1, a.max_tokens) for d in ("front", "proxy")]
+    print(f"gpuplan, {a.engine} engine, shipped tiny model bf16, one CPU replica; median of {a.requests} streamed "
+          f"chats per column, ms")
+    print("| segment | " + " | ".join(f"{d}, {t} token{'s' if t > 1 else ''}" for d, t in cols) + " |")
+    print("|---|" + "---:|" * len(cols))
+    for name, _, _ in SEGMENTS:
+        print(f"| {name} | " + " | ".join(f"{results[c][name]:.1f}" for c in cols) + " |")
+    if a.json:
+        Path(a.json).write_text(json.dumps({f"{d}/{t}": results[(d, t)] for d, t in cols}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
