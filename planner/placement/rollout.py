@@ -1014,21 +1014,24 @@ def realize(plan: Plan, rules: Mapping[str, ModelRule] | None = None) -> Rollout
     budgets can leave a packed node short of its plan (rare: no random layout of 2-3 GPUs tried in the tests was);
     lowering one replica at a time keeps as many as can be reached."""
     ro = first = rollout_from_plan(plan, rules)
+    layouts = None  # the GPU layouts of the last bring-up, while it was of ``ro`` itself
     for _ in range(REALIZE_ROUNDS):
-        got = bring_up(ro)
+        got, layouts = _bring_up(ro)
         short = {d.name: max(got[d.name], d.planned - 1) for d in ro.deployments if got[d.name] < d.planned}
         if not short:
             break
         # one slot less at a time: the gate wants room for every planned replica, so fewer may all fit
-        ro = _with_planned(ro, {d.name: short.get(d.name, d.planned) for d in ro.deployments})
+        ro, layouts = _with_planned(ro, {d.name: short.get(d.name, d.planned) for d in ro.deployments}), None
     else:
         got = bring_up(ro)
         ro = _with_planned(ro, {d.name: min(got[d.name], d.planned) for d in ro.deployments})
     final = {d.name: d.planned for d in ro.deployments}
     # the GPU layout the rollout expects is the one best fit reaches, not the packer's: both pack the node's replicas
     # within the same ledger, but Ray may only reach the first (two 0.5s started one after the other share a GPU,
-    # so the packer's {0.5, 0.25} twice runs as {0.5, 0.5} and {0.25, 0.25})
-    _, layouts = _bring_up(ro)
+    # so the packer's {0.5, 0.25} twice runs as {0.5, 0.5} and {0.25, 0.25}). The bring-up is deterministic, so
+    # the one that found nothing short already has them (it was half of realize()'s time: 1,000 GPUs, README)
+    if layouts is None:
+        _, layouts = _bring_up(ro)
     ro = replace(ro, nodes=tuple(replace(n, planned=layouts.get(n.node, n.planned)) for n in ro.nodes))
     ro = replace(ro, plan_id=_plan_id(ro.deployments, ro.nodes, ro.models, ro.fill))
     notes = tuple(
