@@ -1014,6 +1014,10 @@ def realize(plan: Plan, rules: Mapping[str, ModelRule] | None = None) -> Rollout
     budgets can leave a packed node short of its plan (rare: no random layout of 2-3 GPUs tried in the tests was);
     lowering one replica at a time keeps as many as can be reached."""
     ro = first = rollout_from_plan(plan, rules)
+    # The gate searches share a memo and a budget, and a remembered answer costs no budget, so a bring-up's order
+    # (hence its GPU layouts, not its counts) depends on what the process searched before: start from an empty memo,
+    # so that the same plan gives the same rollout in every process (the driver, `gpuplan plan`, the KubeRay render).
+    _MEMO.clear()
     layouts = None  # the GPU layouts of the last bring-up, while it was of ``ro`` itself
     for _ in range(REALIZE_ROUNDS):
         got, layouts = _bring_up(ro)
@@ -1028,8 +1032,8 @@ def realize(plan: Plan, rules: Mapping[str, ModelRule] | None = None) -> Rollout
     final = {d.name: d.planned for d in ro.deployments}
     # the GPU layout the rollout expects is the one best fit reaches, not the packer's: both pack the node's replicas
     # within the same ledger, but Ray may only reach the first (two 0.5s started one after the other share a GPU,
-    # so the packer's {0.5, 0.25} twice runs as {0.5, 0.5} and {0.25, 0.25}). The bring-up is deterministic, so
-    # the one that found nothing short already has them (it was half of realize()'s time: 1,000 GPUs, README)
+    # so the packer's {0.5, 0.25} twice runs as {0.5, 0.5} and {0.25, 0.25}). The bring-up that found nothing short
+    # has them (a second bring-up for them was half of realize()'s time at 1,000 GPUs)
     if layouts is None:
         _, layouts = _bring_up(ro)
     ro = replace(ro, nodes=tuple(replace(n, planned=layouts.get(n.node, n.planned)) for n in ro.nodes))

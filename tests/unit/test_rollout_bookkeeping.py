@@ -41,3 +41,22 @@ def test_incremental_bookkeeping_equals_a_recount_at_every_gate(seed, monkeypatc
     for loads, ticks in (({}, 15), (busy, 25), ({}, 15)):
         mem, now, _ = drive(fr, mem, loads, ticks, now)
     assert gates  # the check ran
+
+
+def test_realize_is_the_same_whatever_the_process_searched_before():
+    """The gate searches share a memo and a budget (a remembered answer costs none), so a bring-up's order, and the GPU
+    layouts it records, once depended on what the process had planned before: realize() of this tight plan gave one
+    rollout cold and another right after itself. The driver, `gpuplan plan` and the KubeRay render must agree."""
+    import json
+    from dataclasses import replace
+
+    import plan_scale as ps
+
+    tight = [replace(m, min_replicas=max(m.min_replicas, m.max_replicas // 2))
+             for m in ps.models(40, 1, max_lo=4, max_hi=60, pin_types=("L40S", "A10G"), pin_every=7, cpu_every=5)]
+    p = plan(tight, ps.cluster_of(63, 8, ps.GPU_KINDS))
+    other = plan(ps.models(12, 2, max_lo=2, max_hi=9), ps.cluster_of(6, 4, ps.GPU_KINDS))
+    first = json.dumps(realize(p).to_json(), sort_keys=True)
+    realize(other)
+    assert json.dumps(realize(p).to_json(), sort_keys=True) == first
+    assert json.dumps(realize(p).to_json(), sort_keys=True) == first
