@@ -373,9 +373,9 @@ class _Search:
         i = bisect.bisect_left(rooms, u)  # the least room that holds u: Ray's best fit
         if i == len(rooms):
             return None
-        rest = rooms[:i] + rooms[i + 1:]
-        j = bisect.bisect_left(rest, rooms[i] - u)
-        return rest[:j] + (rooms[i] - u,) + rest[j:]
+        room = rooms[i] - u  # below rooms[i]: it moves left (the rooms stay sorted)
+        j = bisect.bisect_left(rooms, room, 0, i)
+        return rooms[:j] + (room,) + rooms[j:i] + rooms[i + 1:]
 
     @staticmethod
     def waste(rooms: tuple, u: int) -> int:
@@ -470,10 +470,9 @@ class _Search:
             if i == top:
                 ok = False
                 break
-            room = rooms[i] - u
-            others = rooms[:i] + rooms[i + 1:]
-            j = bisect_left(others, room)
-            nxt = others[:j] + (room,) + others[j:]
+            room = rooms[i] - u  # < rooms[i]: it moves left, to j <= i
+            j = bisect_left(rooms, room, 0, i)
+            nxt = rooms[:j] + (room,) + rooms[j:i] + rooms[i + 1:]
             if left > 1:
                 rest = arriving[:k] + (n - 1,) + arriving[k + 1:]
                 hit = states.get((nxt, rest))
@@ -976,6 +975,7 @@ def _bring_up(rollout: Rollout, max_steps: int = 10_000) -> tuple[dict[str, int]
         dec = decide_scale(rollout, obs, memory, now)
         memory = dec.memory
         changed = False
+        handed = dict(memory.applied)  # the targets handed to Serve, recorded once per step (applied(), batched)
         for d in rollout.deployments:
             want = dec.targets[d.name]
             while len(running[d.name]) < want:
@@ -990,7 +990,8 @@ def _bring_up(rollout: Rollout, max_steps: int = 10_000) -> tuple[dict[str, int]
                     rooms[d.node][i] -= d.units
                     running[d.name].append((f"b{n}", lay.gpus[i]))
                 changed = True
-            memory = applied(memory, d.name, len(running[d.name]))
+            handed[d.name] = len(running[d.name])
+        memory = replace(memory, applied=handed)
         if not changed:
             if loads == busy:
                 break
