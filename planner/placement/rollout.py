@@ -385,17 +385,21 @@ class _Search:
 
     def greedy(self, rooms: tuple, phases: tuple, tight: bool) -> bool:
         """Largest first (best fit decreasing), or the step that leaves its GPU the least room, phase by phase."""
+        place, classes = self.place, self.classes
         for counts in phases:
+            if not tight:  # largest first: each size's replicas one after another, by best fit
+                for k, n in enumerate(counts):
+                    for _ in range(n):
+                        rooms = place(rooms, classes[k])
+                        if rooms is None:
+                            return False
+                continue
             left = list(counts)
-            while any(left):
-                if tight:
-                    w, _, k = min((self.waste(rooms, u), -u, k) for k, u in enumerate(self.classes) if left[k])
-                else:
-                    k = next(k for k in range(len(left)) if left[k])
-                    w = self.waste(rooms, self.classes[k])
+            while any(left):  # the step that leaves its GPU the least room (the larger on a tie)
+                w, _, k = min((self.waste(rooms, u), -u, k) for k, u in enumerate(classes) if left[k])
                 if w > RAY_GPU_UNITS:
                     return False
-                rooms = self.place(rooms, self.classes[k])
+                rooms = place(rooms, classes[k])
                 left[k] -= 1
         return True
 
@@ -489,16 +493,18 @@ class _Search:
         return ok
 
 
-def _vectors(classes: Sequence[int], *maps) -> list[tuple]:
-    out = []
+def _class_vectors(*maps) -> tuple[tuple[int, ...], list[tuple]]:
+    """(replica sizes with a nonzero count in any of ``maps``, largest first; per map, its counts in that order)."""
+    counts = []
     for m in maps:
-        d = {int(u): int(n) for u, n in dict(m).items() if n}
-        out.append(tuple(d.get(u, 0) for u in classes))
-    return out
-
-
-def _classes(*maps) -> tuple[int, ...]:
-    return tuple(sorted({int(u) for m in maps for u, n in dict(m).items() if n}, reverse=True))
+        d = {}
+        if m:
+            for u, n in (m.items() if isinstance(m, Mapping) else dict(m).items()):
+                if n:
+                    d[int(u)] = int(n)
+        counts.append(d)
+    classes = tuple(sorted({u for d in counts for u in d}, reverse=True))
+    return classes, [tuple(d.get(u, 0) for u in classes) for d in counts]
 
 
 def node_gate(rooms: Sequence[int], arriving: Mapping[int, int], remaining: Mapping[int, int] = (),
@@ -517,8 +523,7 @@ def node_gate(rooms: Sequence[int], arriving: Mapping[int, int], remaining: Mapp
     ghosts = list(ghosts)
     if len(ghosts) > MAX_GHOSTS:
         return False
-    classes = _classes(arriving, remaining, later)
-    arr, first, then = _vectors(classes, arriving, remaining, later)
+    classes, (arr, first, then) = _class_vectors(arriving, remaining, later)
     phases = (first, then) if complete else None
     memo = _memo()
     top = ("gate", classes, tuple(rooms), arr, phases, tuple(sorted(ghosts)), budget)
@@ -550,8 +555,7 @@ def completion_order(rooms: Sequence[int], remaining: Mapping[int, int], *, late
     ``remaining`` and then ``later`` so that Ray's best fit lands every one; None when none was found within
     ``budget`` states (raises the budget's exception when ``pool``, the decision's allowance, ran out first). Each
     order found is remembered by its state, so following it step by step costs nothing."""
-    classes = _classes(remaining, later)
-    first, then = _vectors(classes, remaining, later)
+    classes, (first, then) = _class_vectors(remaining, later)
     memo = _memo()
     top = ("order", classes, tuple(sorted(rooms)), first, then, budget)
     if top in memo:
@@ -568,8 +572,7 @@ def completion_order(rooms: Sequence[int], remaining: Mapping[int, int], *, late
 
 def _greedy_count(rooms: Sequence[int], remaining: Mapping[int, int]) -> int:
     """How many of ``remaining`` the better of largest-first and tightest-first lands (the rest left out)."""
-    classes = _classes(remaining)
-    (counts,) = _vectors(classes, remaining)
+    classes, (counts,) = _class_vectors(remaining)
     best = 0
     for tight in (False, True):
         r, left, n = tuple(sorted(rooms)), list(counts), 0
@@ -825,7 +828,12 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
 
     def gate(d: DeploymentSpec, complete: bool) -> bool:
         st = nodes[d.node]
-        arriving = st.unknown + st.new + Counter({d.units: 1})
+        arriving: dict[int, int] = {}  # st.unknown + st.new + this step, as Counters add (positive counts only)
+        for c in (st.unknown, st.new):
+            for u, n in c.items():
+                if n > 0:
+                    arriving[u] = arriving.get(u, 0) + n
+        arriving[d.units] = arriving.get(d.units, 0) + 1
         bump(d.name, 1)  # the step counts as asked for in `remaining`
         try:
             first, then = remaining(d.node)
