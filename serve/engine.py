@@ -54,13 +54,15 @@ def merge_chunks(a: GenerationChunk, b: GenerationChunk) -> GenerationChunk:
 
 
 async def coalesce(source: AsyncIterator[GenerationChunk], interval_s: float, clock=time.monotonic):
-    """Re-chunk a stream: the first chunk goes out at once, later ones are merged until ``interval_s`` has passed
-    since the last one sent; the final chunk (finish_reason set) is never held back."""
+    """Re-chunk a stream: the first chunk with text goes out at once (chunks before it, token ids whose text is not
+    known yet, go with it), later ones are merged until ``interval_s`` has passed since the last one sent; the final
+    chunk (finish_reason set) is never held back."""
     pending, last = None, None
     async for chunk in source:
         pending = chunk if pending is None else merge_chunks(pending, chunk)
         now = clock()
-        if last is None or chunk.finish_reason is not None or now - last >= interval_s:
+        if (chunk.finish_reason is not None or (now - last >= interval_s if last is not None
+                                                 else bool(pending.text))):
             yield pending
             pending, last = None, now
     if pending is not None:

@@ -451,6 +451,11 @@ def test_coalesce_with_a_fake_clock():
     assert [c.text for c in out] == ["a", "bcd", "ef"]
     assert out[1].token_ids == (1, 2, 3) and out[-1].finish_reason == "stop" and out[-1].completion_tokens == 6
     assert [c.text for c in asyncio.run(_all(coalesce(source(), 0.0, clock=lambda: t["now"])))] == list("abcdef")
+    # a first step without text (vLLM's first delta can be empty) neither goes out alone nor starts the interval:
+    # the first text goes out at once
+    steps[:1] = [(0.00, ""), (0.01, "a")]
+    out = asyncio.run(_all(coalesce(source(), 0.1, clock=lambda: t["now"])))
+    assert [c.text for c in out] == ["a", "bcd", "ef"] and out[0].token_ids == (0, 1)
 
 
 async def _all(agen):
