@@ -184,7 +184,9 @@ def cpu_by_role(before: dict, after: dict) -> dict:
 
 
 def run(kind: str, a) -> dict:
-    port = free_port()
+    from serve.front import pick_port
+
+    port = pick_port() if kind.startswith("gpuplan") and a.via == "front" else free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / f"compare_{kind}.log"
     proc, probe = start(kind, port, log, a.via)

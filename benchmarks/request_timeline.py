@@ -101,7 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gpuplan-timeline-"))
-    front, proxy = cs.free_port(), cs.free_port()
+    from serve.front import pick_port
+
+    front, proxy = pick_port(), cs.free_port()  # the front binds late: a port outside the ephemeral range
     cfg_path = tmp / "deploy.yaml"
     cs.gpuplan_config(a.engine, front, cfg_path)
     cfg = yaml.safe_load(cfg_path.read_text())

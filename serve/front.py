@@ -39,6 +39,24 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def pick_port(lo: int = 20000, hi: int = 30000, rng=None) -> int:
+    """A free TCP port on 127.0.0.1 for a front started later (tests, benchmarks): from [lo, hi), below Linux's
+    ephemeral range (32768-60999), above Ray's worker ports (10002-19999). A port the OS hands out for bind(0) is in
+    the ephemeral range, where the Ray processes that start in between take ports for their own sockets and
+    connections: a front binding minutes later found one taken (CI)."""
+    import random
+
+    rng = rng or random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(lo, hi)
+        try:
+            bind("127.0.0.1", port).close()
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port in [{lo}, {hi}) after 200 tries")
+
+
 class DirectFront:
     """Serve ``app`` (an ASGI app) on host:port from a thread of this process until ``stop()``."""
 

@@ -14,6 +14,8 @@ import time
 
 import psutil
 import pytest
+
+from serve.front import pick_port
 import requests
 import yaml
 
@@ -67,7 +69,7 @@ def config(tmp_path) -> tuple[str, int]:
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
     cfg["http_options"]["port"] = free_port()  # Ray Serve's proxy
     args = cfg["applications"][0]["args"]
-    args["http"]["port"] = port = free_port()  # the API (gpuplan's front)
+    args["http"]["port"] = port = pick_port()  # the API (gpuplan's front), outside the ephemeral range
     args["models"] = [dict(args["models"][0], source=os.path.join(ROOT, "models", "tiny-chat"))]
     path = tmp_path / f"deploy-{port}.yaml"
     path.write_text(yaml.safe_dump(cfg))

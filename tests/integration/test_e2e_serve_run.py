@@ -13,6 +13,8 @@ import sys
 import time
 
 import pytest
+
+from serve.front import pick_port
 import requests
 import yaml
 from ray_helpers import wait_ready
@@ -39,7 +41,7 @@ def server(tmp_path_factory):
     if ray_running():
         pytest.fail("a Ray cluster is already running on this machine; the end-to-end test needs its own")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
-    port, proxy_port = free_port(), free_port()
+    port, proxy_port = pick_port(), free_port()  # the front binds late: a port outside the ephemeral range
     cfg["http_options"]["port"] = proxy_port  # Ray Serve's proxy
     cfg["applications"][0]["args"]["http"]["port"] = port  # gpuplan's own front (serve/front.py)
     for m in cfg["applications"][0]["args"]["models"]:

@@ -22,10 +22,12 @@ def test_one_minute_soak_with_a_kill_loses_nothing(tmp_path):
     if subprocess.run(["pgrep", "-x", "gcs_server|raylet"], capture_output=True).stdout.strip():
         pytest.fail("a Ray cluster is already running on this machine; the soak needs its own")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "benchmarks", "soak.yaml")))
-    for where in (cfg["http_options"], cfg["applications"][0]["args"]["http"]):  # Ray Serve's proxy, our front
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            where["port"] = s.getsockname()[1]
+    with socket.socket() as s:  # Ray Serve's proxy
+        s.bind(("127.0.0.1", 0))
+        cfg["http_options"]["port"] = s.getsockname()[1]
+    from serve.front import pick_port
+
+    cfg["applications"][0]["args"]["http"]["port"] = pick_port()  # our front binds late: outside the ephemeral range
     for m in cfg["applications"][0]["args"]["models"]:
         m["source"] = os.path.normpath(os.path.join(ROOT, "benchmarks", m["source"]))  # relative to soak.yaml
     path = tmp_path / "soak.yaml"

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from serve.front import DirectFront, bind
+from serve.front import DirectFront, bind, pick_port
 
 
 def free_port() -> int:
@@ -97,3 +97,16 @@ def test_stop_lets_a_stream_in_flight_finish():
     assert got == [f"data: {i}" for i in range(4)]
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/ping", timeout=1)
+
+
+def test_pick_port_is_free_and_outside_the_ephemeral_range():
+    import random
+
+    port = pick_port(rng=random.Random(7))
+    assert 20000 <= port < 30000
+    bind("127.0.0.1", port).close()  # free
+    held = bind("127.0.0.1", port)
+    try:  # a taken port is never picked
+        assert pick_port(port, port + 2, rng=random.Random(7)) == port + 1
+    finally:
+        held.close()
