@@ -27,7 +27,7 @@ import itertools
 import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 from planner.placement.packing import RAY_GPU_UNITS, Plan
@@ -92,9 +92,12 @@ class DeploymentSpec:
         return round(self.units / RAY_GPU_UNITS, 4)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = {f: getattr(self, f) for f in _SPEC_FIELDS}  # asdict's result (every field is a scalar), without its copies
         d["num_gpus"] = self.num_gpus
         return d
+
+
+_SPEC_FIELDS = tuple(f.name for f in fields(DeploymentSpec))
 
 
 @dataclass(frozen=True)
@@ -455,56 +458,130 @@ class _Search:
         if states is None:
             states = self.memo[sub_key] = {}
             _MEMO_SUB[0] += 1
-        hit = states.get((rooms, arriving))
+        ids = _ids(self.memo, self.classes)
+        rid, aid = ids.rooms_id(rooms), ids.arriving_id(arriving)
+        hit = states.get(rid << 32 | aid)
         if hit is not None:
             return hit
-        return self._all_land(rooms, arriving, left, phases, states)
+        return self._all_land(rid, aid, left, phases, states, ids)
 
-    def _all_land(self, rooms: tuple, arriving: tuple, left: int, phases: tuple | None, states: dict) -> bool:
-        """all_land of a state not in ``states`` (``left`` = sum(arriving) > 0); children found in ``states`` are
-        read there without a call."""
+    def _all_land(self, rid: int, aid: int, left: int, phases: tuple | None, states: dict, ids: "_Ids") -> bool:
+        """all_land of a state not in ``states`` (rooms ``rid``, arriving ``aid``, ``left`` replicas arriving > 0);
+        children found in ``states`` are read there without a call."""
         self.budget.spend()
         ok = True
-        classes, bisect_left, top = self.classes, bisect.bisect_left, len(rooms)
-        for k, n in enumerate(arriving):
-            if not n:
-                continue
-            u = classes[k]
-            i = bisect_left(rooms, u)  # self.place, inline: best fit, then the rooms kept sorted
-            if i == top:
+        steps = ids.steps[rid]
+        kids = ids.kids[aid]
+        if kids is None:
+            kids = ids.arrivals(aid)
+        for u, child in kids:  # each size with a replica arriving, largest first
+            nxt = steps.get(u)
+            if nxt is None:
+                nxt = ids.step(rid, u)
+            if nxt < 0:  # no GPU holds it
                 ok = False
                 break
-            room = rooms[i] - u  # < rooms[i]: it moves left, to j <= i
-            j = bisect_left(rooms, room, 0, i)
-            nxt = rooms[:j] + (room,) + rooms[j:i] + rooms[i + 1:]
             if left > 1:
-                rest = arriving[:k] + (n - 1,) + arriving[k + 1:]
-                hit = states.get((nxt, rest))
+                hit = states.get(nxt << 32 | child)
                 if hit is None:
-                    hit = self._all_land(nxt, rest, left - 1, phases, states)
+                    hit = self._all_land(nxt, child, left - 1, phases, states, ids)
                 if not hit:
                     ok = False
                     break
-            elif phases is not None and not self.completes(nxt, phases):
+            elif phases is not None and not self.completes(ids.rooms[nxt], phases):
                 ok = False
                 break
-        states[(rooms, arriving)] = ok
+        states[rid << 32 | aid] = ok
         _MEMO_SUB[1] += 1
         return ok
+
+
+class _Ids:
+    """all_land's states as one int each (``rooms id << 32 | arriving id``), with every step from a state worked
+    out once: the node's rooms (sorted tuples) and the arriving counts (tuples over one list of sizes) numbered as
+    first met, best fit's move for each (rooms, size) and the one-fewer counts for each (counts, size) remembered.
+    The same states in the same order as searching on the tuples themselves, without building tuples per step."""
+
+    def __init__(self, classes: tuple):
+        self.classes = classes
+        self.rooms_ids: dict[tuple, int] = {}
+        self.rooms: list[tuple] = []
+        self.steps: list[dict[int, int]] = []  # per rooms id: size -> rooms id after best fit places it (-1: none)
+        self.arr_ids: dict[tuple, int] = {}
+        self.arr: list[tuple] = []
+        self.kids: list[list | None] = []  # per arriving id: [(size, arriving id with one fewer)], largest first
+
+    def rooms_id(self, rooms: tuple) -> int:
+        i = self.rooms_ids.get(rooms)
+        if i is None:
+            i = self.rooms_ids[rooms] = len(self.rooms)
+            self.rooms.append(rooms)
+            self.steps.append({})
+        return i
+
+    def arriving_id(self, arriving: tuple) -> int:
+        i = self.arr_ids.get(arriving)
+        if i is None:
+            i = self.arr_ids[arriving] = len(self.arr)
+            self.arr.append(arriving)
+            self.kids.append(None)
+        return i
+
+    def step(self, rid: int, u: int) -> int:
+        """The rooms id after best fit places ``u`` on rooms ``rid`` (-1: no GPU holds it); remembered."""
+        rooms = self.rooms[rid]
+        i = bisect.bisect_left(rooms, u)  # _Search.place, inline
+        if i == len(rooms):
+            self.steps[rid][u] = -1
+            return -1
+        room = rooms[i] - u
+        j = bisect.bisect_left(rooms, room, 0, i)
+        nxt = rooms[:j] + (room,) + rooms[j:i] + rooms[i + 1:]
+        n = self.rooms_ids.get(nxt)
+        if n is None:
+            n = self.rooms_ids[nxt] = len(self.rooms)
+            self.rooms.append(nxt)
+            self.steps.append({})
+        self.steps[rid][u] = n
+        return n
+
+    def arrivals(self, aid: int) -> list:
+        kids = self.kids[aid]
+        if kids is None:
+            a = self.arr[aid]
+            kids = self.kids[aid] = [(self.classes[k], self.arriving_id(a[:k] + (n - 1,) + a[k + 1:]))
+                                     for k, n in enumerate(a) if n]
+        return kids
+
+
+def _ids(memo: dict, classes: tuple) -> _Ids:
+    """The memo's state numbering for ``classes`` (kept with the states it numbers; cleared with them)."""
+    ids = memo.get(("ids", classes))
+    if ids is None:
+        ids = memo[("ids", classes)] = _Ids(classes)
+        _MEMO_SUB[0] += 1  # not a state: kept out of the memo's size, as the sub-dictionaries
+    return ids
 
 
 def _class_vectors(*maps) -> tuple[tuple[int, ...], list[tuple]]:
     """(replica sizes with a nonzero count in any of ``maps``, largest first; per map, its counts in that order)."""
     counts = []
     for m in maps:
-        d = {}
-        if m:
-            for u, n in (m.items() if isinstance(m, Mapping) else dict(m).items()):
-                if n:
-                    d[int(u)] = int(n)
-        counts.append(d)
+        if not m:
+            counts.append({})
+            continue
+        items = m.items() if hasattr(m, "items") else dict(m).items()
+        counts.append({int(u): int(n) for u, n in items if n})
     classes = tuple(sorted({u for d in counts for u in d}, reverse=True))
-    return classes, [tuple(d.get(u, 0) for u in classes) for d in counts]
+    zeros = (0,) * len(classes)
+    return classes, [tuple(map(d.get, classes, zeros)) for d in counts]
+
+
+def _plus(a: Mapping[int, int], b: Mapping[int, int]) -> Counter:
+    """Two count maps added (positive counts only, as Counters add)."""
+    out = Counter(a)
+    out.update(b)
+    return +out
 
 
 def node_gate(rooms: Sequence[int], arriving: Mapping[int, int], remaining: Mapping[int, int] = (),
@@ -524,27 +601,62 @@ def node_gate(rooms: Sequence[int], arriving: Mapping[int, int], remaining: Mapp
     if len(ghosts) > MAX_GHOSTS:
         return False
     classes, (arr, first, then) = _class_vectors(arriving, remaining, later)
-    phases = (first, then) if complete else None
+    return _gate(rooms, classes, arr, (first, then) if complete else None, ghosts, budget, pool)
+
+
+def _gate(rooms: Sequence[int], classes: tuple, arr: tuple, phases: tuple | None, ghosts: list, budget: int,
+          pool: _Budget | None) -> bool:
+    """:func:`node_gate` on count vectors over ``classes`` (at most MAX_GHOSTS ``ghosts``)."""
     memo = _memo()
     top = ("gate", classes, tuple(rooms), arr, phases, tuple(sorted(ghosts)), budget)
     if top in memo:
         return memo[top]
+    if pool is not None and pool.left <= 0 < budget and any(arr):
+        return _gate_remembered(rooms, classes, arr, phases, ghosts, memo, top)
+    return _gate_search(rooms, classes, arr, phases, ghosts, budget, pool, memo, top)
+
+
+def _worlds(rooms: Sequence[int], ghosts: list) -> Iterable[tuple]:
+    """The node's rooms (sorted) for each subset of the ghosts still holding their share that Ray can hold at once."""
+    for held in itertools.product((False, True), repeat=len(ghosts)):
+        world = list(rooms)
+        for (pos, units), h in zip(ghosts, held):
+            if h:
+                world[pos] -= units
+        if min(world, default=0) >= 0:
+            yield tuple(sorted(world))
+
+
+def _gate_search(rooms, classes, arr, phases, ghosts, budget, pool, memo, top) -> bool:
     search = _Search(classes, _Budget(budget, pool))
     try:
-        for held in itertools.product((False, True), repeat=len(ghosts)):
-            world = list(rooms)
-            for (pos, units), h in zip(ghosts, held):
-                if h:
-                    world[pos] -= units
-            if min(world, default=0) < 0:
-                continue  # Ray cannot be holding all of these at once
-            if not search.all_land(tuple(sorted(world)), arr, phases):
+        for world in _worlds(rooms, ghosts):
+            if not search.all_land(world, arr, phases):
                 memo[top] = False
                 return False
     except _TooBig as exc:
         if not exc.pool:
             memo[top] = False
         return False
+    memo[top] = True
+    return True
+
+
+def _gate_remembered(rooms, classes, arr, phases, ghosts, memo, top) -> bool:
+    """The gate once the decision's allowance is spent: every search would stop at its first new state (the pool
+    exception, answer False, nothing remembered), so only remembered states answer; the same answer, and the same
+    entries remembered, as :func:`_gate_search` (without raising and catching at every closed gate)."""
+    states = memo.get(("a", classes, phases))
+    ids = memo.get(("ids", classes))
+    for world in _worlds(rooms, ghosts):
+        rid = None if ids is None else ids.rooms_ids.get(world)
+        aid = None if rid is None else ids.arr_ids.get(arr)
+        hit = None if states is None or aid is None else states.get(rid << 32 | aid)
+        if hit is None:
+            return False  # a new state: the search would have raised the pool's exception
+        if not hit:
+            memo[top] = False
+            return False
     memo[top] = True
     return True
 
@@ -560,6 +672,13 @@ def completion_order(rooms: Sequence[int], remaining: Mapping[int, int], *, late
     top = ("order", classes, tuple(sorted(rooms)), first, then, budget)
     if top in memo:
         return memo[top]
+    if pool is not None and pool.left <= 0 < budget:  # the allowance is spent: only a remembered order answers
+        phases = tuple(itertools.dropwhile(lambda c: not any(c), (first, then)))
+        found = memo.get(("o", classes, top[2], phases), False) if phases else ()
+        if found is False:
+            raise _TooBig(pool=True)
+        memo[top] = found
+        return found
     try:
         found = _Search(classes, _Budget(budget, pool)).order(tuple(sorted(rooms)), (first, then))
     except _TooBig as exc:
@@ -807,23 +926,25 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
 
     node_rows: dict[str, list[tuple]] = {}  # node -> its GPU deployments' fixed fields, read once
 
-    def remaining(node: str) -> tuple[Counter, Counter]:
-        """The node's planned replicas not asked for yet: (minimum slots of models still below their minimum, the
-        rest)."""
+    def remaining(node: str) -> tuple[dict[int, int], dict[int, int]]:
+        """The node's planned replicas not asked for yet, units -> count (positive counts only): (minimum slots of
+        models still below their minimum, the rest)."""
         if VERIFY_BOOKKEEPING:
             verify()
         rows = node_rows.get(node)
         if rows is None:
             rows = node_rows[node] = [(d.name, d.model, d.units, d.min_slots, d.planned)
                                       for d in rollout.on_node(node) if d.kind != "cpu"]
-        first: Counter = Counter()
-        then: Counter = Counter()
+        first: dict[int, int] = {}
+        then: dict[int, int] = {}
         for name, model, units, min_slots, planned in rows:
             b, c = baseline[name], alloc[name]
             a = b if b > c else c
-            m = min_slots if model in short else 0
-            first[units] += m - a if m > a else 0
-            then[units] += planned - (m if m > a else a)
+            if min_slots > a and model in short:
+                first[units] = first.get(units, 0) + min_slots - a
+                a = min_slots
+            if planned > a:
+                then[units] = then.get(units, 0) + planned - a
         return first, then
 
     def gate(d: DeploymentSpec, complete: bool) -> bool:
@@ -848,11 +969,11 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
             order = completion_order(st.rooms, first, later=then, pool=work)
             if order is not None:
                 return bool(order) and order[0] == d.units
-            if completion_order(st.rooms, {}, later=first + then, pool=work) is not None:
+            if completion_order(st.rooms, {}, later=_plus(first, then), pool=work) is not None:
                 return False  # a mixed order exists: the minimum pass shapes the node instead
         except _TooBig:
             return False  # this decision's search allowance is spent: the next decision goes on
-        rest = first + then
+        rest = _plus(first, then)
         rest[d.units] -= 1
         return no_regret(st.rooms, d.units, rest)
 
@@ -868,7 +989,7 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
         st = nodes[d.node]
         first, then = remaining(d.node)
         try:
-            order = completion_order(st.rooms, {}, later=first + then, pool=work)
+            order = completion_order(st.rooms, {}, later=_plus(first, then), pool=work)
         except _TooBig:
             return "wait"
         if not order:

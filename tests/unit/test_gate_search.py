@@ -1,0 +1,134 @@
+"""The node gate's search over arrival orders (rollout._Search.all_land) keeps its states as ints and remembers each
+step (rollout._Ids); the gate answers from remembered states alone once a decision's allowance is spent. Both must
+visit the same states in the same order as the plain search over tuples, because the search budget makes the answer
+depend on how many states were visited. The plain search is written out here and compared, state count and budget
+exception included, on random nodes with a shared memo."""
+
+from __future__ import annotations
+
+import bisect
+import random
+
+import planner.placement.rollout as R
+from planner.placement.problem import RAY_GPU_UNITS
+
+
+class _Plain:
+    """all_land as a direct recursion over (rooms, arriving) tuples, counting the states it visits."""
+
+    def __init__(self, search: R._Search):
+        self.search = search  # for completes() (not under test) and the budget
+        self.states: dict = {}
+
+    def all_land(self, rooms: tuple, arriving: tuple, phases) -> bool:
+        if not sum(arriving):
+            return phases is None or self.search.completes(rooms, phases)
+        hit = self.states.get((rooms, arriving))
+        return hit if hit is not None else self._visit(rooms, arriving, phases)
+
+    def _visit(self, rooms, arriving, phases) -> bool:
+        self.search.budget.spend()
+        ok = True
+        for k, n in enumerate(arriving):
+            if not n:
+                continue
+            u = self.search.classes[k]
+            i = bisect.bisect_left(rooms, u)
+            if i == len(rooms):
+                ok = False
+                break
+            nxt = tuple(sorted(rooms[:i] + (rooms[i] - u,) + rooms[i + 1:]))
+            rest = arriving[:k] + (n - 1,) + arriving[k + 1:]
+            if sum(rest):
+                hit = self.states.get((nxt, rest))
+                if hit is None:
+                    hit = self._visit(nxt, rest, phases)
+            else:
+                hit = phases is None or self.search.completes(nxt, phases)
+            if not hit:
+                ok = False
+                break
+        self.states[(rooms, arriving)] = ok
+        return ok
+
+
+def _node(rng: random.Random):
+    gpus = rng.randint(1, 8)
+    classes = tuple(sorted(rng.sample([1000, 1500, 2500, 3000, 3300, 4000, 5000, 6000, 7500], rng.randint(1, 4)),
+                           reverse=True))
+    rooms = tuple(sorted(rng.choice([RAY_GPU_UNITS, RAY_GPU_UNITS, 8000, 6500, 5000, 2000, 0]) for _ in range(gpus)))
+    return classes, rooms
+
+
+def _counts(rng, classes, hi):
+    return tuple(rng.randint(0, hi) for _ in classes)
+
+
+def test_interned_search_visits_the_plain_searchs_states():
+    outcomes = [outcome for seed in range(60) for outcome in _interned_vs_plain(seed)]
+    assert {True, False, "budget spent"} <= set(outcomes)  # open, closed, and searches stopped by the budget
+
+
+def _interned_vs_plain(seed: int) -> list:
+    rng = random.Random(seed)
+    classes, _ = _node(rng)
+    phases = None if rng.random() < 0.3 else (_counts(rng, classes, 2), _counts(rng, classes, 2))
+    budget = rng.choice([40, 400, 10_000])
+    asks = [(tuple(sorted(rng.choice([RAY_GPU_UNITS, 8000, 6500, 5000, 2000]) for _ in range(rng.randint(1, 8)))),
+             _counts(rng, classes, 3)) for _ in range(12)]
+    runs = []
+    for plain in (True, False):
+        R._MEMO.clear()  # each on its own memo (completes() remembers too)
+        search = R._Search(classes, R._Budget(budget))
+        who = _Plain(search) if plain else search
+        seen = []
+        for rooms, arriving in asks:  # several searches sharing one memo and budget, as a decision's gates do
+            try:
+                seen.append(who.all_land(rooms, arriving, phases))
+            except R._TooBig:
+                seen.append("budget spent")
+            seen.append(search.budget.left)  # the same number of states visited so far
+        runs.append(seen)
+    assert runs[0] == runs[1], seed
+    return runs[0][::2]
+
+
+def test_gate_with_the_allowance_spent_answers_as_the_search_would():
+    """Once the decision's pool is spent, the gate answers from remembered states (_gate_remembered) instead of
+    starting a search that raises the pool's exception at its first new state (_gate_search): the same answers and
+    the same memo afterwards, over gates with ghosts, after a few gates that remembered states."""
+    answers = [a for seed in range(40) for a in _spent_pool(seed)]
+    assert {True, False} <= set(answers)  # some gates open from remembered states alone, some stay closed
+
+
+def _spent_pool(seed: int) -> list:
+    rng = random.Random(1000 + seed)
+    classes, rooms = _node(rng)
+    remaining = dict(zip(classes, _counts(rng, classes, 2)))
+    asks = []
+    for _ in range(12):
+        arriving = {u: n for u, n in zip(classes, _counts(rng, classes, 2)) if n} or {classes[-1]: 1}
+        ghosts = [(rng.randrange(len(rooms)), rng.choice(classes))] if rng.random() < 0.3 else []
+        asks.append((arriving, ghosts))
+    results = []
+    for how in (R._gate_remembered, None):
+        R._MEMO.clear()
+        warm = R._Budget(10_000)
+        for arriving, ghosts in asks[::2]:  # some of the states the asks below meet are remembered, some not
+            R.node_gate(rooms, arriving, remaining, ghosts, pool=warm)
+        spent = R._Budget(0)
+        got = []
+        for arriving, ghosts in asks:
+            cls, (arr, first, then) = R._class_vectors(arriving, remaining, {})
+            phases = (first, then)
+            memo = R._memo()
+            top = ("gate", cls, tuple(rooms), arr, phases, tuple(sorted(ghosts)), R.SEARCH_BUDGET)
+            if top in memo:
+                got.append(("remembered", memo[top]))
+            elif how is None:
+                got.append(R._gate_search(rooms, cls, arr, phases, ghosts, R.SEARCH_BUDGET, spent, memo, top))
+            else:
+                got.append(how(rooms, cls, arr, phases, ghosts, memo, top))
+        results.append((got, {k: v for k, v in R._MEMO.items() if k[0] == "gate"}))
+    assert results[0] == results[1], seed
+    return [g for g in results[0][0] if not isinstance(g, tuple)]
