@@ -25,7 +25,6 @@ import os
 import platform
 import signal
 import statistics
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,16 +39,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import serve_load  # noqa: E402
+from serve.front import pick_port  # noqa: E402
 
 MODEL = str(ROOT / "models" / "tiny-chat")
 SERVED = "tiny"
 MAX_MODEL_LEN, MAX_NUM_SEQS = 256, 16
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def planned_vllm(device: str = "cpu") -> dict:
@@ -72,7 +67,7 @@ def gpuplan_config(engine: str, port: int, path: Path, via: str = "front") -> No
     """deploy.yaml's shape: the API on ``port`` from gpuplan's own front (serve/front.py) and Ray Serve's proxy on
     another port, or (``via="proxy"``) only the proxy, on ``port``."""
     front = via == "front"
-    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": free_port() if front else port},
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": pick_port() if front else port},
            "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app", "args": {
                **({"http": {"host": "127.0.0.1", "port": port}} if front else {}),
                "cluster": "auto", "models": [{
@@ -184,9 +179,7 @@ def cpu_by_role(before: dict, after: dict) -> dict:
 
 
 def run(kind: str, a) -> dict:
-    from serve.front import pick_port
-
-    port = pick_port() if kind.startswith("gpuplan") and a.via == "front" else free_port()
+    port = pick_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / f"compare_{kind}.log"
     proc, probe = start(kind, port, log, a.via)

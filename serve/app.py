@@ -31,6 +31,7 @@ from .types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailab
 log = logging.getLogger("gpuplan")
 REGISTRY = "gpuplan-registry"
 INGRESS_CPUS = 0.1  # see planner/placement/rollout.py for the replicas' CPUs
+INGRESS_ACTOR = {"num_cpus": INGRESS_CPUS}  # the ingress's Ray actor options (.options() replaces, not merges, them)
 AVOID_AFTER_LOSS_S = 5.0  # a deployment whose replica just died gets no new request while another can take it
 
 
@@ -185,7 +186,7 @@ def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
             for e in args.models]
 
 
-@serve.deployment(ray_actor_options={"num_cpus": INGRESS_CPUS}, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options=dict(INGRESS_ACTOR), max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
     """The HTTP front (the Backend of openai_api): routes each request for a model to one of the model's
@@ -311,7 +312,11 @@ class Ingress:
     async def check_health(self) -> None:
         """Serve's health check of the ingress, also the moment to forget replicas Serve no longer has."""
         if self.front is not None and not self.front.alive():
-            raise RuntimeError(f"gpuplan's API server on port {self.front.port} stopped: {self.front.error}")
+            f = self.front
+            raise RuntimeError(f"gpuplan's API server on {f.host}:{f.port} stopped: {f.error}. "
+                               "Serve restarts this ingress, which binds the port again; the ingress replica's log "
+                               "has the cause (`ray logs`, or the Serve dashboard). Fix: if another program holds "
+                               "the port, stop it or change args.http.port")
         try:
             live = await asyncio.to_thread(self._live_replica_ids)
             if live is not None:
@@ -455,7 +460,6 @@ def build_app(args: dict) -> serve.Application:
     ingress = Ingress
     front = {"port": parsed.http.port, "host": parsed.http.host} if parsed.http.port else None
     if front:  # the front listens where the ingress runs: on the head node, like Serve's HeadOnly proxy
-        ingress = Ingress.options(ray_actor_options={"num_cpus": INGRESS_CPUS,
-                                                     "resources": {"node:__internal_head__": 0.001}})
+        ingress = Ingress.options(ray_actor_options={**INGRESS_ACTOR, "resources": {"node:__internal_head__": 0.001}})
     return ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
                         [b.to_json() for b in bindings], parsed.http.api_key_env, built, front)

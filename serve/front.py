@@ -39,8 +39,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+_PICKED: set[int] = set()
+
+
 def pick_port(lo: int = 20000, hi: int = 30000, rng=None) -> int:
-    """A free TCP port on 127.0.0.1 for a front started later (tests, benchmarks): from [lo, hi), below Linux's
+    """A free TCP port on 127.0.0.1 for a server started later (tests, benchmarks: gpuplan's front, Ray Serve's proxy,
+    a Ray head), never the same one twice in a process: from [lo, hi), below Linux's
     ephemeral range (32768-60999), above Ray's worker ports (10002-19999). A port the OS hands out for bind(0) is in
     the ephemeral range, where the Ray processes that start in between take ports for their own sockets and
     connections: a front binding minutes later found one taken (CI)."""
@@ -49,11 +53,14 @@ def pick_port(lo: int = 20000, hi: int = 30000, rng=None) -> int:
     rng = rng or random.SystemRandom()
     for _ in range(200):
         port = rng.randrange(lo, hi)
+        if port in _PICKED:  # handed out already, perhaps not bound yet
+            continue
         try:
             bind("127.0.0.1", port).close()
-            return port
         except OSError:
             continue
+        _PICKED.add(port)
+        return port
     raise RuntimeError(f"no free port in [{lo}, {hi}) after 200 tries")
 
 

@@ -109,6 +109,52 @@ def api_address(cfg: dict) -> tuple[str, int]:
     return host, port
 
 
+def listen_ports(cfg: dict) -> list[tuple[str, str, str, int]]:
+    """(what listens, the deploy file's field, host, port) of each port the app will listen on: Ray Serve's proxy
+    (``http_options``) and gpuplan's own front (``args.http.port``) where an application has one."""
+    http = cfg.get("http_options") or {}
+    out = [("Ray Serve's proxy", "http_options.port", http.get("host", "127.0.0.1"), int(http.get("port", 8000)))]
+    for i, app in enumerate(cfg.get("applications") or []):
+        front = (app.get("args") or {}).get("http") or {}
+        if front.get("port"):
+            out.append(("gpuplan's API", f"applications[{i}].args.http.port", front.get("host", "127.0.0.1"),
+                        int(front["port"])))
+    return out
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """None when a server can listen on (host, port) now; else why not, with the process listening there when the
+    OS tells."""
+    from serve.front import bind
+
+    try:
+        bind(host, port).close()
+        return None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    try:
+        import psutil
+
+        for c in psutil.net_connections(kind="tcp"):
+            if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+                return f"{why}; pid {c.pid} ({psutil.Process(c.pid).name()}) listens on it"
+    except Exception:  # noqa: BLE001 - naming the holder is a courtesy (psutil may lack the permission)
+        pass
+    return why
+
+
+def check_ports(cfg: dict, config: str) -> str | None:
+    """Before a fresh local cluster starts: the first port of :func:`listen_ports` another program holds, as the
+    error to print (Ray's proxy would fail to start on it; gpuplan's front would wait for it and never be ready)."""
+    for what, field_, host, port in listen_ports(cfg):
+        why = port_taken(host, port)
+        if why is not None:
+            name = os.path.basename(config)
+            return (f"port {port} on {host}, {what} ({field_} in {name}), is taken: {why}. Fix: stop that program, "
+                    f"or set {field_} in {name} to a free port")
+    return None
+
+
 def drain(base: str, timeout_s: float) -> None:
     """Ask the ingress to drain (POST /admin/drain), then wait until nothing is in flight or ``timeout_s`` passed:
     running requests and streams finish, new ones get 503 + Retry-After meanwhile."""
@@ -185,6 +231,13 @@ def main(argv=None) -> int:
     rc = start_clean()
     if rc:
         return rc
+    from . import lifecycle as lc
+
+    if not os.environ.get("RAY_ADDRESS") and not lc.survey()[1]:  # a fresh cluster: nothing of Serve's holds a port
+        err = check_ports(cfg, a.config)
+        if err:
+            print(f"gpuplan: error: {err}", file=sys.stderr)
+            return 2
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
                GPUPLAN_CONFIG_DIR=os.path.dirname(os.path.abspath(a.config)))
     # the `serve` CLI of this interpreter's environment (the venv), not whichever one is first on PATH

@@ -5,7 +5,6 @@ load on the CPU, as they would on a laptop."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
@@ -13,17 +12,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 ray = pytest.importorskip("ray")
 
+from serve.front import pick_port  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "models", "tiny-chat")
 GiB = 1024**3
 # (declared node name = its gpuplan.io/node label, GPUs, type)
 GPU_NODES = [("a10g-1", 2, "A10G"), ("a10g-2", 1, "A10G"), ("l4-1", 1, "L4")]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +35,7 @@ def ray_cluster():
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     from ray import serve
 
-    port = free_port()
+    port = pick_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"cluster": cluster, "port": port}
     serve.shutdown()

@@ -25,11 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BIN = os.path.dirname(sys.executable)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -67,7 +62,7 @@ def env(tmp_path):
 def config(tmp_path) -> tuple[str, int]:
     """deploy.yaml with one model (a faster start) on a free port."""
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
-    cfg["http_options"]["port"] = free_port()  # Ray Serve's proxy
+    cfg["http_options"]["port"] = pick_port()  # Ray Serve's proxy
     args = cfg["applications"][0]["args"]
     args["http"]["port"] = port = pick_port()  # the API (gpuplan's front), outside the ephemeral range
     args["models"] = [dict(args["models"][0], source=os.path.join(ROOT, "models", "tiny-chat"))]
@@ -125,7 +120,7 @@ def test_an_orphaned_cluster_is_named_and_stopped_and_ready_means_the_new_app(tm
     RunRecord(run_id="orphan0001", wrapper=Proc(int(gone.stdout), time.time() - 100), config="old.yaml", port=1,
               started_at=time.time() - 100).write(record_path("orphan0001", env["GPUPLAN_STATE_DIR"]))
     orphan_env = dict(env, GPUPLAN_RUN_ID="orphan0001")
-    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", "--port", str(free_port()), "--num-cpus", "1",
+    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", "--port", str(pick_port()), "--num-cpus", "1",
                     "--include-dashboard=false", "--disable-usage-stats"], env=orphan_env, check=True,
                    capture_output=True, timeout=120)
     try:
@@ -148,7 +143,7 @@ def test_an_orphaned_cluster_is_named_and_stopped_and_ready_means_the_new_app(tm
 
 
 def test_a_ray_start_cluster_is_used_and_left_running(tmp_path, env):
-    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", "--port", str(free_port()), "--num-cpus", "4",
+    subprocess.run([os.path.join(BIN, "ray"), "start", "--head", "--port", str(pick_port()), "--num-cpus", "4",
                     "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
                    capture_output=True, timeout=120)
     try:

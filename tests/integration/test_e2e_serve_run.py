@@ -7,7 +7,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,11 +24,6 @@ openai = pytest.importorskip("openai")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def ray_running() -> bool:
     out = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
@@ -41,7 +35,7 @@ def server(tmp_path_factory):
     if ray_running():
         pytest.fail("a Ray cluster is already running on this machine; the end-to-end test needs its own")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
-    port, proxy_port = pick_port(), free_port()  # the front binds late: a port outside the ephemeral range
+    port, proxy_port = pick_port(), pick_port()  # the front binds late: a port outside the ephemeral range
     cfg["http_options"]["port"] = proxy_port  # Ray Serve's proxy
     cfg["applications"][0]["args"]["http"]["port"] = port  # gpuplan's own front (serve/front.py)
     for m in cfg["applications"][0]["args"]["models"]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import httpx
@@ -13,11 +12,6 @@ from fastapi.responses import StreamingResponse
 
 from serve.front import DirectFront, bind, pick_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app() -> FastAPI:
@@ -51,7 +45,7 @@ def wait_up(url: str, timeout_s: float = 10.0) -> bool:
 
 
 def test_serves_then_stops_and_frees_the_port():
-    port = free_port()
+    port = pick_port()
     front = DirectFront(app(), "127.0.0.1", port).start()
     try:
         assert wait_up(f"http://127.0.0.1:{port}/ping") and front.alive() and front.bound_at
@@ -63,7 +57,7 @@ def test_serves_then_stops_and_frees_the_port():
 
 def test_waits_for_a_taken_port_then_takes_it():
     """A replacement ingress can start while the old one still holds the port: it binds once the port is free."""
-    port = free_port()
+    port = pick_port()
     holder = bind("127.0.0.1", port)
     front = DirectFront(app(), "127.0.0.1", port, retry_s=0.1).start()
     try:
@@ -77,7 +71,7 @@ def test_waits_for_a_taken_port_then_takes_it():
 
 
 def test_stop_lets_a_stream_in_flight_finish():
-    port = free_port()
+    port = pick_port()
     front = DirectFront(app(), "127.0.0.1", port, graceful_s=10).start()
     assert wait_up(f"http://127.0.0.1:{port}/ping")
     got: list[str] = []
@@ -110,3 +104,21 @@ def test_pick_port_is_free_and_outside_the_ephemeral_range():
         assert pick_port(port, port + 2, rng=random.Random(7)) == port + 1
     finally:
         held.close()
+    # never the same port twice in a process, though the first is free again (two servers a test starts later)
+    with pytest.raises(RuntimeError, match=r"no free port in \[%d, %d\)" % (port, port + 2)):
+        pick_port(port, port + 2, rng=random.Random(8))
+
+
+def test_a_dead_front_fails_the_ingress_health_check_with_the_cause_and_the_fix():
+    """Serve restarts an ingress whose health check fails; the error says which port, why, and what to do."""
+    from types import SimpleNamespace
+
+    from serve.app import Ingress
+
+    ingress = SimpleNamespace(front=SimpleNamespace(alive=lambda: False, host="127.0.0.1", port=8000,
+                                                    error="OSError: [Errno 98] Address already in use"))
+    with pytest.raises(RuntimeError) as exc:  # the method on a stand-in (an Ingress needs a Serve replica context)
+        asyncio.run(Ingress.func_or_class.check_health(ingress))
+    msg = str(exc.value)
+    assert "API server on 127.0.0.1:8000 stopped: OSError: [Errno 98] Address already in use" in msg, msg
+    assert "Fix: if another program holds the port, stop it or change args.http.port" in msg, msg
