@@ -1,5 +1,6 @@
 """The node gate's search over arrival orders (rollout._Search.all_land) keeps its states as ints and remembers each
-step (rollout._Ids); the gate answers from remembered states alone once a decision's allowance is spent. Both must
+step (rollout._Ids); the gate and completion_order answer from what is remembered alone once a decision's allowance
+is spent. All must
 visit the same states in the same order as the plain search over tuples, because the search budget makes the answer
 depend on how many states were visited. The plain search is written out here and compared, state count and budget
 exception included, on random nodes with a shared memo."""
@@ -132,3 +133,46 @@ def _spent_pool(seed: int) -> list:
         results.append((got, {k: v for k, v in R._MEMO.items() if k[0] == "gate"}))
     assert results[0] == results[1], seed
     return [g for g in results[0][0] if not isinstance(g, tuple)]
+
+
+class _SpentUnseen(R._Budget):
+    """A spent pool that the shortcut's test does not see (it reads 1 there) and that stops the search at its first
+    state (after one spend it reads -1): the search path with the allowance spent."""
+
+    def __init__(self):
+        super().__init__(1)
+        self.__dict__["_ready"] = True
+
+    @property
+    def left(self):
+        return -1 if self.__dict__.get("_spent") else 1
+
+    @left.setter
+    def left(self, value):
+        if self.__dict__.get("_ready"):
+            self.__dict__["_spent"] = True
+
+
+def test_completion_order_with_the_allowance_spent_answers_as_the_search_would():
+    seen = set()
+    for seed in range(40):
+        rng = random.Random(2000 + seed)
+        classes, rooms = _node(rng)
+        asks = [(dict(zip(classes, _counts(rng, classes, 2))), dict(zip(classes, _counts(rng, classes, 2))))
+                for _ in range(10)]
+        results = []
+        for pool in (lambda: R._Budget(0), _SpentUnseen):
+            R._MEMO.clear()
+            for first, then in asks[::3]:  # orders remembered for some asks
+                R.completion_order(rooms, first, later=then, pool=R._Budget(10_000))
+            got = []
+            for first, then in asks:
+                try:
+                    got.append(R.completion_order(rooms, first, later=then, pool=pool()))
+                except R._TooBig as exc:
+                    got.append(("stopped", exc.pool))
+            results.append((got, {k: v for k, v in R._MEMO.items() if k[0] == "order"}))
+        assert results[0] == results[1], seed
+        seen.update("stopped" if isinstance(g, tuple) and g and g[0] == "stopped" else "none" if g is None
+                    else "order" for g in results[0][0])
+    assert seen == {"stopped", "none", "order"}
