@@ -1,9 +1,8 @@
 """The node gate's search over arrival orders (rollout._Search.all_land) keeps its states as ints and remembers each
 step (rollout._Ids); the gate and completion_order answer from what is remembered alone once a decision's allowance
-is spent. All must
-visit the same states in the same order as the plain search over tuples, because the search budget makes the answer
-depend on how many states were visited. The plain search is written out here and compared, state count and budget
-exception included, on random nodes with a shared memo."""
+is spent. Each must give what the plain search gives, having visited the same states in the same order, because the
+search budget makes the answer depend on how many states were visited. The plain search is written out here and
+compared, state count and budget exception included, on random nodes with a shared memo."""
 
 from __future__ import annotations
 
