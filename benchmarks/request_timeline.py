@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gpuplan-timeline-"))
     from serve.front import pick_port
 
-    front, proxy = pick_port(), cs.free_port()  # the front binds late: a port outside the ephemeral range
+    front, proxy = pick_port(), pick_port()  # bound late (after Ray started): ports outside the ephemeral range
     cfg_path = tmp / "deploy.yaml"
     cs.gpuplan_config(a.engine, front, cfg_path)
     cfg = yaml.safe_load(cfg_path.read_text())
