@@ -22,6 +22,18 @@ class ModelSpecError(GpuplanError, ValueError):
     architecture without weights, a quantization that contradicts the checkpoint)."""
 
 
+class QuantConflictError(ModelSpecError):
+    """A quantization asked for that the model source rules out (a pre-quantized checkpoint, a GGUF file, or gguf
+    asked of a checkpoint). ``str()`` is worded for ``gpuplan estimate --quant``; ``reason``, ``allowed`` (the
+    quantizations this source can be planned at, the one it is stored in first) and ``fix`` (what else would do)
+    let a deploy file's error name its own field."""
+
+    def __init__(self, message: str, *, model: str, requested: str, reason: str, allowed: tuple[str, ...],
+                 fix: str = ""):
+        super().__init__(message)
+        self.model, self.requested, self.reason, self.allowed, self.fix = model, requested, reason, allowed, fix
+
+
 class InfeasiblePlanError(GpuplanError):
     """No placement meets every model's minimum replicas on the given cluster."""
 

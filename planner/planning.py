@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from planner.config import ClusterDecl, DeployArgs, ModelEntry
 from planner.model.engines import pick_engine
-from planner.errors import InputError, ModelSpecError
+from planner.errors import InputError, ModelSpecError, QuantConflictError
 from planner.cluster.inventory import Cluster, Gpu, Node, gpu_type_of
 from planner.model.memory import ReplicaEstimate, estimate_replica
 from planner.placement.packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
@@ -89,11 +89,30 @@ def estimate_models(args: DeployArgs, device: str, engines: frozenset = DEFAULT_
                 f"models[{entry.name}].max_model_len {entry.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mpe}: set max_model_len to {mpe} or less"
             )
-        by_q = {}
+        by_q, clash = {}, []
         for q in entry.quantization:
-            by_q[q] = _estimate(spec, entry, q, device, engines)
+            try:
+                by_q[q] = _estimate(spec, entry, q, device, engines)
+            except QuantConflictError as exc:  # worded below for the deploy file's field, not estimate's --quant
+                clash.append(exc)
+        if clash:
+            raise _quant_clash(entry, clash)
         estimates[entry.name] = by_q
     return estimates, specs
+
+
+def _quant_clash(entry: ModelEntry, clash: list) -> QuantConflictError:
+    """One error for the quantizations of ``entry`` that its source rules out, with the deploy file's field."""
+    bad = [e.requested for e in clash]
+    first, field_ = clash[0], f"models[{entry.name}].quantization"
+    good = [q for q in entry.quantization if q not in bad]
+    if good:
+        fix = f"drop {' and '.join(bad)} from {field_} ({', '.join(good)} stays)"
+    else:
+        fix = f"set {field_} to {first.allowed[0]} {first.fix}".rstrip()
+    return QuantConflictError(f"{field_} [{', '.join(entry.quantization)}]: {first.reason}, which {' and '.join(bad)} "
+                              f"{'contradicts' if len(bad) == 1 else 'contradict'}. Fix: {fix}",
+                              model=first.model, requested=bad[0], reason=first.reason, allowed=first.allowed)
 
 
 def _replica_bytes(entry: ModelEntry, est: ReplicaEstimate) -> int:
@@ -162,4 +181,30 @@ def describe_cluster(cluster: Cluster) -> str:
     if not cluster.gpus:
         ram = sum(n.cpu_memory_bytes for n in cluster.nodes)
         return f"{len(cluster.nodes)} node(s), no GPU, {format_bytes(ram)} RAM for CPU replicas"
-    return ", ".join(f"{g.id} {g.name} {format_bytes(g.total_bytes)}" for g in cluster.gpus)
+    # nodes of one shape (the same GPUs) in one part, named as a range when numbered alike: 500 GPUs stay readable
+    groups: dict[tuple, list[str]] = {}
+    for n in cluster.nodes:
+        shape: dict[tuple, int] = {}
+        for g in n.gpus:
+            shape[(g.name, g.total_bytes)] = shape.get((g.name, g.total_bytes), 0) + 1
+        groups.setdefault(tuple(shape.items()), []).append(n.name)
+    parts = []
+    for shape, names in groups.items():
+        gpus = " + ".join(f"{k} x {name} {format_bytes(b)}" for (name, b), k in shape) if shape else "no GPU"
+        parts.append(f"{names[0]}: {gpus}" if len(names) == 1 else
+                     f"{len(names)} nodes {_node_names(names)}: {gpus}{' each' * bool(shape)}")
+    n_gpus, n_nodes = len(cluster.gpus), len(cluster.nodes)
+    return (f"{n_gpus} GPU{'s' * (n_gpus != 1)} on {n_nodes} node{'s' * (n_nodes != 1)}; " + "; ".join(parts))
+
+
+def _node_names(names: list[str]) -> str:
+    """"a10g-0..a10g-15" for one prefix numbered without a gap (a declaration's ``replicas``), else the names (the
+    first three and a count when there are more than four)."""
+    import re
+
+    m = [re.fullmatch(r"(.*?)(\d+)", n) for n in names]
+    if len(names) > 2 and all(m) and len({x.group(1) for x in m}) == 1:
+        nums = sorted(int(x.group(2)) for x in m)
+        if nums == list(range(nums[0], nums[0] + len(nums))):
+            return f"{m[0].group(1)}{nums[0]}..{m[0].group(1)}{nums[-1]}"
+    return ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])} and {len(names) - 3} more"

@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from planner.errors import InputError, ModelSpecError
+from planner.errors import InputError, ModelSpecError, QuantConflictError
 from planner.model.spec import ModelSpec, TensorSpec
 
 FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -115,10 +115,11 @@ def resolve_quant(spec: ModelSpec, requested: str | None, *, bits: int | None = 
     qc = spec.checkpoint_quant
     if spec.source == "gguf":
         if requested not in (None, "gguf"):
-            raise ModelSpecError(
-                f"{spec.name} is a GGUF file with per-tensor types fixed in the file; --quant {requested} cannot "
-                "apply: drop --quant, or convert the original checkpoint instead"
-            )
+            reason = f"{spec.name} is a GGUF file with per-tensor types fixed in the file"
+            raise QuantConflictError(
+                f"{reason}; --quant {requested} cannot apply: drop --quant, or convert the original checkpoint instead",
+                model=spec.name, requested=requested, reason=reason, allowed=("gguf",),
+                fix="(the file's own types), or point the source at the original checkpoint")
         return QuantSpec("gguf", bits=0, from_checkpoint=True, label="gguf (per-tensor types from the file)")
     if qc:
         ck = _checkpoint_quant(qc)
@@ -128,11 +129,15 @@ def resolve_quant(spec: ModelSpec, requested: str | None, *, bits: int | None = 
         if requested in FLOAT_BYTES and ck.scheme in ("fp8", "mxfp4"):
             # transformers can dequantize fp8/mxfp4 checkpoints on load (dequantize=True); estimate that.
             return QuantSpec(requested, bits=FLOAT_BYTES[requested] * 8, label=f"{requested} (dequantized checkpoint)")
-        raise ModelSpecError(
-            f"{spec.name} is a pre-quantized {ck.scheme} checkpoint (quantization_config.quant_method="
-            f"{qc.get('quant_method')!r}); --quant {requested} contradicts it: drop --quant to estimate the checkpoint "
-            f"as it is, or point at the unquantized model to estimate {requested}"
-        )
+        reason = (f"{spec.name} is a pre-quantized {ck.scheme} checkpoint (quantization_config.quant_method="
+                  f"{qc.get('quant_method')!r})")
+        dequantized = ("bf16", "fp16", "fp32") if ck.scheme in ("fp8", "mxfp4") else ()
+        raise QuantConflictError(
+            f"{reason}; --quant {requested} contradicts it: drop --quant to estimate the checkpoint as it is, or "
+            f"point at the unquantized model to estimate {requested}",
+            model=spec.name, requested=requested, reason=reason, allowed=(ck.scheme,) + dequantized,
+            fix="(the checkpoint as it is)" + (f" or {'/'.join(dequantized[:2])} (dequantized on load)" if dequantized
+                                               else "") + ", or point the source at the unquantized model")
     if requested is None:
         return QuantSpec(spec.config_dtype or "bf16", bits=16, label=spec.config_dtype or "bf16")
     if requested in FLOAT_BYTES:
@@ -151,7 +156,10 @@ def resolve_quant(spec: ModelSpec, requested: str | None, *, bits: int | None = 
                          label=f"fp8 {'block ' + 'x'.join(map(str, fp8_block)) if fp8_block else 'per-channel'}")
     if requested == "mxfp4":
         return QuantSpec("mxfp4", bits=4, label="mxfp4 (experts only)")
-    raise ModelSpecError(f"--quant gguf needs a .gguf file as the model source, got {spec.name!r}")
+    reason = f"gguf needs a .gguf file as the model source, got {spec.name!r}"
+    raise QuantConflictError(f"--quant {reason}", model=spec.name, requested="gguf", reason=reason,
+                             allowed=(spec.config_dtype or "bf16", "int8", "int4"),
+                             fix="(or int8, int4), or point the source at a .gguf file")
 
 
 # ------------------------------------------------------------------------------------------------ matching

@@ -159,3 +159,60 @@ def test_plan_says_which_engine_runs_each_model(tmp_path, capsys):
     assert "g: transformers" in out and re.search(r"dequantizes a GGUF file on load: .* planned at \w+, [\d.]+x", out)
     code, _, err = run("plan", path, "--engines", "tensorrt")
     assert code == 2 and "unknown tensorrt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("source, quant, says", [
+    # a pre-quantized checkpoint (mxfp4 experts), every listed quantization contradicting it
+    ("openai/gpt-oss-20b", ["int4", "int8"],
+     "models[llama].quantization [int4, int8]: openai/gpt-oss-20b is a pre-quantized mxfp4 checkpoint "
+     "(quantization_config.quant_method='mxfp4'), which int4 and int8 contradict. Fix: set models[llama].quantization "
+     "to mxfp4 (the checkpoint as it is) or bf16/fp16 (dequantized on load), or point the source at the unquantized "
+     "model"),
+    # one of two contradicting: drop it
+    ("Qwen/Qwen3-32B-FP8", ["fp8", "int4"],
+     "models[llama].quantization [fp8, int4]: Qwen/Qwen3-32B-FP8 is a pre-quantized fp8 checkpoint "
+     "(quantization_config.quant_method='fp8'), which int4 contradicts. Fix: drop int4 from "
+     "models[llama].quantization (fp8 stays)"),
+    # gguf asked of a safetensors checkpoint
+    ("meta-llama/Llama-3.1-8B-Instruct", ["gguf"],
+     "models[llama].quantization [gguf]: gguf needs a .gguf file as the model source, got "
+     "'meta-llama/Llama-3.1-8B-Instruct', which gguf contradicts. Fix: set models[llama].quantization to bf16 (or "
+     "int8, int4), or point the source at a .gguf file"),
+])
+def test_a_quantization_the_source_rules_out_names_the_deploy_field(tmp_path, source, quant, says):
+    """The estimate's own wording says --quant; in a deploy file the error names models[...].quantization, every
+    listed quantization that cannot apply, and what to list instead."""
+    path = write(tmp_path, {"cluster": CLUSTER, "models": [dict(MODEL, source=source, quantization=quant)]})
+    rc, out, err = run("plan", path)
+    assert rc == 2 and "Traceback" not in err
+    assert " ".join(err.split()) == f"gpuplan: error: {says}", err
+
+
+def test_a_gguf_file_asked_at_another_quantization_names_the_deploy_field(tmp_path):
+    import os
+
+    gguf = os.path.join(os.path.dirname(__file__), "..", "..", "models", "tiny-chat", "tiny-chat-Q8_0.gguf")
+    path = write(tmp_path, {"cluster": CLUSTER, "models": [dict(MODEL, source=os.path.abspath(gguf),
+                                                                  quantization="int4", max_model_len=256)]})
+    rc, out, err = run("plan", path)
+    assert rc == 2, err
+    assert "models[llama].quantization [int4]: " in err and "is a GGUF file with per-tensor types fixed in the file, " \
+        "which int4 contradicts. Fix: set models[llama].quantization to gguf (the file's own types), or point the " \
+        "source at the original checkpoint" in " ".join(err.split()), err
+
+
+def test_the_cluster_line_groups_nodes_of_one_shape(tmp_path):
+    """`gpuplan plan` starts with one line about the cluster: at 500 GPUs it once listed every GPU."""
+    from planner.planning import cluster_from_decl, describe_cluster
+    from planner.config import ClusterDecl
+
+    decl = ClusterDecl.model_validate({"nodes": [
+        {"name": "a10g", "replicas": 16, "cpu_memory": "512GiB", "gpus": [{"name": "A10G", "count": 8}]},
+        {"name": "h100", "replicas": 2, "cpu_memory": "512GiB", "gpus": [{"name": "H100", "count": 8}]},
+        {"name": "mixed", "cpu_memory": "64GiB", "gpus": [{"name": "T4", "count": 1}, {"name": "A100-80GB", "count": 2}]},
+        {"name": "cpu", "replicas": 3, "cpu_memory": "64GiB"}]})
+    line = describe_cluster(cluster_from_decl(decl))
+    assert line.startswith("147 GPUs on 22 nodes; 16 nodes a10g-0..a10g-15: 8 x A10G "), line
+    assert "; 2 nodes h100-0, h100-1: 8 x H100 " in line and "; mixed: 1 x T4 " in line, line
+    assert " + 2 x A100-80GB " in line and line.endswith("; 3 nodes cpu-0..cpu-2: no GPU"), line
+    assert "gpu-0" not in line and len(line) < 400
