@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from planner.cluster.inventory import Cluster, Gpu, Node  # noqa: E402
 from planner.placement.packing import EXACT_MAX_VARS, ModelDemand, QuantOption, plan  # noqa: E402
@@ -132,6 +133,59 @@ def rollout_scenarios() -> list[dict]:
     return out
 
 
+CLI_SOURCES = ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct",
+               "mistralai/Mistral-7B-Instruct-v0.3", "google/gemma-2-9b-it", "meta-llama/Llama-3.2-3B-Instruct",
+               "meta-llama/Llama-3.2-1B-Instruct", "microsoft/Phi-3-mini-4k-instruct", "Qwen/Qwen3-32B",
+               "Qwen/Qwen2.5-32B-Instruct", "openai/gpt-oss-20b", "deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+
+
+def cli_files(directory: Path, n_models: int = 40, seed: int = 1) -> tuple[Path, Path]:
+    """A deploy file of ``n_models`` entries over the catalog's real configs (int4 or int8; gpt-oss at its mxfp4;
+    max 4-24 replicas, min = max / 2) and a cluster declaration of 63 nodes x 8 GPUs of four types: what a user
+    would hand `gpuplan plan` for a 504-GPU cluster."""
+    import yaml
+
+    rng = random.Random(seed)
+    entries = []
+    for i in range(n_models):
+        src = CLI_SOURCES[i % len(CLI_SOURCES)]
+        mx = rng.randint(4, 24)
+        entries.append({"name": f"m{i}", "source": src,
+                        "quantization": ["mxfp4"] if src == "openai/gpt-oss-20b" else ["int4", "int8"],
+                        "max_model_len": 4096, "max_num_seqs": 4, "replicas": {"min": mx // 2, "max": mx}})
+    deploy = {"applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app",
+                                "args": {"headroom": 0.1, "cluster": "auto", "models": entries}}]}
+    nodes = [{"name": k.lower(), "replicas": n, "cpu_memory": "512GiB", "num_cpus": 64,
+              "gpus": [{"name": k, "count": 8}]} for k, n in (("A10G", 16), ("L4", 16), ("L40S", 16), ("A100-80GB", 15))]
+    d, c = directory / "deploy.yaml", directory / "cluster.yaml"
+    d.write_text(yaml.safe_dump(deploy, sort_keys=False))
+    c.write_text(yaml.safe_dump({"nodes": nodes}, sort_keys=False))
+    return d, c
+
+
+def cli_scenario(repeat: int) -> dict:
+    """`python -m planner plan deploy.yaml --cluster cluster.yaml --json` on :func:`cli_files`, whole processes
+    (start-up, imports, reading the configs, plan, rollout, JSON), the median of ``repeat`` runs."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d, c = cli_files(Path(tmp))
+        times, out = [], None
+        for _ in range(max(1, repeat)):
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "planner", "plan", str(d), "--cluster", str(c), "--json"],
+                               capture_output=True, text=True, cwd=ROOT)
+            times.append(time.perf_counter() - t0)
+            if p.returncode != 0:
+                raise SystemExit(f"plan_scale: gpuplan plan failed ({p.returncode}): {p.stderr.strip()}")
+            out = json.loads(p.stdout)
+    placed = sum(m["placed_replicas"] for m in out["models"])
+    return {"scenario": "cli-504", "what": "gpuplan plan: 504 GPUs x 40 real models, min = max / 2",
+            "median_s": round(statistics.median(times), 3), "runs": [round(t, 3) for t in times], "replicas": placed,
+            "gpus": len(out["gpus"])}
+
+
 def timed(fn, repeat: int):
     t0 = time.perf_counter()
     result = fn()
@@ -228,8 +282,12 @@ def main(argv=None) -> int:
         met = all(r["total_s"] < 1.0 for r in rollout_rows)
         print("targets: plan + rollout < 1 s ->", "MET" if met else "NOT MET")
         ok = ok and met
+    cli_row = None if args.no_rollout else cli_scenario(args.repeat)
+    if cli_row:
+        print(f"\n{cli_row['what']} (whole process, {len(cli_row['runs'])} runs): median {cli_row['median_s']:.3f} s "
+              f"{cli_row['runs']}, {cli_row['replicas']} replicas on {cli_row['gpus']} GPUs")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "rollout": rollout_rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"rows": rows, "rollout": rollout_rows, "cli": cli_row}, indent=2) + "\n")
     return 0 if ok else 1
 
 

@@ -216,3 +216,20 @@ def test_the_cluster_line_groups_nodes_of_one_shape(tmp_path):
     assert "; 2 nodes h100-0, h100-1: 8 x H100 " in line and "; mixed: 1 x T4 " in line, line
     assert " + 2 x A100-80GB " in line and line.endswith("; 3 nodes cpu-0..cpu-2: no GPU"), line
     assert "gpu-0" not in line and len(line) < 400
+
+
+def test_plan_scales_cli_case_plans_every_minimum(tmp_path, capsys):
+    """benchmarks/plan_scale.py's `gpuplan plan` case (504 GPUs x 40 real catalog models, tight minimums) is a
+    valid deploy file and cluster that plan with every minimum met and the rollout planning every placed replica."""
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import plan_scale
+
+    d, c = plan_scale.cli_files(tmp_path)
+    assert main(["plan", str(d), "--cluster", str(c), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["gpus"]) == 504 and len(out["models"]) == 40
+    assert all(m["min_replicas"] <= m["placed_replicas"] for m in out["models"])
+    planned = sum(dep["planned"] for dep in out["rollout"]["deployments"])
+    assert planned == sum(m["placed_replicas"] for m in out["models"])
