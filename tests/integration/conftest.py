@@ -36,7 +36,10 @@ def ray_cluster():
     from ray import serve
 
     port = pick_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # one proxy, on the head (deploy.yaml's HeadOnly): the four Ray nodes share this machine, so proxies on every node
+    # would share the port through SO_REUSEPORT, and one starting mid-test (when a node gets its first replica) took
+    # connections it dropped (CI: RemoteDisconnected on GET /plan right after "Proxy starting on node ...")
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     yield {"cluster": cluster, "port": port}
     serve.shutdown()
     ray.shutdown()
