@@ -4,6 +4,7 @@ model, hand the byte sizes to the packer, and explain failures with the memory m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from planner.config import ClusterDecl, DeployArgs, ModelEntry
@@ -200,8 +201,6 @@ def describe_cluster(cluster: Cluster) -> str:
 def _node_names(names: list[str]) -> str:
     """"a10g-0..a10g-15" for one prefix numbered without a gap (a declaration's ``replicas``), else the names (the
     first three and a count when there are more than four)."""
-    import re
-
     m = [re.fullmatch(r"(.*?)(\d+)", n) for n in names]
     if len(names) > 2 and all(m) and len({x.group(1) for x in m}) == 1:
         nums = sorted(int(x.group(2)) for x in m)

@@ -352,7 +352,7 @@ class Replica:
 
 
 # The Serve deployment of the class. The class keeps its own module-level name (Replica), so that Serve's cloudpickle
-# of it at every `.options()` is a reference (serve.replica.Replica), not the whole class by value: pickled by value
-# (its name then pointed at this Deployment) it cost 3.5 ms per deployment, 2 s of build_app's 4 s at 552
-# deployments (benchmarks/ray_ledger.py).
+# of it at every `.options()` and `.bind()` is a reference (serve.replica.Replica), not the whole class by value:
+# pickled by value (its name then pointed at this Deployment) it cost 7 ms per deployment, 4.0 s of build_app's
+# 4.25 s at 552 deployments (benchmarks/ray_ledger.py; README, "Scale"); 0.3 ms now.
 ModelReplica = serve.deployment(Replica)

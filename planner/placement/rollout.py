@@ -527,6 +527,11 @@ class _Ids:
             self.kids.append(None)
         return i
 
+    def known_key(self, rooms: tuple, arriving: tuple) -> int | None:
+        """The state's int when both parts were numbered already, else None (a state never met); numbers nothing."""
+        rid, aid = self.rooms_ids.get(rooms), self.arr_ids.get(arriving)
+        return None if rid is None or aid is None else rid << 32 | aid
+
     def step(self, rid: int, u: int) -> int:
         """The rooms id after best fit places ``u`` on rooms ``rid`` (-1: no GPU holds it); remembered."""
         rooms = self.rooms[rid]
@@ -649,9 +654,8 @@ def _gate_remembered(rooms, classes, arr, phases, ghosts, memo, top) -> bool:
     states = memo.get(("a", classes, phases))
     ids = memo.get(("ids", classes))
     for world in _worlds(rooms, ghosts):
-        rid = None if ids is None else ids.rooms_ids.get(world)
-        aid = None if rid is None else ids.arr_ids.get(arr)
-        hit = None if states is None or aid is None else states.get(rid << 32 | aid)
+        key = None if ids is None or states is None else ids.known_key(world, arr)
+        hit = None if key is None else states.get(key)
         if hit is None:
             return False  # a new state: the search would have raised the pool's exception
         if not hit:

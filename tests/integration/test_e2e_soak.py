@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,12 +21,11 @@ def test_one_minute_soak_with_a_kill_loses_nothing(tmp_path):
     if subprocess.run(["pgrep", "-x", "gcs_server|raylet"], capture_output=True).stdout.strip():
         pytest.fail("a Ray cluster is already running on this machine; the soak needs its own")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "benchmarks", "soak.yaml")))
-    with socket.socket() as s:  # Ray Serve's proxy
-        s.bind(("127.0.0.1", 0))
-        cfg["http_options"]["port"] = s.getsockname()[1]
     from serve.front import pick_port
 
-    cfg["applications"][0]["args"]["http"]["port"] = pick_port()  # our front binds late: outside the ephemeral range
+    # Ray Serve's proxy and our front bind after Ray started: ports outside the ephemeral range
+    cfg["http_options"]["port"] = pick_port()
+    cfg["applications"][0]["args"]["http"]["port"] = pick_port()
     for m in cfg["applications"][0]["args"]["models"]:
         m["source"] = os.path.normpath(os.path.join(ROOT, "benchmarks", m["source"]))  # relative to soak.yaml
     path = tmp_path / "soak.yaml"
