@@ -34,7 +34,7 @@ $(VLLM_VENV)/bin/.installed: pyproject.toml $(BIN)/.installed
 	# torchvision's wheel breaks vLLM's import on this torch ("operator torchvision::nms does not exist")
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
-	$(VLLM_VENV)/bin/python -c 'import vllm, ray, serve.replica; print("vllm", vllm.__version__, "ray", ray.__version__)'
+	$(VLLM_VENV)/bin/python -c 'import vllm, ray, serve.app.replica; print("vllm", vllm.__version__, "ray", ray.__version__)'
 	touch $@
 
 venv: $(BIN)/.installed

@@ -7,7 +7,7 @@ For each architecture in transformers' causal-LM auto mapping whose class name e
 an encoder-decoder): a tiny config (``tiny_config``: 2 layers, widths divisible by 64, vocabulary 512), a random
 model built by transformers on the CPU and saved as bf16 safetensors, loaded with bf16, bitsandbytes int8, nf4, fp4
 and nf4 + double quant ("int4"); the resident bytes (unique storages of parameters, buffers and quantization state,
-serve/memory_probe.py) against the planner's ``bytes.weights`` from the safetensors headers, and from config.json
+serve/engines/memory_probe.py) against the planner's ``bytes.weights`` from the safetensors headers, and from config.json
 alone where the planner knows the family by name. An architecture that cannot be built tiny on the CPU says why.
 
 Rows: architecture, build status, the error of the headers estimate per scheme (0 = exact), and the config-only
@@ -133,9 +133,9 @@ def build(model_type: str, out_dir: str) -> tuple[str, int, list[str]]:
 
 def sweep_one(model_type: str, cls: str, root: str, per_arch_s: int) -> dict:
     from planner.errors import GpuplanError
-    from planner.model.memory import estimate_replica
+    from planner.model.engines import estimate_replica
     from planner.model.spec import load_spec
-    from serve.calibration import load_and_measure
+    from benchmarks.common.calibration import load_and_measure
 
     row: dict = {"arch": model_type, "class": cls, "built": False, "params": None, "schemes": {}, "config": {}}
     signal.signal(signal.SIGALRM, _alarm)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import serve_load  # noqa: E402
-from serve.front import pick_port  # noqa: E402
+from serve.api.front import pick_port  # noqa: E402
 
 MODEL = str(ROOT / "models" / "tiny-chat")
 SERVED = "tiny"
@@ -49,8 +49,8 @@ MAX_MODEL_LEN, MAX_NUM_SEQS = 256, 16
 
 def planned_vllm(device: str = "cpu") -> dict:
     """The settings gpuplan's plan gives a vLLM replica of the model (so plain vLLM gets the same)."""
-    from planner.model.engines import vllm_settings
-    from planner.model.memory import estimate_replica
+    from planner.model.engines.vllm import vllm_settings
+    from planner.model.engines import estimate_replica
     from planner.model.spec import load_spec
 
     est = estimate_replica(load_spec(MODEL), quant="bf16", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS,
@@ -64,7 +64,7 @@ def planned_vllm(device: str = "cpu") -> dict:
 
 
 def gpuplan_config(engine: str, port: int, path: Path, via: str = "front") -> None:
-    """deploy.yaml's shape: the API on ``port`` from gpuplan's own front (serve/front.py) and Ray Serve's proxy on
+    """deploy.yaml's shape: the API on ``port`` from gpuplan's own front (serve/api/front.py) and Ray Serve's proxy on
     another port, or (``via="proxy"``) only the proxy, on ``port``."""
     front = via == "front"
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": pick_port() if front else port},
@@ -112,7 +112,7 @@ def stop(proc: subprocess.Popen, kind: str) -> None:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-    from serve.lifecycle import ray_daemons
+    from serve.run.lifecycle import ray_daemons
 
     deadline = time.time() + 60  # the next server must find no Ray of this one
     while ray_daemons() and time.time() < deadline:
@@ -147,7 +147,7 @@ def _role(p) -> str:
                       ("dashboard", "dashboard + agents"), ("runtime_env", "dashboard + agents"),
                       ("log_monitor", "Ray monitors"), ("monitor.py", "Ray monitors"),
                       ("vllm.entrypoints", "vLLM API server"), ("serve.run", "gpuplan wrapper"),
-                      ("serve.supervisor", "gpuplan wrapper"), ("serve run", "serve run CLI"),
+                      ("serve.run.supervisor", "gpuplan wrapper"), ("serve run", "serve run CLI"),
                       ("rayserve_llm_server", "serve run CLI"), ("ray::IDLE", "idle Ray workers"),
                       ("default_worker", "Ray workers (other)"), ("compare_servers", "load generator")):
         if key in cmd:

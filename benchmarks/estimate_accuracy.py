@@ -1,7 +1,7 @@
 """Estimate vs measured, two tables.
 
 1. Weights, per architecture and scheme: random-weight models built by transformers, loaded on this machine's CPU
-   with bitsandbytes, resident bytes measured (serve/memory_probe.py) against the planner's ``bytes.weights``.
+   with bitsandbytes, resident bytes measured (serve/engines/memory_probe.py) against the planner's ``bytes.weights``.
 2. Whole replicas against published GPU measurements (Qwen2.5 speed benchmark, A100 80GB, transformers,
    batch 1, input length 1, 2048 generated tokens, ``torch.cuda.max_memory_allocated``; see
    planner/catalog/published-figures.md). max_memory_allocated excludes the CUDA context, library workspaces and
@@ -20,7 +20,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from planner.model.memory import estimate_replica  # noqa: E402
+from planner.model.engines import estimate_replica  # noqa: E402
 from planner.model.spec import load_spec  # noqa: E402
 
 GiB = 1024**3
@@ -39,7 +39,7 @@ PUBLISHED = [
 
 
 def weights_table() -> list[tuple]:
-    from serve.calibration import FAMILIES, load_and_measure, save_random_model
+    from benchmarks.common.calibration import FAMILIES, load_and_measure, save_random_model
 
     rows = []
     with tempfile.TemporaryDirectory() as root:

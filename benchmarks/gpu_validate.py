@@ -3,7 +3,7 @@ int4, run one prefill of max_model_len tokens and a batch of decode steps, and c
 the planner's terms.
 
 Measured per case:
-- weights: resident bytes of the loaded model (serve/memory_probe.py) vs ``bytes.weights``;
+- weights: resident bytes of the loaded model (serve/engines/memory_probe.py) vs ``bytes.weights``;
 - torch peak: ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` after prefill + decode vs
   weights + kv_cache + activations;
 - process: NVML used memory of this process (CUDA context, workspaces, allocator slack included) vs ``bytes.total``.
@@ -62,12 +62,12 @@ class _IdsOnlyTokenizer:
 
 def _drive_engine(model, vocab: int, max_model_len: int, max_num_seqs: int) -> dict:
     """What a replica does at its planned limits: max_num_seqs requests of max_model_len - 16 prompt tokens and 16
-    new tokens each, sent together, through serve.engine.GenerationEngine (prefill passes of at most
+    new tokens each, sent together, through serve.engines.transformers.GenerationEngine (prefill passes of at most
     max_num_batched_tokens = max_model_len, caches merged into one running batch, batched decode)."""
     import asyncio
     import random
 
-    from serve.engine import GenerationEngine
+    from serve.engines.transformers import GenerationEngine
     from serve.types import SamplingParams
 
     eng = GenerationEngine(model, _IdsOnlyTokenizer(), max_num_seqs=max_num_seqs, max_model_len=max_model_len)
@@ -98,10 +98,10 @@ def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from planner.model.memory import estimate_replica
+    from planner.model.engines import estimate_replica
     from planner.model.spec import _catalog_path, load_spec
-    from serve.loader import bnb_config
-    from serve.memory_probe import resident_bytes
+    from serve.engines.loader import bnb_config
+    from serve.engines.memory_probe import resident_bytes
 
     spec = load_spec(source)
     model_dir = source if os.path.isdir(source) else os.path.join(workdir, "random", spec.name.replace("/", "--"))
@@ -187,7 +187,7 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="use a random tiny llama (smoke test of this script)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--workload", default="engine", choices=["engine", "generate"],
-                    help="engine: serve.engine at max_num_seqs x max_model_len (what a replica does); generate: "
+                    help="engine: serve.engines.transformers at max_num_seqs x max_model_len (what a replica does); generate: "
                          "transformers' generate() prefilling all sequences in one pass")
     ap.add_argument("--jsonl", default=None, help="append each case's raw row here as it finishes")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
@@ -201,7 +201,7 @@ def main() -> int:
     workdir = tempfile.mkdtemp(prefix="gpuplan-validate-")
     models = a.models
     if a.tiny:
-        from serve.calibration import save_random_model
+        from benchmarks.common.calibration import save_random_model
 
         models = [save_random_model("llama", workdir)[0]]
         a.max_model_len, a.max_num_seqs = min(a.max_model_len, 128), min(a.max_num_seqs, 2)

@@ -4,8 +4,8 @@
 
 1. **Reserved but unplanned GPU memory** on mixed clusters: Ray fraction x the bytes it is a fraction of, minus the
    replica's planned bytes, summed over every planned replica. *Before*: one deployment per model whose num_gpus is
-   the largest fraction any of its replicas needs (what serve/app.py did), so a replica planned on a big GPU
-   reserves a small GPU's share of it. *After*: each replica asks its node's fraction (planner/placement/rollout.py). Also:
+   the largest fraction any of its replicas needs (what serve/app/build.py did), so a replica planned on a big GPU
+   reserves a small GPU's share of it. *After*: each replica asks its node's fraction (planner/rollout/). Also:
    how many planned replicas Ray would leave pending because their GPU's requests no longer add up to one GPU.
 2. **Scale**: a plan of 64 nodes x 8 GPUs x 12 models: how many deployments it makes, and how long build_app's
    work takes (plan, rollout with its bring-up check, Serve options, binding the Serve application).
@@ -73,7 +73,7 @@ def scale(repeat: int) -> dict:
 
     from planner.config import DeployArgs
     from planner.placement.packing import plan as pack
-    from planner.placement.rollout import realize
+    from planner.rollout import realize
     from planner.planning import model_rules
 
     c = cluster_of(64, 8, [("A100-80GB", 81920), ("L40S", 46068)])
@@ -87,13 +87,13 @@ def scale(repeat: int) -> dict:
             "min": d.min_replicas, "max": d.max_replicas}} for d in ds]})
         ro = realize(p, model_rules(args))
         t2 = time.perf_counter()
-        from planner.placement.rollout import deployment_options
+        from planner.rollout import deployment_options
 
         entries = {m.name: m for m in args.models}
         opts = [deployment_options(d, entries[d.model], {"gpuplan.io/node": d.node}, ro.plan_id)
                 for d in ro.deployments]
         t3 = time.perf_counter()
-        from serve.replica import ModelReplica
+        from serve.app.replica import ModelReplica
 
         bound = [ModelReplica.options(**o).bind({"name": o["name"]}) for o in opts]
         t4 = time.perf_counter()

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gpuplan-timeline-"))
-    from serve.front import pick_port
+    from serve.api.front import pick_port
 
     front, proxy = pick_port(), pick_port()  # bound late (after Ray started): ports outside the ephemeral range
     cfg_path = tmp / "deploy.yaml"

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/rollout_sim.py [--cases 60] [--seed 5000]
 
 Random clusters (1-3 nodes of 4 or 8 GPUs of 24 or 80 GiB) and 2-6 models (3-40 GiB replicas, min 0-3, max 2-20),
-planned by the packer to every model's max, realised (planner.placement.rollout.realize), then driven through the simulated
+planned by the packer to every model's max, realised (planner.rollout.realize), then driven through the simulated
 Ray of tests/unit/fake_ray.py (requests reach the raylet late and in random order, Serve stops random replicas,
 stopped replicas hold their share a few ticks): idle 40 ticks (minimums), busy 80 (every model wants its max), idle 40, busy 120 again (a tick is one
 policy round, about a second of Serve time).
@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
 from fake_ray import FakeRay, drive  # noqa: E402
 
-import planner.placement.rollout as R  # noqa: E402
+import planner.rollout as R  # noqa: E402
 from planner.errors import InfeasiblePlanError  # noqa: E402
 from planner.cluster.inventory import Cluster, Gpu, Node  # noqa: E402
 from planner.placement.packing import ModelDemand, QuantOption, plan  # noqa: E402
-from planner.placement.rollout import ModelRule, ScaleMemory, realize  # noqa: E402
+from planner.rollout import ModelRule, ScaleMemory, realize  # noqa: E402
 from planner.units import GiB  # noqa: E402
 
 

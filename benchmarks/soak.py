@@ -1,6 +1,6 @@
 """Soak: minutes of mixed traffic at a fixed rate, with a replica killed every K seconds. Is anything lost?
 
-    .venv/bin/python benchmarks/soak.py --start                 # start benchmarks/soak.yaml with serve.run, 10 min
+    .venv/bin/python benchmarks/soak.py --start                 # start benchmarks/soak.yaml with serve.run.main, 10 min
     .venv/bin/python benchmarks/soak.py --minutes 2 --kill-every 30 --url http://127.0.0.1:8000   # a running server
 
 Traffic (seeded): ``--rate`` requests per second, each drawn at random: one of the served models, chat or plain
@@ -39,7 +39,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve.sse import iter_data  # noqa: E402
+from serve.api.sse import iter_data  # noqa: E402
 
 
 def ray_roles() -> dict[str, int]:
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         import yaml
 
         cfg = yaml.safe_load(open(a.config))
-        from serve.run import api_address
+        from serve.run.main import api_address
 
         url = url or "http://127.0.0.1:{}".format(api_address(cfg)[1])
         log = open(os.path.join(tempfile.gettempdir(), "soak_server.log"), "w")

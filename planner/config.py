@@ -15,11 +15,14 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from planner.errors import InputError
+from planner.model.engines import ENGINE_NAMES
+from planner.model.quant import SCHEME_NAMES
 from planner.units import parse_bytes
 
 # a node's name is its Ray node label value (gpuplan.io/node), which follows Kubernetes' label value syntax
 NODE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,54}[A-Za-z0-9])?$")
-QUANTIZATIONS = ("fp32", "bf16", "fp16", "int8", "nf4", "fp4", "int4", "awq", "gptq", "fp8", "mxfp4", "gguf")
+QUANTIZATIONS = SCHEME_NAMES  # the scheme registry's names (planner/model/quant/)
+EngineName = Literal[("auto", *ENGINE_NAMES)]  # the engine registry's names (planner/model/engines/)
 
 
 def _bytes(v):
@@ -130,11 +133,12 @@ class ModelEntry(_Edge):
     source: str
     """Local model directory (relative paths are resolved against deploy.yaml's folder), a config.json, a .gguf
     file, or a catalog name (`gpuplan catalog`)."""
-    quantization: list[str] = Field(default_factory=lambda: ["bf16"])
-    """Allowed quantizations, most preferred first (a single string is one choice)."""
+    quantization: list[str] | None = None
+    """Allowed quantizations, most preferred first (a single string is one choice). Default: the source's own: a
+    GGUF file's types (gguf), a pre-quantized checkpoint's scheme, else the config's dtype (bf16 when it has none)."""
     dtype: Literal["bf16", "fp16", "fp32"] | None = None
     """Dtype of unquantized tensors and compute; default: the model's config dtype, else bf16."""
-    engine: Literal["auto", "transformers", "vllm", "llamacpp"] = "auto"
+    engine: EngineName = "auto"
     """What runs the replicas: `transformers` (bitsandbytes, CPU offload), `vllm` (vLLM's own venv, `make vllm`),
     `llamacpp` (GGUF files as stored, llama-cpp-python), or `auto`: llama.cpp for a .gguf source, vLLM where it is
     installed and runs the chosen quantization (bf16/fp16, awq, gptq, fp8, mxfp4), transformers otherwise
@@ -171,6 +175,8 @@ class ModelEntry(_Edge):
     @field_validator("quantization", mode="before")
     @classmethod
     def _one_or_many(cls, v):
+        if v is None:
+            return None
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not items:
             raise ValueError("give one quantization or a non-empty list, e.g. [int4, int8]")
@@ -188,7 +194,7 @@ class HttpOptions(_Edge):
     api_key_env: str = "GPUPLAN_API_KEY"
     """Environment variable holding the bearer token; when it is set, every /v1 request must carry it."""
     port: int | None = Field(None, ge=1, le=65535)
-    """When set, the ingress replica serves the API itself on this port (serve/front.py), one Ray hop less per
+    """When set, the ingress replica serves the API itself on this port (serve/api/front.py), one Ray hop less per
     request and per streamed chunk than Ray Serve's proxy, which keeps serving the same API on http_options.port
     (so the two ports must differ). None: only the proxy."""
     host: str = "127.0.0.1"

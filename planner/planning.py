@@ -8,12 +8,13 @@ import re
 from dataclasses import dataclass
 
 from planner.config import ClusterDecl, DeployArgs, ModelEntry
-from planner.model.engines import pick_engine
 from planner.errors import InputError, ModelSpecError, QuantConflictError
 from planner.cluster.inventory import Cluster, Gpu, Node, gpu_type_of
-from planner.model.memory import ReplicaEstimate, estimate_replica
+from planner.model.engines import estimate_replica, pick_engine
+from planner.model.estimate import ReplicaEstimate
+from planner.model.quant import resolve_quant
 from planner.placement.packing import DEFAULT_GPU_RESERVE, ModelDemand, Plan, QuantOption, plan
-from planner.placement.rollout import ModelRule, Rollout, realize
+from planner.rollout import ModelRule, Rollout, realize
 from planner.model.spec import ModelSpec, load_spec
 from planner.units import format_bytes
 
@@ -27,7 +28,10 @@ class PlanningResult:
     demands: tuple[ModelDemand, ...]
     cluster: Cluster
     device: str  # "cuda" when the cluster has GPUs, else "cpu"
-    rollout: Rollout | None = None  # the plan as Ray Serve deployments (planner/placement/rollout.py)
+    rollout: Rollout | None = None  # the plan as Ray Serve deployments (planner/rollout/)
+    specs: dict | None = None  # model name -> ModelSpec
+    args: DeployArgs | None = None  # the deploy args as planned: every model's quantization list filled in
+    engine_why: dict | None = None  # model name -> {quantization: why that engine (planner.model.engines.pick_engine)}
 
     def estimate_for(self, model: str) -> ReplicaEstimate:
         q = next(m.quantization for m in self.plan.models if m.name == model)
@@ -69,15 +73,15 @@ def cluster_from_decl(decl: ClusterDecl) -> Cluster:
 
 
 def _estimate(spec: ModelSpec, entry: ModelEntry, quant: str, device: str,
-              engines: frozenset = DEFAULT_ENGINES, **over) -> ReplicaEstimate:
-    engine, _ = pick_engine(entry.engine, quant, engines, entry.name)
+              engines: frozenset = DEFAULT_ENGINES, strict: bool = True, **over) -> ReplicaEstimate:
+    engine, _ = pick_engine(entry.engine, quant, engines, entry.name, strict=strict)
     return estimate_replica(spec, quant=quant, dtype=entry.dtype, max_model_len=over.get("max_model_len", entry.max_model_len),
                             max_num_seqs=over.get("max_num_seqs", entry.max_num_seqs), device=device, engine=engine)
 
 
-def estimate_models(args: DeployArgs, device: str, engines: frozenset = DEFAULT_ENGINES) -> tuple[dict, dict]:
-    """({model: {quantization: ReplicaEstimate}}, {model: ModelSpec}) for every allowed quantization."""
-    estimates, specs = {}, {}
+def load_specs(args: DeployArgs) -> dict:
+    """{model: ModelSpec} of every entry, each checked against its max_model_len."""
+    specs = {}
     for entry in args.models:
         try:
             spec = load_spec(entry.source)
@@ -90,10 +94,31 @@ def estimate_models(args: DeployArgs, device: str, engines: frozenset = DEFAULT_
                 f"models[{entry.name}].max_model_len {entry.max_model_len} exceeds the model's "
                 f"max_position_embeddings {mpe}: set max_model_len to {mpe} or less"
             )
+    return specs
+
+
+def with_default_quantization(args: DeployArgs, specs: dict) -> DeployArgs:
+    """``args`` with every entry that lists no quantization given its source's own: a GGUF file's types, a
+    pre-quantized checkpoint's scheme, else the config's dtype (what ``gpuplan estimate`` takes without --quant)."""
+    if all(e.quantization for e in args.models):
+        return args
+    models = [e if e.quantization else e.model_copy(update={"quantization": [resolve_quant(specs[e.name], None).scheme]})
+              for e in args.models]
+    return args.model_copy(update={"models": models})
+
+
+def estimate_models(args: DeployArgs, device: str, engines: frozenset = DEFAULT_ENGINES, specs: dict | None = None,
+                    strict: bool = True) -> tuple[dict, dict]:
+    """({model: {quantization: ReplicaEstimate}}, {model: ModelSpec}) for every allowed quantization."""
+    specs = specs if specs is not None else load_specs(args)
+    args = with_default_quantization(args, specs)
+    estimates = {}
+    for entry in args.models:
+        spec = specs[entry.name]
         by_q, clash = {}, []
         for q in entry.quantization:
             try:
-                by_q[q] = _estimate(spec, entry, q, device, engines)
+                by_q[q] = _estimate(spec, entry, q, device, engines, strict)
             except QuantConflictError as exc:  # worded below for the deploy file's field, not estimate's --quant
                 clash.append(exc)
         if clash:
@@ -132,7 +157,7 @@ def build_demands(args: DeployArgs, estimates: dict, device: str) -> tuple[Model
     return tuple(out)
 
 
-def _suggester(args: DeployArgs, specs: dict, device: str, engines: frozenset = DEFAULT_ENGINES):
+def _suggester(args: DeployArgs, specs: dict, device: str, engines: frozenset = DEFAULT_ENGINES, strict: bool = True):
     """The memory model's levers for an infeasible plan: the longest max_model_len (halving), then the most
     max_num_seqs, at which the model's smallest allowed option fits in ``room`` bytes."""
     entries = {m.name: m for m in args.models}
@@ -141,15 +166,15 @@ def _suggester(args: DeployArgs, specs: dict, device: str, engines: frozenset = 
         entry, spec = entries.get(demand.name), specs.get(demand.name)
         if entry is None or spec is None or entry.replica_memory is not None or room <= 0:
             return None
-        q = min(entry.quantization, key=lambda x: _estimate(spec, entry, x, device, engines).total)
+        q = min(entry.quantization, key=lambda x: _estimate(spec, entry, x, device, engines, strict).total)
         n = entry.max_model_len // 2
         while n >= 256:
-            if _estimate(spec, entry, q, device, engines, max_model_len=n).total <= room:
+            if _estimate(spec, entry, q, device, engines, strict, max_model_len=n).total <= room:
                 return f"lower models[{demand.name}].max_model_len from {entry.max_model_len} to {n} (at {q})"
             n //= 2
         s = entry.max_num_seqs - 1
         while s >= 1:
-            if _estimate(spec, entry, q, device, engines, max_num_seqs=s).total <= room:
+            if _estimate(spec, entry, q, device, engines, strict, max_num_seqs=s).total <= room:
                 return f"lower models[{demand.name}].max_num_seqs from {entry.max_num_seqs} to {s} (at {q})"
             s -= 1
         return None
@@ -157,23 +182,29 @@ def _suggester(args: DeployArgs, specs: dict, device: str, engines: frozenset = 
     return suggest
 
 
-def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_ENGINES) -> PlanningResult:
+def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_ENGINES, *,
+              strict: bool = True) -> PlanningResult:
     """The plan of ``args`` on ``cluster``; ``engines``: the engines installed for the replicas (what ``engine:
-    auto`` may pick; serve.engines.available() at serving time)."""
+    auto`` may pick; planner.cluster.installed.installed_engines()). ``strict`` (serving): an engine the deploy file
+    names must be installed; not strict (planning, maybe for another machine): it is planned as named."""
     device = "cuda" if cluster.gpus else "cpu"
-    estimates, specs = estimate_models(args, device, engines)
+    specs = load_specs(args)
+    args = with_default_quantization(args, specs)
+    estimates, specs = estimate_models(args, device, engines, specs, strict)
+    why = {e.name: {q: pick_engine(e.engine, q, engines, e.name, strict=strict)[1] for q in e.quantization}
+           for e in args.models}
     demands = build_demands(args, estimates, device)
     reserve = args.gpu_reserve if args.gpu_reserve is not None else DEFAULT_GPU_RESERVE
     # num_gpus as a share of each GPU's *usable* bytes: then whatever Ray admits (sum <= 1 per GPU) fits in usable
     # memory, whichever GPU Ray picks; a share of the total would let Ray eat the headroom (see docs/ray-gpu-fractions.md)
     p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
-             suggest=_suggester(args, specs, device, engines), fraction_basis="usable")
+             suggest=_suggester(args, specs, device, engines, strict), fraction_basis="usable")
     return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
-                          rollout=realize(p, model_rules(args)))
+                          rollout=realize(p, model_rules(args)), specs=specs, args=args, engine_why=why)
 
 
 def model_rules(args: DeployArgs) -> dict[str, ModelRule]:
-    """Each model's scaling knobs from deploy.yaml, for planner.placement.rollout."""
+    """Each model's scaling knobs from deploy.yaml, for planner.rollout."""
     return {m.name: ModelRule(m.name, m.replicas.min, m.replicas.max, m.autoscaling.target_ongoing_requests,
                               m.autoscaling.upscale_delay_s, m.autoscaling.downscale_delay_s) for m in args.models}
 

@@ -10,6 +10,7 @@ import json
 import sys
 
 from planner.errors import GpuplanError, InputError
+from planner.model.engines import ENGINE_NAMES
 from planner.units import parse_bytes
 
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--group-size", type=int, default=None, help="awq/gptq group size (default 128; -1 = none)")
     e.add_argument("--mla-latent-cache", action="store_true",
                    help="MLA models: size the compressed latent KV cache (vLLM) instead of transformers' full K/V")
+    e.add_argument("--engine", default="auto", choices=["auto", *ENGINE_NAMES],
+                   help="the engine whose allocations to size (default auto: the one `gpuplan plan` picks for the "
+                        "scheme with the engines found here: llama.cpp for a GGUF file, vLLM where it is installed "
+                        "and runs the scheme, transformers otherwise)")
     e.add_argument("--mode", choices=["infer", "train"], default="infer", help="infer (default) or train")
     e.add_argument("--zero-stage", type=int, default=0, help="--mode train: DeepSpeed ZeRO stage 0-3")
     e.add_argument("--num-gpus", type=_positive_int("--num-gpus"), default=1, help="--mode train: data-parallel GPUs")
@@ -90,7 +95,9 @@ def _add_plan_commands(sub) -> None:
 
 
 def cmd_estimate(args) -> int:
-    from planner.model.memory import estimate_replica
+    from planner.cluster.installed import installed_engines
+    from planner.model.engines import estimate_replica, pick_engine
+    from planner.model.quant import resolve_quant
     from planner.output.report import compare_table, estimate_table
     from planner.model.spec import load_spec
 
@@ -98,14 +105,24 @@ def cmd_estimate(args) -> int:
     if args.mode == "train":
         return _train(spec, args)
     quants = [q.strip() for q in args.quant.split(",")] if args.quant else [None]
-    ests = [
-        estimate_replica(
+    found = installed_engines()
+    ests, whys = [], []
+    for q in quants:
+        # the engine `gpuplan plan` would pick for this scheme (not strict: an engine asked for by name is sized
+        # even where it is not installed)
+        scheme = resolve_quant(spec, q, bits=args.bits, group_size=args.group_size).scheme
+        engine, why = pick_engine(args.engine, scheme, found, strict=False)
+        whys.append(why)
+        ests.append(estimate_replica(
             spec, quant=q, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype, device=args.device,
-            mla_latent_cache=args.mla_latent_cache, bits=args.bits, group_size=args.group_size,
-        )
-        for q in quants
-    ]
+            mla_latent_cache=args.mla_latent_cache, bits=args.bits, group_size=args.group_size, engine=engine,
+        ))
+    if not args.json:
+        for e, why in dict(zip([e.engine for e in ests], whys)).items():
+            why = why.replace("deploy.yaml asks for", "--engine")
+            print(f"engine {e}: {why}" + ("" if args.engine != "auto" else " (--engine picks another)"),
+                  file=sys.stderr)
     if args.json:
         out = ests[0].to_json() if len(ests) == 1 else [e.to_json() for e in ests]
         print(json.dumps(out, indent=2))
@@ -127,7 +144,7 @@ def _train(spec, args) -> int:
 
 
 def cmd_catalog(args) -> int:
-    from planner.model.memory import estimate_replica
+    from planner.model.engines import estimate_replica
     from planner.model.spec import catalog_names, load_spec
     from planner.units import format_bytes
 
@@ -150,7 +167,7 @@ def cmd_catalog(args) -> int:
 
 def cmd_gguf_layers(args) -> int:
     from planner.model.formats.gguf import read_gguf
-    from planner.model.gguf_offload import plan_gpu_layers
+    from planner.model.engines.llamacpp_offload import plan_gpu_layers
 
     res = plan_gpu_layers(read_gguf(args.file), vram_bytes=args.vram, n_ctx=args.ctx)
     print(json.dumps(res.to_json(), indent=2) if args.json else res.describe())

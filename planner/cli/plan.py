@@ -25,10 +25,7 @@ def add_commands(sub) -> None:
                         "transformers plus those importable here")
     p.add_argument("--json", action="store_true", help="stable JSON instead of the picture")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan as an SVG file")
-    # `gpuplan render kuberay ...` (planner/output/kuberay.py) registers itself here when present
-    if "add_render_command" in globals():
-        globals()["add_render_command"](sub)
-        COMMANDS["render"] = globals()["cmd_render"]
+    add_render_command(sub)  # `gpuplan render kuberay ...` (planner/output/kuberay.py)
 
 
 def _cluster_for(args, parsed):
@@ -56,23 +53,19 @@ def _host_ram() -> int:
 
 
 def _engines(spec: str | None) -> frozenset:
-    """--engines, or transformers plus the engines whose package this Python finds (without importing them)."""
-    import importlib.util
-
-    from planner.model.engines import ENGINES
+    """--engines, or the engines installed for the replicas, found as `make run` finds them
+    (planner.cluster.installed)."""
+    from planner.cluster.installed import installed_engines
+    from planner.model.engines import ENGINE_NAMES
 
     if spec:
         names = frozenset(x.strip() for x in spec.split(",") if x.strip())
-        bad = sorted(names - set(ENGINES))
+        bad = sorted(names - set(ENGINE_NAMES))
         if bad:
             raise InputError(f"--engines {spec!r}: unknown {', '.join(bad)}; use a comma-separated list of "
-                             f"{', '.join(ENGINES)}")
+                             f"{', '.join(ENGINE_NAMES)}")
         return names | {"transformers"}
-    found = {"transformers"}
-    for engine, package in (("vllm", "vllm"), ("llamacpp", "llama_cpp")):
-        if importlib.util.find_spec(package) is not None:
-            found.add(engine)
-    return frozenset(found)
+    return installed_engines()
 
 
 def cmd_plan(args) -> int:
@@ -85,7 +78,9 @@ def cmd_plan(args) -> int:
     from planner.planning import describe_cluster, make_plan
 
     cluster = _cluster_for(args, parsed)
-    result = make_plan(parsed, cluster, _engines(getattr(args, "engines", None)))
+    # not strict: an engine the file names is planned as named even where it is not installed (a plan for another
+    # machine); the engines section says so
+    result = make_plan(parsed, cluster, _engines(getattr(args, "engines", None)), strict=False)
     if args.svg:
         with open(args.svg, "w", encoding="utf-8") as f:
             f.write(render_svg(result.plan))
@@ -94,8 +89,9 @@ def cmd_plan(args) -> int:
         out["engines"] = {}
         for m in result.plan.models:
             est = result.estimates[m.name][m.quantization]
-            out["engines"][m.name] = {"engine": est.engine, **({"llamacpp": est.detail["llamacpp"]}
-                                                               if est.engine == "llamacpp" else {})}
+            out["engines"][m.name] = {"engine": est.engine, "why": result.engine_why[m.name][m.quantization]}
+            if est.engine_settings is not None:  # what the engine is started with, as sized (llama.cpp's context)
+                out["engines"][m.name][est.engine] = est.engine_settings.to_json()
         out["rollout"] = result.rollout.to_json()
         print(json.dumps(out, indent=2))
     else:
@@ -109,19 +105,14 @@ def cmd_plan(args) -> int:
 
 
 def engines_text(result) -> str:
-    """Which engine runs each model, and what it is given (vLLM's memory settings, llama.cpp's context)."""
+    """Which engine runs each model and why, and what it is given (vLLM's KV cache, llama.cpp's context)."""
+    from planner.model.engines import engine
+
     lines = ["Engines (what runs each model's replicas)"]
     for m in result.plan.models:
         est = result.estimates[m.name][m.quantization]
-        extra = ""
-        ll = est.detail.get("llamacpp") if isinstance(est.detail, dict) else None
-        if est.engine == "llamacpp" and ll:
-            extra = (f": n_ctx {ll['n_ctx']} ({ll['n_seq_max']} x {ll['n_ctx_seq']}), n_ubatch {ll['n_ubatch']}, "
-                     f"n_gpu_layers {ll['n_gpu_layers']}")
-        elif est.engine == "vllm":
-            kv = est.detail.get("kv_cache") or {}
-            extra = f": KV {kv.get('tokens')} tokens in blocks of {kv.get('block_size')}"
-        lines.append(f"  {m.name}: {est.engine}{extra}")
+        given = engine(est.engine).describe(est)
+        lines.append(f"  {m.name}: {est.engine}{': ' + given if given else ''} ({result.engine_why[m.name][m.quantization]})")
         lines += [f"    note: {n}" for n in est.notes if "dequantizes a GGUF" in n]
     return "\n".join(lines)
 
@@ -236,10 +227,4 @@ def cmd_render(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan}
-
-
-def main() -> int:  # pragma: no cover
-    from planner.cli import main as cli_main
-
-    return cli_main(sys.argv[1:])
+COMMANDS = {"plan": cmd_plan, "render": cmd_render}

@@ -28,7 +28,7 @@ import yaml
 from planner.config import ClusterDecl, DeployArgs, NodeDecl, parse_deploy_args
 from planner.errors import InputError
 from planner.planning import PlanningResult, cluster_from_decl, make_plan
-from planner.placement.rollout import GPUPLAN_NODE_LABEL, deployment_options
+from planner.rollout import GPUPLAN_NODE_LABEL, deployment_options
 from planner.units import GiB, MiB, format_bytes
 
 # NOTE: the Ray image matching the Ray the project is tested with (ray[serve] 2.60 in the venv); `-gpu` images
@@ -46,7 +46,7 @@ HEAD_CPUS = "2"
 HEAD_MEMORY = "8Gi"
 # NOTE: CPUs of a worker pod whose node declaration has no num_cpus: 4 per GPU (AWS g5/g6 and GCP g2 give 4-12
 # vCPUs per GPU, so 4 fits their allocatable after daemonsets); 4 for a node without GPUs. A GPU replica asks for
-# 0.5 CPU (serve/app.py), so 4 per GPU leaves room for 8 replicas per GPU plus tokenisation threads.
+# 0.5 CPU (serve/app/build.py), so 4 per GPU leaves room for 8 replicas per GPU plus tokenisation threads.
 DEFAULT_CPUS_PER_GPU = 4
 DEFAULT_CPUS_CPU_NODE = 4
 # NOTE: a GPU pod's cold start (image pull, runtime_env pip install, model download and load) takes minutes, so the
@@ -68,7 +68,7 @@ class WorkerGroup:
     node: NodeDecl
     node_name: str  # the plan's node: the pod's Ray node label gpuplan.io/node, which its deployments select
     gpus_per_pod: int
-    gpu_type: str | None  # Ray's accelerator type, as the plan and serve/app.py name it ("A10G")
+    gpu_type: str | None  # Ray's accelerator type, as the plan and serve/app/build.py name it ("A10G")
     min_pods: int  # 1 when the node holds a minimum replica (the first min_replicas slots of a model's fill order)
     max_pods: int  # 1
     cpus: float

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from planner.model.memory import ReplicaEstimate
+from planner.model.estimate import ReplicaEstimate
 from planner.units import format_bytes
 
 
@@ -24,7 +24,8 @@ def estimate_table(est: ReplicaEstimate) -> str:
     """One replica's memory, term by term, with the parts of each term."""
     from rich.table import Table
 
-    t = Table(title=f"{est.model} — {est.quant_label}, {est.dtype} compute, on {est.device}", title_justify="left")
+    t = Table(title=f"{est.model} — {est.quant_label}, {est.dtype} compute, on {est.device}, engine {est.engine}",
+              title_justify="left")
     t.add_column("term")
     t.add_column("bytes", justify="right")
     t.add_column("GiB", justify="right")
@@ -39,12 +40,18 @@ def estimate_table(est: ReplicaEstimate) -> str:
     if est.weights_quant_state:
         t.add_row("  of which quant state", f"{est.weights_quant_state:,}", _g(est.weights_quant_state),
                   "scales / zeros / absmax / lookup tables")
-    sliding = f", {kv['sliding_layers']} sliding layers at {kv['sliding_window_tokens']} tokens" if kv["sliding_layers"] else ""
-    t.add_row("kv_cache", f"{est.kv_cache:,}", _g(est.kv_cache),
-              f"{kv['per_token_per_layer']:,} B/token/layer x {est.max_model_len} tokens x {est.max_num_seqs} seqs{sliding}")
+    if "per_token_per_layer" in kv:  # KV that grows per sequence (transformers)
+        sliding = (f", {kv['sliding_layers']} sliding layers at {kv['sliding_window_tokens']} tokens"
+                   if kv["sliding_layers"] else "")
+        kv_how = (f"{kv['per_token_per_layer']:,} B/token/layer x {est.max_model_len} tokens x {est.max_num_seqs} "
+                  f"seqs{sliding}")
+    else:  # preallocated by the engine (vLLM's blocks, llama.cpp's cells)
+        kv_how = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in kv.items())
+    t.add_row("kv_cache", f"{est.kv_cache:,}", _g(est.kv_cache), kv_how)
     t.add_row("activations", f"{est.activations:,}", _g(est.activations),
-              f"prefill peak of {act['prefill_tokens']} tokens in one layer + logits")
-    for k in ("residual", "attention", "mlp", "quant_workspace", "mask", "logits"):
+              f"prefill peak of {act['prefill_tokens']} tokens in one layer + logits" if "prefill_tokens" in act
+              else f"{est.engine}'s buffers")
+    for k in ("residual", "attention", "mlp", "quant_workspace", "mask", "logits", "compute_buffer", "output_buffer"):
         if act.get(k):
             t.add_row(f"  {k}", f"{act[k]:,}", _g(act[k]), "")
     t.add_row("runtime_overhead", f"{est.runtime_overhead:,}", _g(est.runtime_overhead),
@@ -63,13 +70,13 @@ def compare_table(ests: list[ReplicaEstimate]) -> str:
 
     t = Table(title=f"{ests[0].model}: max_model_len {ests[0].max_model_len}, max_num_seqs {ests[0].max_num_seqs}",
               title_justify="left")
-    for col in ("quantization", "weights", "kv_cache", "activations", "runtime", "total"):
-        t.add_column(col, justify="left" if col == "quantization" else "right")
+    for col in ("quantization", "engine", "weights", "kv_cache", "activations", "runtime", "total"):
+        t.add_column(col, justify="left" if col in ("quantization", "engine") else "right")
     for e in ests:
-        t.add_row(e.quant_label, format_bytes(e.weights, precision=2), format_bytes(e.kv_cache, precision=2),
+        t.add_row(e.quant_label, e.engine, format_bytes(e.weights, precision=2), format_bytes(e.kv_cache, precision=2),
                   format_bytes(e.activations, precision=2), format_bytes(e.runtime_overhead, precision=2),
                   format_bytes(e.total, precision=2))
-    c = _console(110)
+    c = _console(130)
     c.print(t)
     return c.export_text()
 

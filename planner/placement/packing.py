@@ -29,7 +29,7 @@ exact.py (3, 4), fill.py (4, 5) and explain.py (the errors)):
    covers a whole replica. With no GPU at all, every replica is a CPU replica sized against its node's RAM.
 6. ``num_gpus`` per replica: its bytes over the GPU's total (or usable, ``fraction_basis``), rounded up to 1e-4;
    the per-GPU sum of those units is a packing constraint (<= 1). How the plan is brought up on Ray so that Ray's
-   own fractional placement reproduces it is planner/placement/rollout.py's job.
+   own fractional placement reproduces it is planner/rollout/'s job.
 
 Sizes are ints of bytes; the results are frozen dataclasses with ``to_json()``. Pure Python: numpy and scipy are
 imported lazily inside the functions that need them.

@@ -1,32 +1,35 @@
-"""The engines a replica can run, behind one small interface (base.Engine): the transformers engine
-(serve/engine.py: continuous batching over transformers, bitsandbytes, CPU offload), vLLM (vllm.py: AsyncLLM
-inside the replica, in vLLM's own venv) and llama.cpp (llamacpp.py: GGUF files through llama-cpp-python's C API,
-with serve/engine.py's batching). Which engines are installed for the replicas: ``available()``."""
+"""The engines a replica can run, as units: one module each, behind one small interface (base.py), one registry
+(this file).
+
+Each engine module has ``start(cfg: ReplicaConfig, host: Host) -> Started``: it reads its typed settings from
+``cfg.settings`` (what the plan gave it: planner/model/engines/<name>.py ``settings``), loads the model and returns
+an ``Engine``. transformers.py: transformers + bitsandbytes + CPU offload under gpuplan's continuous batching
+(batching.py); vllm.py: vLLM's AsyncLLM inside the replica, in vLLM's own venv; llamacpp.py: GGUF files through
+llama-cpp-python's C API with the same batching. loader.py loads transformers models and tokenizers;
+memory_probe.py measures what a loaded model holds.
+
+Adding an engine: its module here, its planner module (planner/model/engines/), one line in each registry
+(docs/architecture.md). Which engines are installed: planner.cluster.installed.
+"""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
+import importlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VLLM_VENV_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
+from serve.engines.base import Host, ReplicaConfig, Started
 
-
-def vllm_python() -> str | None:
-    """The Python that vLLM replicas run (Ray runtime_env py_executable): ``$GPUPLAN_VLLM_PYTHON``, else the repo's
-    .venv-vllm (`make vllm`), else this interpreter when it has vllm; None when there is none."""
-    env = os.environ.get("GPUPLAN_VLLM_PYTHON")
-    if env:
-        return env if os.access(env, os.X_OK) else None
-    if os.access(VLLM_VENV_PYTHON, os.X_OK) and os.path.exists(os.path.join(ROOT, ".venv-vllm", "bin", ".installed")):
-        return VLLM_VENV_PYTHON
-    if importlib.util.find_spec("vllm") is not None:
-        return sys.executable
-    return None
+# the registry: name -> module (imported when a replica starts one: the ingress imports no engine)
+ENGINES = {
+    "transformers": "serve.engines.transformers",
+    "vllm": "serve.engines.vllm",
+    "llamacpp": "serve.engines.llamacpp",
+}
 
 
-def available() -> frozenset[str]:
-    """Engines installed for the replicas (what ``engine: auto`` may pick)."""
-    return frozenset({"transformers"} | ({"vllm"} if vllm_python() else set())
-                     | ({"llamacpp"} if importlib.util.find_spec("llama_cpp") is not None else set()))
+def start(cfg: ReplicaConfig, host: Host) -> Started:
+    """Start ``cfg.engine`` with what the plan gave it."""
+    try:
+        path = ENGINES[cfg.engine]
+    except KeyError:
+        raise ValueError(f"engine {cfg.engine!r} is not one of {', '.join(ENGINES)}") from None
+    return importlib.import_module(path).start(cfg, host)

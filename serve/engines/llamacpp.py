@@ -1,5 +1,5 @@
 """The llama.cpp engine: a GGUF model run by llama.cpp (``llama-cpp-python``'s low-level C API) inside the Serve
-replica, with the batching of the transformers engine (serve/engine.py ``BatchedEngine``: admission, joining between
+replica, with the batching of the transformers engine (serve/engines/batching.py ``BatchedEngine``: admission, joining between
 steps, streaming, stop strings, cancellation).
 
 The high-level ``llama_cpp.Llama`` and its bundled server run one sequence at a time. Here one context holds
@@ -12,7 +12,7 @@ and its slot (seq id) is reused.
 Sampling runs in llama.cpp, one sampler chain per request: greedy at temperature 0, else temperature -> top-p ->
 ``dist`` seeded by the request's seed (a request's draws depend only on its own seed, not on its batch-mates).
 
-Memory as llama.cpp allocates it, and as the planner sizes it (planner/model/llamacpp.py): the model buffer (the GGUF's
+Memory as llama.cpp allocates it, and as the planner sizes it (planner/model/engines/llamacpp.py): the model buffer (the GGUF's
 tensors; mmap'd on the CPU), the KV buffer (n_ctx = n_seq_max x n_ctx_seq cells, f16 K and V), the output buffer
 (logits of ``n_outputs_max`` = n_seq_max rows; llama.cpp's default of n_batch rows would only serve prompt logits,
 which nothing here asks for) and the compute buffer (one ``n_ubatch`` graph). llama.cpp's own log lines for each are
@@ -29,9 +29,9 @@ import re
 import threading
 from dataclasses import dataclass
 
-from planner.model.llamacpp import llamacpp_settings
+from planner.model.engines.llamacpp import llamacpp_settings
 
-from ..engine import BatchedEngine, _Seq
+from serve.engines.batching import BatchedEngine, Seq
 
 log = logging.getLogger("gpuplan")
 
@@ -81,12 +81,12 @@ def parse_buffers(lines: list[str]) -> dict:
 
 @dataclass(eq=False)
 class _Running:
-    seqs: list[_Seq]
+    seqs: list[Seq]
 
 
 class LlamaCppEngine(BatchedEngine):
     """Batched generation over llama.cpp (see the module docstring). The context is the one the planner sizes
-    (planner.model.llamacpp.llamacpp_settings): ``n_batch`` / ``n_ubatch`` left out take its values."""
+    (planner.model.engines.llamacpp.llamacpp_settings): ``n_batch`` / ``n_ubatch`` left out take its values."""
 
     name = "llamacpp"
 
@@ -176,7 +176,7 @@ class LlamaCppEngine(BatchedEngine):
 
     # -- model calls (worker thread)
 
-    def _sampler(self, s: _Seq):
+    def _sampler(self, s: Seq):
         L = self._L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         p = s.params
@@ -208,7 +208,7 @@ class LlamaCppEngine(BatchedEngine):
             raise RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens"
                                + (" (no room in the KV cache)" if rc == 1 else ""))
 
-    def _release(self, s: _Seq) -> None:
+    def _release(self, s: Seq) -> None:
         st = s.engine_state
         if st.get("sampler") is not None:
             self._L.llama_sampler_free(st.pop("sampler"))
@@ -217,7 +217,7 @@ class LlamaCppEngine(BatchedEngine):
             self._L.llama_memory_seq_rm(self._mem, slot, -1, -1)
             self._free_slots.append(slot)
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
+    def _prefill(self, seqs: list[Seq]) -> None:
         n, last = 0, []
         for s in seqs:
             slot = self._free_slots.pop()
@@ -289,3 +289,47 @@ class LlamaCppEngine(BatchedEngine):
         super()._drain(exc)
         for s in running:
             self._release(s)
+
+
+# ------------------------------------------------------------------------------------------------ start-up
+
+def start(cfg, host):
+    """llama.cpp with the context the plan gave this replica (planner.model.engines.llamacpp.settings): one KV stream
+    per sequence, as many layers on the GPU as its free memory holds within the plan (all of them when the plan
+    holds; a CPU build runs everything on the CPU)."""
+    from planner.decisions import classify_load_failure
+    from planner.errors import InfeasiblePlanError
+    from planner.model.engines.llamacpp import decide_gpu_layers
+    from planner.model.estimate import CUDA_CONTEXT_BYTES
+    from planner.model.spec import spec_from_gguf
+    from serve.engines.base import Started
+    from serve.engines.loader import load_tokenizer
+
+    st = cfg.settings
+    cuda, idx, total, free, why = host.cuda_state()
+    budget = min(cfg.planned_bytes, free if free is not None else total) if cuda else None
+    try:
+        layers = decide_gpu_layers(spec_from_gguf(cfg.source), st, model=cfg.name, budget_bytes=budget,
+                                   offload_cpu_bytes=cfg.offload_cpu_bytes, fixed_gpu_bytes=CUDA_CONTEXT_BYTES,
+                                   why_no_cuda=why or "no CUDA")
+    except InfeasiblePlanError as exc:  # the GPU's free memory is below plan and the rest exceeds offload
+        host.report_failure("gpu", "gpu_memory", str(exc), gave_up=True)
+        host.give_up("gpu", "gpu_memory", str(exc))
+    log.info("gpuplan replica %s: %s", cfg.name, layers.reason)
+    try:
+        tokenizer = load_tokenizer(cfg.source, cfg.trust_remote_code)
+        engine = LlamaCppEngine(
+            cfg.source, tokenizer, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+            n_gpu_layers=layers.n_gpu_layers, n_batch=st.n_batch, n_ubatch=st.n_ubatch, flash_attn=st.flash_attn,
+            n_threads=cfg.cpu_threads())
+    except Exception as exc:
+        kind = classify_load_failure(type(exc).__name__, str(exc))
+        msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+        host.report_failure("gpu" if cuda else "cpu", kind, msg, gave_up=True)
+        host.give_up("gpu" if cuda else "cpu", kind, msg)
+    rep = engine.report()
+    log.info("gpuplan replica %s: llama.cpp context of %s cells (%s sequences), buffers %s; %s", cfg.name,
+             rep["given"]["n_ctx"], rep["given"]["n_seq_max"], rep["reported"]["buffers"],
+             "GPU" if cuda else f"CPU ({why or 'no CUDA'})")
+    return Started(engine, layers, {"total": rep["reported"]["model_size"],
+                                    "llamacpp_buffers": rep["reported"]["buffers"]})

@@ -1,5 +1,5 @@
 """The vLLM engine: vLLM's AsyncLLM inside the Serve replica (its EngineCore runs as a child process), given exactly
-the memory the plan gave the replica (planner/model/engines.py vllm_settings: ``kv_cache_memory_bytes``,
+the memory the plan gave the replica (planner/model/engines/vllm.py vllm_settings: ``kv_cache_memory_bytes``,
 ``gpu_memory_utilization``, ``max_num_seqs``, ``max_model_len``, ``max_num_batched_tokens``, ``block_size``).
 
 Replicas planned onto one GPU start one after another: vLLM measures the device's free memory while it starts, and
@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from ..types import GenerationChunk, SamplingParams
+from serve.types import GenerationChunk, SamplingParams
 
 _TPS_WINDOW_S = 10.0
 
@@ -164,3 +164,36 @@ class VllmEngine:
             self.llm.shutdown()
         except Exception:
             pass
+
+
+# ------------------------------------------------------------------------------------------------ start-up
+
+def start(cfg, host):
+    """vLLM's AsyncLLM with the settings the plan gave this replica (planner.model.engines.vllm.settings). On a GPU
+    whose free memory is below the replica's share vLLM would refuse to start: say so with the numbers."""
+    import logging
+
+    from planner.decisions import classify_load_failure
+    from serve.engines.base import Started
+
+    settings = cfg.settings.to_json()
+    cuda, idx, total, free, why = host.cuda_state()
+    if cuda and total and free is not None:
+        need = int(settings["gpu_memory_utilization"] * total)
+        if free < need:
+            msg = (f"the GPU has {free / 2**30:.2f} GiB free, below the {need / 2**30:.2f} GiB "
+                   f"(gpu_memory_utilization {settings['gpu_memory_utilization']}) this vLLM replica was planned")
+            host.report_failure("gpu", "gpu_memory", msg, gave_up=True)
+            host.give_up("gpu", "gpu_memory", msg)
+    try:
+        engine = VllmEngine(cfg.source, settings, gpu_key=host.gpu_key)
+    except Exception as exc:
+        kind = classify_load_failure(type(exc).__name__, str(exc))
+        msg = f"{type(exc).__name__}: {str(exc)[:300]}"
+        host.report_failure("gpu" if cuda else "cpu", kind, msg, gave_up=True)
+        host.give_up("gpu" if cuda else "cpu", kind, msg)
+    rep = engine.report()["reported"]
+    logging.getLogger("gpuplan").info(
+        "gpuplan replica %s: vLLM started in %.1f s (waited %.1f s for the GPU's start lock): KV cache %s tokens "
+        "(planned %s)", cfg.name, rep["start_s"], engine.lock_wait_s, rep["kv_cache_tokens"], settings["kv_cache_tokens"])
+    return Started(engine, None, {"total": 0})

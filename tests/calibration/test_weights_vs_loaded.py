@@ -15,9 +15,9 @@ pytest.importorskip("bitsandbytes")
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from planner.model.memory import estimate_replica  # noqa: E402
+from planner.model.engines import estimate_replica  # noqa: E402
 from planner.model.spec import load_spec  # noqa: E402
-from serve.calibration import FAMILIES, load_and_measure, save_random_model  # noqa: E402
+from benchmarks.common.calibration import FAMILIES, load_and_measure, save_random_model  # noqa: E402
 
 SCHEMES = ("bf16", "int8", "nf4", "fp4", "int4")
 

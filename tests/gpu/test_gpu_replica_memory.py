@@ -16,10 +16,10 @@ def test_tiny_replica_on_gpu(scheme):
     import torch
 
     from planner.decisions import decide_load
-    from planner.model.memory import estimate_replica
+    from planner.model.engines import estimate_replica
     from planner.model.spec import load_spec
-    from serve.loader import load_model
-    from serve.memory_probe import resident_bytes
+    from serve.engines.loader import load_model
+    from serve.engines.memory_probe import resident_bytes
 
     est = estimate_replica(load_spec(TINY), quant=scheme, max_model_len=256, max_num_seqs=8, device="cuda")
     free, total = torch.cuda.mem_get_info(0)

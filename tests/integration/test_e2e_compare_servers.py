@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_compare_servers_runs_and_loses_nothing(tmp_path):
-    from serve.engines import vllm_python
-    from serve.lifecycle import ray_daemons
+    from planner.cluster.installed import vllm_python
+    from serve.run.lifecycle import ray_daemons
 
     if vllm_python() is None:
         pytest.fail("vLLM is not installed for the replicas: `make vllm` (make test does it)")

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from serve.front import pick_port
+from serve.api.front import pick_port
 import requests
 import yaml
 
@@ -33,7 +33,7 @@ def port_free(port: int) -> bool:
 
 def ray_daemons() -> list[int]:
     """Live (not zombie) gcs_server and raylet processes."""
-    from serve.lifecycle import ray_daemons as daemons
+    from serve.run.lifecycle import ray_daemons as daemons
 
     return [pid for pid, _ in daemons()]
 
@@ -113,7 +113,7 @@ def test_sigkill_of_the_wrapper_leaves_nothing_within_15s(tmp_path, env):
 def test_an_orphaned_cluster_is_named_and_stopped_and_ready_means_the_new_app(tmp_path, env):
     """The orphan: a Ray cluster marked as run `orphan0001` of a wrapper that is gone (what is left when wrapper,
     supervisor and `serve run` are all SIGKILLed at once, the OOM killer taking the whole tree)."""
-    from serve.lifecycle import Proc, RunRecord, record_path
+    from serve.run.lifecycle import Proc, RunRecord, record_path
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     os.makedirs(env["GPUPLAN_STATE_DIR"], exist_ok=True)

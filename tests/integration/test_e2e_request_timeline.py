@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_request_timeline_measures_every_segment(tmp_path):
-    from serve.lifecycle import ray_daemons
+    from serve.run.lifecycle import ray_daemons
 
     if ray_daemons():
         pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")

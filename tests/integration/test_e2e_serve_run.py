@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from serve.front import pick_port
+from serve.api.front import pick_port
 import requests
 import yaml
 from ray_helpers import wait_ready
@@ -37,7 +37,7 @@ def server(tmp_path_factory):
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
     port, proxy_port = pick_port(), pick_port()  # the front binds late: a port outside the ephemeral range
     cfg["http_options"]["port"] = proxy_port  # Ray Serve's proxy
-    cfg["applications"][0]["args"]["http"]["port"] = port  # gpuplan's own front (serve/front.py)
+    cfg["applications"][0]["args"]["http"]["port"] = port  # gpuplan's own front (serve/api/front.py)
     for m in cfg["applications"][0]["args"]["models"]:
         m["source"] = os.path.normpath(os.path.join(ROOT, m["source"]))  # relative to deploy.yaml
     path = tmp_path_factory.mktemp("e2e") / "deploy.yaml"

@@ -21,7 +21,7 @@ def test_one_minute_soak_with_a_kill_loses_nothing(tmp_path):
     if subprocess.run(["pgrep", "-x", "gcs_server|raylet"], capture_output=True).stdout.strip():
         pytest.fail("a Ray cluster is already running on this machine; the soak needs its own")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "benchmarks", "soak.yaml")))
-    from serve.front import pick_port
+    from serve.api.front import pick_port
 
     # Ray Serve's proxy and our front bind after Ray started: ports outside the ephemeral range
     cfg["http_options"]["port"] = pick_port()

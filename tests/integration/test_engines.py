@@ -24,7 +24,7 @@ from ray import serve  # noqa: E402
 
 from planner.config import parse_deploy_args  # noqa: E402
 from planner.planning import cluster_from_decl, make_plan  # noqa: E402
-from serve.engines import vllm_python  # noqa: E402
+from planner.cluster.installed import vllm_python  # noqa: E402
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models", "tiny-chat")
 APP = "engines"
@@ -48,7 +48,7 @@ ARGS = {
 def app(ray_cluster):
     if vllm_python() is None:
         pytest.fail("vLLM is not installed for the replicas: `make vllm` (make test does it)")
-    from serve.app import build_app
+    from serve.app.build import build_app
 
     serve.run(build_app(ARGS), name=APP, route_prefix=f"/{APP}", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/{APP}"

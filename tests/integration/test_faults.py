@@ -38,7 +38,7 @@ def model(name: str, n: int, **kw) -> dict:
 
 
 def deploy(ray_cluster, app: str, args: dict, ready: bool = True) -> str:
-    from serve.app import build_app
+    from serve.app.build import build_app
 
     serve.run(build_app(args), name=app, route_prefix=f"/{app}", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/{app}"

@@ -37,7 +37,7 @@ def running(app: str, model: str) -> int:
 
 
 def test_scales_up_under_load_and_back_down(ray_cluster):
-    from serve.app import build_app
+    from serve.app.build import build_app
 
     serve.run(build_app(ARGS), name="scale", route_prefix="/scale", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/scale"
@@ -83,7 +83,7 @@ def test_full_queue_is_shed_with_429_in_openai_shape(ray_cluster):
     """Ray's own backpressure (max_queued_requests) comes back as 429 + Retry-After in the OpenAI error shape."""
     import concurrent.futures
 
-    from serve.app import build_app
+    from serve.app.build import build_app
 
     args = {"cluster": ARGS["cluster"], "models": [{
         "name": "shed", "source": TINY, "quantization": "bf16", "engine": "transformers", "max_model_len": 256,

@@ -67,7 +67,7 @@ def wait_for(pred, what: str, timeout: float):
 
 @pytest.fixture(scope="module")
 def app(ray_cluster):
-    from serve.app import build_app
+    from serve.app.build import build_app
 
     serve.run(build_app(ARGS), name=APP, route_prefix=f"/{APP}", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/{APP}"
@@ -240,7 +240,7 @@ def test_chat_through_the_ingress(app):
 
 
 def test_inventory_sees_every_node(ray_cluster):
-    from serve.inventory import gather_cluster
+    from serve.app.inventory import gather_cluster
 
     c = gather_cluster()
     assert len(c.nodes) == 4

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from serve.engines import vllm_python
+from planner.cluster.installed import vllm_python
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,8 +19,8 @@ SCRIPT = r'''
 import asyncio, json, os, sys, time
 sys.path.insert(0, ROOT)
 if __name__ == "__main__":
-    from planner.model.engines import vllm_settings
-    from planner.model.memory import estimate_replica
+    from planner.model.engines.vllm import vllm_settings
+    from planner.model.engines import estimate_replica
     from planner.model.spec import load_spec
     from serve.engines.vllm import VllmEngine
     from serve.types import SamplingParams

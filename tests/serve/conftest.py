@@ -1,4 +1,4 @@
-"""Shared fixtures of tests/serve: a random tiny llama (serve.calibration) with a small byte-level BPE tokenizer.
+"""Shared fixtures of tests/serve: a random tiny llama (benchmarks.common.calibration) with a small byte-level BPE tokenizer.
 
 Nothing is downloaded: the weights are random, the tokenizer is trained in a few milliseconds on a few of the local
 Python standard library's sources (so its 512 entries cover the model's whole vocabulary, including byte pieces of
@@ -49,7 +49,7 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     """A random bf16 tiny llama (pad 0, eos 1, bos 2, vocab 512) with a matching tokenizer."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from serve.calibration import save_random_model
+    from benchmarks.common.calibration import save_random_model
 
     model_dir, _ = save_random_model("llama", str(tmp_path_factory.mktemp("tiny-llama")))
     save_tiny_llama_tokenizer(model_dir)

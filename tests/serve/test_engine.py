@@ -1,4 +1,4 @@
-"""serve/engine.py on a random tiny llama (fp32 on CPU, so batched and single-sequence math agree): batched greedy ==
+"""serve/engines/batching.py on a random tiny llama (fp32 on CPU, so batched and single-sequence math agree): batched greedy ==
 model.generate one at a time, streaming, stop strings, max_tokens, seeds, batching efficiency, continuous joining,
 cancellation, validation and shutdown. No Ray."""
 
@@ -12,11 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from serve.engine import EngineClosed, GenerationEngine  # noqa: E402
-from serve.loader import load_model  # noqa: E402
+from serve.engines.batching import EngineClosed  # noqa: E402
+from serve.engines.transformers import GenerationEngine  # noqa: E402
+from serve.engines.loader import load_model  # noqa: E402
 from serve.types import SamplingParams  # noqa: E402
 
-EOS = 1  # serve.calibration's tiny configs
+EOS = 1  # benchmarks.common.calibration's tiny configs
 PROMPTS = ["hello world", "def f(x):\n    return x", "The quick brown fox jumps over the lazy dog, and then", "a",
            "import json\n\nclass Encoder:", "héllo wörld ✓"]
 
@@ -379,7 +380,7 @@ def test_sliding_window_model_runs_in_waves_and_matches_generate(tmp_path, tiny_
     """mistral's sliding-window cache layers cannot be merged: the engine falls back to waves, still exact."""
     import transformers
 
-    from serve.calibration import save_random_model
+    from benchmarks.common.calibration import save_random_model
 
     model_dir, _ = save_random_model("mistral", str(tmp_path))  # sliding_window=64
     tiny_llama_save_tokenizer(model_dir)
@@ -430,7 +431,7 @@ def test_prefill_passes_stay_within_the_token_budget(fp32, make_engine):
 
 
 def test_coalesce_with_a_fake_clock():
-    from serve.engine import coalesce
+    from serve.engines.batching import coalesce
     from serve.types import GenerationChunk
 
     t = {"now": 0.0}
@@ -481,7 +482,7 @@ def test_merge_pads_left_and_releases_the_joining_cache():
     (so a merge holds one layer of the merged batch beyond the cache, as the planner's kv_concat_transient says)."""
     from transformers.cache_utils import DynamicCache
 
-    from serve.engine import _Batch
+    from serve.engines.transformers import _Batch
 
     def batch(n, width, seed):
         g = torch.Generator().manual_seed(seed)

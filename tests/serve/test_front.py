@@ -1,4 +1,4 @@
-"""serve/front.py: gpuplan's own HTTP server for the ingress's API, in a thread of the ingress process."""
+"""serve/api/front.py: gpuplan's own HTTP server for the ingress's API, in a thread of the ingress process."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from serve.front import DirectFront, bind, pick_port
+from serve.api.front import DirectFront, bind, pick_port
 
 
 
@@ -113,7 +113,7 @@ def test_a_dead_front_fails_the_ingress_health_check_with_the_cause_and_the_fix(
     """Serve restarts an ingress whose health check fails; the error says which port, why, and what to do."""
     from types import SimpleNamespace
 
-    from serve.app import Ingress
+    from serve.app.ingress import Ingress
 
     ingress = SimpleNamespace(front=SimpleNamespace(alive=lambda: False, host="127.0.0.1", port=8000,
                                                     error="OSError: [Errno 98] Address already in use"))

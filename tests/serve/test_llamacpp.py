@@ -1,5 +1,5 @@
-"""The llama.cpp engine (serve/engines/llamacpp.py) on GGUF files made from the shipped model (serve/gguf_export.py),
-and the planner's llama.cpp terms (planner/model/llamacpp.py) against the buffer sizes llama.cpp itself logs. No Ray.
+"""The llama.cpp engine (serve/engines/llamacpp.py) on GGUF files made from the shipped model (benchmarks/common/gguf_export.py),
+and the planner's llama.cpp terms (planner/model/engines/llamacpp.py) against the buffer sizes llama.cpp itself logs. No Ray.
 
 - the export is exact: transformers reading the F32 GGUF gives the checkpoint's logits bit for bit;
 - batched greedy on llama.cpp == transformers' greedy one sequence at a time (F32: same math up to rounding);
@@ -22,10 +22,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make venv`")
 
-from planner.model.gguf_spec import spec_from_gguf  # noqa: E402
-from planner.model.llamacpp import buffers, gpu_weight_bytes, llamacpp_settings  # noqa: E402
+from planner.model.spec import spec_from_gguf  # noqa: E402
+from planner.model.engines.llamacpp import buffers, gpu_weight_bytes, llamacpp_settings  # noqa: E402
 from serve.engines.llamacpp import LlamaCppEngine  # noqa: E402
-from serve.gguf_export import export_llama  # noqa: E402
+from benchmarks.common.gguf_export import export_llama  # noqa: E402
 from serve.types import SamplingParams  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,7 +75,7 @@ def text_of(chunks) -> str:
 def test_the_shipped_gguf_is_the_export_of_the_shipped_model(tmp_path):
     path = export_llama(TINY, str(tmp_path / "again.gguf"), "Q8_0")
     with open(path, "rb") as a, open(SHIPPED, "rb") as b:
-        assert a.read() == b.read(), "models/tiny-chat/tiny-chat-Q8_0.gguf is stale: python -m serve.gguf_export"
+        assert a.read() == b.read(), "models/tiny-chat/tiny-chat-Q8_0.gguf is stale: python -m benchmarks.common.gguf_export"
 
 
 def test_export_is_exact(f32_gguf, tok):
@@ -215,7 +215,7 @@ def test_bad_prompts_are_refused_before_queueing(tok, make_engine):
 def _llama_shape(tmp_path, name, E, F, H, KV, V, L, tied):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from serve.calibration import save_random_model  # noqa: F401 (same family of random test models)
+    from benchmarks.common.calibration import save_random_model  # noqa: F401 (same family of random test models)
 
     d = tmp_path / name
     cfg = LlamaConfig(hidden_size=E, intermediate_size=F, num_attention_heads=H, num_key_value_heads=KV,

@@ -1,4 +1,4 @@
-"""serve/loader.py: bitsandbytes configs per planner scheme, CPU loads of a random tiny llama in bf16 / int8 / int4,
+"""serve/engines/loader.py: bitsandbytes configs per planner scheme, CPU loads of a random tiny llama in bf16 / int8 / int4,
 device maps for GPU and offload (checked without a GPU), tokenizer fixes, and the silenced int8 warning."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from serve import loader  # noqa: E402
-from serve.loader import BNB_INT8_LOGGER, bnb_config, load_model  # noqa: E402
+from serve.engines import loader  # noqa: E402
+from serve.engines.loader import BNB_INT8_LOGGER, bnb_config, load_model  # noqa: E402
 
 
 def _generate(model, tok, n: int = 4) -> list[int]:

@@ -1,4 +1,4 @@
-"""serve/openai_api.py through FastAPI's TestClient: every endpoint, every error code, SSE framing, usage counts.
+"""serve/api/app.py through FastAPI's TestClient: every endpoint, every error code, SSE framing, usage counts.
 
 No Ray, no model: a FakeBackend streams canned chunks, and a tiny WordLevel tokenizer (built here with the
 ``tokenizers`` library, wrapped in PreTrainedTokenizerFast with a Jinja chat template) does the token counting.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serve import sse
-from serve.openai_api import (
+from serve.api import sse
+from serve.api.app import (
     DEFAULT_MAX_TOKENS,
     RETRY_LIMIT,
     Backend,

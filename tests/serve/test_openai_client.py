@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from openai import OpenAI
 
-from serve.openai_api import create_app
+from serve.api.app import create_app
 from serve.types import GenerationChunk, Overloaded, Unavailable
 
 try:  # tests/serve is a package

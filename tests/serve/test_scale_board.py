@@ -1,14 +1,14 @@
-"""serve/scale_board.py without Ray: Serve's autoscaling context as planner.placement.rollout sees it, and the board every
+"""serve/app/scale_board.py without Ray: Serve's autoscaling context as planner.rollout sees it, and the board every
 deployment's policy shares (warm-up, one decision per interval, each deployment's own target)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serve.scale_board import DECIDE_EVERY_S, GPU_METRIC, WARMUP_S, Board, obs_from_context
+from serve.app.scale_board import DECIDE_EVERY_S, GPU_METRIC, WARMUP_S, Board, obs_from_context
 
 from planner.placement.packing import GpuPlan, GpuReplica, ModelPlan, Plan, SolverInfo
-from planner.placement.rollout import rollout_from_plan
+from planner.rollout import rollout_from_plan
 
 GiB = 1024**3
 
@@ -68,13 +68,13 @@ def test_a_board_that_never_hears_from_a_deployment_decides_after_the_warmup():
 
 
 def test_replica_configs_give_each_deployment_its_nodes_fraction_and_selector():
-    """serve/app.py's pure part on a mixed declared cluster: one deployment per (model, node), the plan's fraction
+    """serve/app/build.py's pure part on a mixed declared cluster: one deployment per (model, node), the plan's fraction
     for that node's GPUs, the binding's label selector, and gpuplan's policy with the rollout's id."""
-    from serve.app import model_cards, replica_configs
+    from serve.app.build import model_cards, replica_configs
 
     from planner.config import parse_deploy_args
     from planner.planning import cluster_from_decl, make_plan
-    from planner.placement.rollout import POLICY, RayNode, bind_nodes
+    from planner.rollout import POLICY, RayNode, bind_nodes
 
     args = parse_deploy_args({
         "headroom": 0.1, "gpu_reserve": 0,
@@ -91,10 +91,10 @@ def test_replica_configs_give_each_deployment_its_nodes_fraction_and_selector():
         spec = result.rollout.deployment(name)
         actor, auto = c["options"]["ray_actor_options"], c["options"]["autoscaling_config"]
         planned = {r.num_gpus for g in result.plan.gpus if g.node == spec.node for r in g.replicas}
-        assert {actor["num_gpus"]} == planned and c["replica"]["num_gpus"] == actor["num_gpus"]
+        assert {actor["num_gpus"]} == planned and c["replica"].num_gpus == actor["num_gpus"]
         assert auto["max_replicas"] == spec.planned and auto["min_replicas"] == 0
         assert auto["policy"] == {"policy_function": POLICY, "policy_kwargs": {"plan_id": result.rollout.plan_id}}
-        assert c["replica"]["deployment"] == name and c["replica"]["node"] == spec.node
+        assert c["replica"].deployment == name and c["replica"].node == spec.node
     assert cfgs["m@l4"]["options"]["ray_actor_options"]["label_selector"] == {"gpuplan.io/node": "l4"}
     assert cfgs["m@h100"]["options"]["ray_actor_options"]["label_selector"] == {"ray.io/node-id": "id-h"}
     assert cfgs["m@h100"]["options"]["ray_actor_options"]["num_gpus"] < cfgs["m@l4"]["options"][
@@ -104,7 +104,7 @@ def test_replica_configs_give_each_deployment_its_nodes_fraction_and_selector():
 
 
 def test_the_replica_book_forgets_dead_replicas_and_counts_them_as_restarts(monkeypatch):
-    from serve.app import ReplicaBook
+    from serve.app.registry import ReplicaBook
 
     book = ReplicaBook()
     for rid in ("r1", "r2", "r3"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from planner.placement.packing import RAY_GPU_UNITS
-from planner.placement.rollout import DeploymentObs, Rollout, ScaleMemory, applied, best_fit, decide_scale, observe
+from planner.rollout import DeploymentObs, Rollout, ScaleMemory, applied, best_fit, decide_scale, observe
 
 
 class FakeRay:

@@ -1,12 +1,13 @@
-"""Which engine runs a model and what the plan gives a vLLM replica (planner.model.engines, planner.model.memory engine=vllm).
+"""Which engine runs a model and what the plan gives a vLLM replica (planner.model.engines, planner.model.engines.vllm).
 Golden numbers: vLLM 0.32's own KV capacity for the shipped model (tests/integration/test_engines.py checks the
 engine's report against these formulas) and its CPU backend's block size."""
 
 import pytest
 
-from planner.model.engines import kv_tokens_vllm, pick_engine, vllm_block_size, vllm_quantization, vllm_settings
+from planner.model.engines import pick_engine
+from planner.model.engines.vllm import kv_tokens_vllm, vllm_block_size, vllm_quantization, vllm_settings
 from planner.errors import InputError
-from planner.model.memory import estimate_replica
+from planner.model.engines import estimate_replica
 from planner.model.spec import load_spec
 
 BOTH = frozenset({"transformers", "vllm"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import random
 
-import planner.placement.rollout as R
+import planner.rollout.gate as R
 from planner.placement.problem import RAY_GPU_UNITS
 
 

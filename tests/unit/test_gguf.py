@@ -18,7 +18,7 @@ import pytest
 
 from planner.errors import InputError, ModelSpecError
 from planner.model.formats.gguf import GGML_TYPES, GgufFile, read_gguf, summarize_gguf
-from planner.model.gguf_offload import (
+from planner.model.engines.llamacpp_offload import (
     DEFAULT_COMPUTE_RESERVE_BYTES,
     kv_cache_bytes_per_layer,
     plan_gguf_offload,
@@ -469,7 +469,7 @@ def test_plan_gguf_offload_tied(tmp_path):
 
 def test_planner_imports_stay_pure():
     code = (
-        "import sys, planner.model.formats.gguf, planner.model.gguf_offload, planner.model.training\n"
+        "import sys, planner.model.formats.gguf, planner.model.engines.llamacpp_offload, planner.model.training\n"
         "bad = [m for m in ('torch', 'numpy', 'ray', 'transformers', 'bitsandbytes', 'pynvml') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -533,7 +533,7 @@ def test_against_gguf_py(tmp_path):
 
 
 def test_estimate_from_gguf_counts_stored_bytes(tmp_path):
-    from planner.model.memory import estimate_replica
+    from planner.model.engines import estimate_replica
     from planner.model.spec import load_spec
 
     path = tmp_path / "tiny.gguf"

@@ -3,7 +3,7 @@
 
 import pytest
 
-from planner.model.memory import estimate_replica
+from planner.model.engines import estimate_replica
 from planner.model.spec import load_spec
 
 # HF API `safetensors.total` (exact element counts of the bf16 checkpoints)

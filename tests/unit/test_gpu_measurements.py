@@ -1,5 +1,5 @@
 """The estimator against a real GPU run (tests/unit/data/gpu-h200-*.json: benchmarks/gpu_validate.py on an H200,
-serve.engine at 4 sequences x 4096 tokens, random weights with the catalog's real configs). Weights must be exact;
+serve.engines.transformers at 4 sequences x 4096 tokens, random weights with the catalog's real configs). Weights must be exact;
 the whole replica (NVML's used memory of the process) within -2% / +10%: never under by more than 2%, as an
 under-estimate is an OOM on a shared GPU."""
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from planner.model.memory import estimate_replica
+from planner.model.engines import estimate_replica
 from planner.model.spec import load_spec
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpu-h200-2026-12-04.json")

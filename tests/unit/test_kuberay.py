@@ -226,7 +226,7 @@ def test_deployments_fit_the_gpus_their_worker_group_asks_for(tmp_path, key):
         node = actor["label_selector"]["gpuplan.io/node"]
         assert node in by_label, (d["name"], node)
         assert d["name"].split("@")[1].split(".")[0] == node
-        assert auto["min_replicas"] == 0 and auto["policy"]["policy_function"] == "serve.autoscale:PlanPolicy"
+        assert auto["min_replicas"] == 0 and auto["policy"]["policy_function"] == "serve.app.autoscale:PlanPolicy"
         num_gpus = actor.get("num_gpus", 0.0)
         assert num_gpus <= 1.0
         asked[by_label[node]] = asked.get(by_label[node], 0.0) + num_gpus * auto["max_replicas"]

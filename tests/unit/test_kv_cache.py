@@ -4,7 +4,8 @@ published-figures.md section 5). The blog's rows work out with "1k" = 1,024 toke
 
 import pytest
 
-from planner.model.memory import estimate_replica, kv_cache_bytes
+from planner.model.engines import estimate_replica
+from planner.model.estimate import kv_cache_bytes
 from planner.model.spec import load_spec
 
 GiB = 1024**3

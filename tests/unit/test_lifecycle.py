@@ -1,12 +1,12 @@
-"""What `make run` does with what earlier runs left (serve.lifecycle.decide_start, pure) and how it knows the app
-that answers /readyz is the one it deployed (serve.run.is_this_app)."""
+"""What `make run` does with what earlier runs left (serve.run.lifecycle.decide_start, pure) and how it knows the app
+that answers /readyz is the one it deployed (serve.run.main.is_this_app)."""
 
 import os
 import subprocess
 import sys
 
-from serve.lifecycle import Proc, RunRecord, RunSeen, decide_start, proc_alive, read_records, record_path
-from serve.run import is_this_app
+from serve.run.lifecycle import Proc, RunRecord, RunSeen, decide_start, proc_alive, read_records, record_path
+from serve.run.main import is_this_app
 
 NOW = 1_800_000_000.0
 

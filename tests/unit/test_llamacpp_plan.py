@@ -1,4 +1,4 @@
-"""planner/model/llamacpp.py: the llama.cpp replica's terms, pure (no llama_cpp import). The compute-buffer formula is
+"""planner/model/engines/llamacpp.py: the llama.cpp replica's terms, pure (no llama_cpp import). The compute-buffer formula is
 checked against llama.cpp's own reports measured here (tests/unit/data/llamacpp-compute-cpu-2026-12-04.json); the
 other terms against live llama.cpp in tests/serve/test_llamacpp.py."""
 
@@ -10,9 +10,10 @@ import os
 import pytest
 
 from planner.errors import InputError
-from planner.model.llamacpp import (compute_buffer_bytes, gpu_weight_bytes, kv_buffer_bytes, llamacpp_settings,
+from planner.model.engines.llamacpp import (compute_buffer_bytes, gpu_weight_bytes, kv_buffer_bytes, llamacpp_settings,
                               n_ctx_seq, output_buffer_bytes)
-from planner.model.memory import CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, estimate_replica
+from planner.model.engines import estimate_replica
+from planner.model.estimate import CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES
 from planner.model.spec import ArchDims, ModelSpec, TensorSpec, load_spec
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "llamacpp-compute-cpu-2026-12-04.json")
@@ -96,7 +97,7 @@ def test_llamacpp_runs_gguf_only():
 
 def test_a_gpu_share_below_the_model_gives_a_partial_n_gpu_layers():
     from planner.errors import InfeasiblePlanError
-    from planner.model.llamacpp import buffers, decide_gpu_layers, layer_bytes
+    from planner.model.engines.llamacpp import buffers, decide_gpu_layers, layer_bytes
 
     spec = load_spec(os.path.join(ROOT, "models", "tiny-chat", "tiny-chat-Q8_0.gguf"))
     st = llamacpp_settings(max_model_len=256, max_num_seqs=8, prefill_tokens=256, n_gpu_layers=5)

@@ -5,7 +5,7 @@ weights + kv_cache + activations. Target from the estimator issue: within 5%, ne
 
 import pytest
 
-from planner.model.memory import estimate_replica
+from planner.model.engines import estimate_replica
 from planner.model.spec import load_spec
 
 GiB = 1024**3

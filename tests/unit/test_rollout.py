@@ -1,4 +1,4 @@
-"""planner/placement/rollout.py: the plan as Ray Serve deployments, Ray's best-fit GPU choice, the node gate, the scaling
+"""planner/rollout/: the plan as Ray Serve deployments, Ray's best-fit GPU choice, the node gate, the scaling
 decision (fake clock), routing, node binding and plan-vs-actual matching; and, as a property, that bringing a plan
 up and down through a simulated Ray (random arrival order, random scale-down victims, stopped replicas that hold
 their share a while) never leaves a planned replica pending and never over-fills a GPU."""
@@ -16,7 +16,7 @@ from planner.errors import InfeasiblePlanError
 from planner.cluster.inventory import Cluster, Gpu, Node
 from planner.placement.packing import (RAY_GPU_UNITS, GpuPlan, GpuReplica, ModelDemand, ModelPlan, Plan, QuantOption,
                              SolverInfo, plan)
-from planner.placement.rollout import (GPUPLAN_NODE_LABEL, RAY_NODE_ID_LABEL, DeploymentObs, ModelRule, RayNode, ReplicaReport,
+from planner.rollout import (GPUPLAN_NODE_LABEL, RAY_NODE_ID_LABEL, DeploymentObs, ModelRule, RayNode, ReplicaReport,
                              Rollout, ScaleMemory, applied, best_fit, bind_nodes, bring_up, decide_scale, fill_order,
                              node_gate, pick_deployment, placements, realize, rollout_from_plan)
 from planner.units import GiB

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import planner.placement.rollout as R
+import planner.rollout.scale as R
 from planner.errors import InfeasiblePlanError
 from planner.placement.packing import plan
-from planner.placement.rollout import ModelRule, ScaleMemory, realize
+from planner.rollout import ModelRule, ScaleMemory, realize
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -42,7 +42,7 @@ def test_front_port_on_the_proxy_port_exits_2(tmp_path):
 
 
 def test_api_address_is_the_front_when_there_is_one():
-    from serve.run import api_address
+    from serve.run.main import api_address
 
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
     assert api_address(cfg) == ("127.0.0.1", 8000) and cfg["http_options"]["port"] == 8001
@@ -66,9 +66,9 @@ class _Started(Exception):
 
 
 def _no_start(monkeypatch, other_ray=()):
-    """serve.run.main up to the point where it would start the supervisor (nothing is started)."""
-    import serve.lifecycle as lc
-    import serve.run as run
+    """serve.run.main.main up to the point where it would start the supervisor (nothing is started)."""
+    import serve.run.lifecycle as lc
+    import serve.run.main as run
 
     monkeypatch.setattr(run, "start_clean", lambda: 0)
     monkeypatch.setattr(lc, "survey", lambda directory=None: ([], list(other_ray), None))
@@ -84,7 +84,7 @@ def _no_start(monkeypatch, other_ray=()):
 def test_a_port_another_program_holds_exits_2_before_ray(tmp_path, monkeypatch, capsys, held):
     """A program already listening on the API port: Ray's proxy would fail to start, gpuplan's front would wait for
     the port and `make run` would never be ready. Said before Ray starts, with the port, who holds it and the fix."""
-    from serve.front import bind, pick_port
+    from serve.api.front import bind, pick_port
 
     front, proxy = pick_port(), pick_port()
     run = _no_start(monkeypatch)
@@ -102,7 +102,7 @@ def test_a_port_another_program_holds_exits_2_before_ray(tmp_path, monkeypatch, 
 
 
 def test_free_ports_go_on_to_start(tmp_path, monkeypatch):
-    from serve.front import pick_port
+    from serve.api.front import pick_port
 
     run = _no_start(monkeypatch)
     with pytest.raises(_Started):
@@ -111,7 +111,7 @@ def test_free_ports_go_on_to_start(tmp_path, monkeypatch):
 
 def test_ports_are_not_checked_on_a_cluster_someone_else_runs(tmp_path, monkeypatch):
     """On a Ray cluster started on purpose Serve may be running already and hold its own proxy port."""
-    from serve.front import bind, pick_port
+    from serve.api.front import bind, pick_port
 
     front, proxy = pick_port(), pick_port()
     run = _no_start(monkeypatch, other_ray=[(1, "gcs_server")])

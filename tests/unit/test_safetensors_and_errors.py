@@ -8,7 +8,7 @@ import pytest
 
 from planner.errors import InputError, ModelSpecError
 from planner.model.formats.safetensors import read_header
-from planner.model.memory import estimate_replica
+from planner.model.engines import estimate_replica
 from planner.model.spec import load_spec
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,

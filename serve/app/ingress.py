@@ -1,0 +1,238 @@
+"""The HTTP ingress (the Backend of serve/api/app.py): routes each request for a model to one of the model's
+deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two),
+answers /readyz and /plan from Serve's status and the registry, drains on shutdown, and, with args.http.port, serves
+the API from its own process too (serve/api/front.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+
+import ray
+from ray import serve
+from ray.exceptions import RayActorError
+
+from planner.rollout import NodeBinding, ReplicaReport, Rollout, pick_deployment, placements
+from serve import trace
+from serve.app.registry import REGISTRY
+from serve.types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
+
+log = logging.getLogger("gpuplan")
+INGRESS_CPUS = 0.1  # see planner/rollout/ for the replicas' CPUs
+INGRESS_ACTOR = {"num_cpus": INGRESS_CPUS}  # the ingress's Ray actor options (.options() replaces, not merges, them)
+AVOID_AFTER_LOSS_S = 5.0  # a deployment whose replica just died gets no new request while another can take it
+
+
+@serve.deployment(ray_actor_options=dict(INGRESS_ACTOR), max_ongoing_requests=256)
+@serve.ingress()
+class Ingress:
+    """The HTTP front (the Backend of openai_api): routes each request for a model to one of the model's
+    deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
+
+    def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, rollout_json: dict,
+                 bindings_json: list, api_key_env: str, built: dict | None = None, front: dict | None = None):
+        self.built = dict(built or {})  # {"run_id", "built_at"}: which start of `make run` deployed this app
+        self.handles = {model: [(name, h) for name, h in pairs] for model, pairs in handles.items()}
+        self._cards = cards
+        self._plan = plan_json
+        self.rollout = Rollout.from_json(rollout_json)
+        self.bindings = tuple(NodeBinding(b["node"], b["selector"], b["ray_node_id"], b["how"], b.get("note"))
+                              for b in bindings_json)
+        self.app_name = serve.get_replica_context().app_name
+        self.api_key = os.environ.get(api_key_env) or None
+        self.inflight: dict[str, int] = {}
+        self._lost: dict[str, float] = {}  # deployment -> when a request found one of its replicas dead
+        self.draining: float | None = None  # when draining began
+        self._status: tuple[float, dict] | None = None
+        self._logged: set[str] = set()
+        self.front = None
+        if front and front.get("port"):  # args.http.port: serve the API from this process too (serve/api/front.py)
+            from serve.api.front import DirectFront
+            from serve.api.app import create_app
+
+            self.front = DirectFront(create_app(self, api_key=self.api_key), front.get("host") or "127.0.0.1",
+                                     int(front["port"])).start()
+
+    def __serve_build_asgi_app__(self):
+        from serve.api.app import create_app
+
+        return create_app(self, api_key=self.api_key)
+
+    async def _deployments(self) -> dict:
+        """Serve's status of this app's deployments, read at most once a second."""
+        now = time.time()
+        if self._status and now - self._status[0] < 1.0:
+            return self._status[1]
+        status = await asyncio.to_thread(serve.status)
+        deps = status.applications[self.app_name].deployments
+        self._status = (now, deps)
+        return deps
+
+    async def _running(self) -> dict[str, int]:
+        try:
+            deps = await self._deployments()
+        except Exception:
+            return {}
+        now = time.time()
+        out = {name: (d.replica_states or {}).get("RUNNING", 0) for name, d in deps.items()}
+        # a deployment that just lost a replica is passed over while another has one running (Serve takes a
+        # moment to stop routing to a dead replica)
+        recent = {n for n, t in self._lost.items() if now - t < AVOID_AFTER_LOSS_S}
+        if recent and any(v for n, v in out.items() if n not in recent):
+            out = {n: (0 if n in recent else v) for n, v in out.items()}
+        return out
+
+    def _live_replica_ids(self) -> list[str] | None:
+        """Every replica Serve has for this app's deployments (starting, running, stopping), from Serve's own
+        details; None when they cannot be read."""
+        from ray.serve.context import _get_global_client
+
+        try:
+            details = _get_global_client().get_serve_details()
+        except Exception:
+            return None
+        app = (details.get("applications") or {}).get(self.app_name) or {}
+        return [r["replica_id"] for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []]
+
+    # ---- Backend protocol
+    def cards(self) -> list[ModelCard]:
+        return self._cards
+
+    async def generate(self, model: str, prompt_ids: list[int], params: SamplingParams):
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        if self.draining:
+            raise Unavailable("the server is shutting down (draining); send the request again in a few seconds "
+                              "or to another instance", retry_after_s=5.0)
+        pairs = self.handles.get(model) or []
+        if not pairs:
+            raise Unavailable(f"model {model!r} has no replica in the plan (it fit nowhere); see GET /plan",
+                              retry_after_s=60.0)
+        if len(pairs) == 1:
+            name = pairs[0][0]  # one deployment: nothing to choose, and no need to ask Serve what runs
+        else:
+            running = await self._running()
+            name = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
+                                   random.random) or pairs[0][0]
+        handle = dict(pairs)[name].options(stream=True)
+        self.inflight[name] = self.inflight.get(name, 0) + 1
+        try:
+            trace.mark("ingress.call")
+            gen = handle.generate.remote(prompt_ids, params)
+            first = True
+            async for chunk in gen:
+                if first:
+                    trace.mark("ingress.first")
+                    first = False
+                if chunk.finish_reason:
+                    trace.mark("ingress.last")
+                yield chunk
+        except BackPressureError as exc:
+            raise Overloaded(f"model {model!r} has a full queue: {exc}", retry_after_s=1.0) from None
+        except DeploymentUnavailableError as exc:
+            raise Unavailable(f"model {model!r} has no replica available: {exc}", retry_after_s=5.0) from None
+        except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone or unreachable
+            self._lost[name] = time.time()
+            raise ReplicaLost(f"a replica of {name} died or could not be reached ({type(exc).__name__})",
+                              retry_after_s=2.0) from None
+        finally:
+            self.inflight[name] -= 1
+
+    def drain(self) -> dict:
+        """Stop taking new requests; the ones in flight go on (the Backend's drain)."""
+        if self.draining is None:
+            self.draining = time.time()
+            log.warning("gpuplan: draining: %d request(s) in flight finish, new ones get 503",
+                        sum(self.inflight.values()))
+        return {"draining": True, "since": self.draining, "in_flight": sum(self.inflight.values())}
+
+    async def check_health(self) -> None:
+        """Serve's health check of the ingress, also the moment to forget replicas Serve no longer has."""
+        if self.front is not None and not self.front.alive():
+            f = self.front
+            raise RuntimeError(f"gpuplan's API server on {f.host}:{f.port} stopped: {f.error}. "
+                               "Serve restarts this ingress, which binds the port again; the ingress replica's log "
+                               "has the cause (`ray logs`, or the Serve dashboard). Fix: if another program holds "
+                               "the port, stop it or change args.http.port")
+        try:
+            live = await asyncio.to_thread(self._live_replica_ids)
+            if live is not None:
+                await ray.get_actor(REGISTRY).prune.remote(live, self.app_name)
+        except Exception:  # /plan prunes again when it is read
+            pass
+
+    async def __del__(self):
+        """Serve's graceful shutdown of the ingress: the front stops taking connections and lets the requests in
+        flight finish (Serve waits for its own requests; it does not see the front's)."""
+        if self.front is not None:
+            await asyncio.to_thread(self.front.stop)
+
+    def identity(self) -> dict:
+        """Which deploy this app is (the run id of `make run`, when it was built, the plan): /readyz's ``app``."""
+        return self.built
+
+    async def readiness(self) -> tuple[bool, dict]:
+        try:
+            deps = await self._deployments()
+        except Exception as exc:
+            return False, {"error": f"cannot read Serve status: {exc}"}
+        detail, ok = {}, True
+        for card in self._cards:
+            names = [n for n, _ in self.handles.get(card.name, [])]
+            running = sum((deps[n].replica_states or {}).get("RUNNING", 0) for n in names if n in deps)
+            need = card.extra.get("min_replicas", 1)
+            detail[card.name] = {"running_replicas": running, "min_replicas": need,
+                                 "deployments": {n: str(deps[n].status) if n in deps else "MISSING" for n in names}}
+            ok = ok and running >= need
+        try:
+            failures = await ray.get_actor(REGISTRY).failures_of.remote(self.app_name)
+        except Exception:
+            failures = {}
+        for model, fs in failures.items():
+            if model in detail:
+                detail[model]["load_failures"] = [
+                    {k: f.get(k) for k in ("mode", "kind", "message", "gave_up", "at", "replica_id")} for f in fs]
+        if self.draining:
+            detail["draining"] = {"since": self.draining, "in_flight": sum(self.inflight.values())}
+            ok = False
+        return ok, detail
+
+    async def plan(self) -> dict:
+        out = dict(self._plan)
+        out["rollout"] = self.rollout.to_json()
+        out["node_bindings"] = [b.to_json() for b in self.bindings]
+        try:
+            from serve.app.scale_board import fetch_decision
+
+            out["scaling"] = await asyncio.to_thread(fetch_decision, self.rollout.plan_id)
+        except Exception:
+            out["scaling"] = None
+        try:
+            reg = ray.get_actor(REGISTRY)
+            live = await asyncio.to_thread(self._live_replica_ids)
+            out["restarts"] = await reg.prune.remote(live, self.app_name) if live is not None else None
+            replicas = [r for r in await reg.all.remote() if live is None or r["replica_id"] in live]
+        except Exception:
+            replicas = []
+        reports = [ReplicaReport(r["replica_id"], r.get("deployment", ""), r.get("node_id"),
+                                 int(r["gpu_ids"][0]) if r.get("gpu_ids") else None, r.get("node_label"))
+                   for r in replicas]
+        where = {p["replica_id"]: p for p in placements(self.rollout, reports, self.bindings)}
+        rows = []
+        for r in replicas:
+            p = where.get(r["replica_id"], {})
+            row = dict(r, planned_node=p.get("planned_node"), node=p.get("node"), gpu=p.get("gpu"),
+                       gpu_type=p.get("gpu_type"), planned_gpu=p.get("planned_gpu"),
+                       matches_plan=p.get("matches_plan", False))
+            rows.append(row)
+            if not row["matches_plan"] and r["replica_id"] not in self._logged and row.get("gpu_ids") is not None:
+                self._logged.add(r["replica_id"])
+                log.warning("gpuplan: replica %s of %s runs on node %s GPU %s; the plan put it on node %s (%s)",
+                            r["replica_id"], r.get("model"), row["node"] or r.get("node_id"), row["gpu"],
+                            row["planned_node"], "no GPU there holds what the plan put on it"
+                            if row["node"] == row["planned_node"] else "another node")
+        out["replicas"] = sorted(rows, key=lambda r: (r.get("model") or "", r["replica_id"]))
+        return out

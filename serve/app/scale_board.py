@@ -1,0 +1,156 @@
+"""The controller-side half of gpuplan's autoscaling: one board per plan, shared by every deployment's policy.
+
+Ray Serve calls a deployment's autoscaling policy (``serve.app.autoscale:PlanPolicy``) once per control-loop tick, in
+its controller process, one deployment at a time. A gpuplan decision is about the whole app (a model's slots span
+deployments, a node gate spans models), so every policy call goes through this module -- imported, not pickled, so
+that all of an app's policies share it -- which keeps each deployment's latest context, recomputes
+``planner.rollout.decide_scale`` at most every ``DECIDE_EVERY_S`` (or at once when a context changed what runs),
+and hands each deployment its own target. Thin glue: every decision is in planner/rollout/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from planner.rollout import DeploymentObs, Rollout, ScaleMemory, applied, decide_scale, observe
+
+log = logging.getLogger("ray.serve")
+
+GPU_METRIC = "gpuplan_gpu"  # replicas report the GPU Ray gave them (record_autoscaling_stats); -1 = none
+KV_NAMESPACE = "gpuplan"
+DECIDE_EVERY_S = 0.5
+PUBLISH_EVERY_S = 5.0  # how often the latest decision is written for GET /plan when nothing changed
+# NOTE: a fresh board (app deployed, or the controller restarted) waits until every deployment of the plan has
+# reported once (Serve calls every policy in its first tick), at most this long, so that no decision is made on
+# half the picture; until then each deployment keeps its target.
+WARMUP_S = 5.0
+
+
+def kv_key(plan_id: str) -> bytes:
+    return f"rollout/{plan_id}".encode()
+
+
+def publish(rollout: Rollout) -> None:
+    """Store the rollout where the controller's policies find it (Ray's internal KV, next to Serve's own)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(kv_key(rollout.plan_id), json.dumps(rollout.to_json()).encode(), overwrite=True,
+                     namespace=KV_NAMESPACE)
+
+
+def publish_decision(plan_id: str, decision: dict) -> None:
+    """The latest decision, for GET /plan (``scaling``)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(f"decision/{plan_id}".encode(), json.dumps(decision).encode(), overwrite=True,
+                     namespace=KV_NAMESPACE)
+
+
+def fetch_decision(plan_id: str) -> dict | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(f"decision/{plan_id}".encode(), namespace=KV_NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def fetch(plan_id: str) -> Rollout:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(kv_key(plan_id), namespace=KV_NAMESPACE)
+    if raw is None:
+        raise LookupError(f"gpuplan: no rollout {plan_id} in Ray's KV store (the app builder publishes it)")
+    return Rollout.from_json(json.loads(raw))
+
+
+class Board:
+    """What one plan's policies know: the rollout, each deployment's latest observation, and the decision."""
+
+    def __init__(self, rollout: Rollout, now: float):
+        self.rollout = rollout
+        self.created = now
+        self.obs: dict[str, DeploymentObs] = {}
+        self.memory = ScaleMemory()
+        self.decision = None
+        self.decided_at = -1e18
+        self.dirty = True
+        self.last_targets: dict[str, int] = {}
+        self.published_at = -1e18
+        self.lock = threading.Lock()
+
+    def target(self, name: str, obs: DeploymentObs, now: float) -> int:
+        """Record ``obs`` for deployment ``name`` and return the replicas it should run."""
+        with self.lock:
+            prev = self.obs.get(name)
+            if prev is None or prev.target != obs.target or prev.running != obs.running:
+                self.dirty = True
+            self.obs[name] = obs
+            self.memory = observe(self.rollout, self.memory, name, obs, now)
+            known = {d.name for d in self.rollout.deployments}
+            if not known <= self.obs.keys() and now - self.created < WARMUP_S:
+                return obs.target
+            if self.decision is None or self.dirty or now - self.decided_at >= DECIDE_EVERY_S:
+                self.decision = decide_scale(self.rollout, self.obs, self.memory, now)
+                self.memory = self.decision.memory
+                self.decided_at, self.dirty = now, False
+                changed = {k: v for k, v in self.decision.targets.items() if self.last_targets.get(k) != v}
+                if changed:
+                    log.info("gpuplan scale %s: %s%s", self.rollout.plan_id, json.dumps(changed, sort_keys=True),
+                             "".join(f"\n  {w}" for w in self.decision.waits))
+                    self.last_targets = dict(self.decision.targets)
+                if changed or now - self.published_at >= PUBLISH_EVERY_S:
+                    try:
+                        publish_decision(self.rollout.plan_id, dict(self.decision.to_json(), decided_at=now))
+                        self.published_at = now
+                    except Exception:  # only GET /plan reads it
+                        pass
+            t = int(self.decision.targets.get(name, obs.target))
+            self.memory = applied(self.memory, name, t)
+            return t
+
+
+_BOARDS: dict[str, Board] = {}
+_LOCK = threading.Lock()
+
+
+def board(plan_id: str, app: str, now: float) -> Board:
+    """The board of one app's plan (two apps made of the same plan keep two boards)."""
+    key = f"{app}/{plan_id}"
+    with _LOCK:
+        b = _BOARDS.get(key)
+        if b is None:
+            b = _BOARDS[key] = Board(fetch(plan_id), now)
+            # an app redeployed with another plan leaves its old board: keep the few latest
+            for old in sorted(_BOARDS, key=lambda k: _BOARDS[k].created)[:-8]:
+                _BOARDS.pop(old, None)
+        return b
+
+
+def obs_from_context(ctx) -> DeploymentObs:
+    """planner's view of a Serve AutoscalingContext: target, running replicas with the GPU each reported, load."""
+    metrics = {}
+    try:
+        metrics = (ctx.aggregated_metrics or {}).get(GPU_METRIC, {}) or {}
+    except Exception:  # metrics are optional: a replica that has not reported yet just has no known GPU
+        metrics = {}
+    by_id = {getattr(r, "unique_id", str(r)): v for r, v in metrics.items()}
+    running = []
+    for r in ctx.running_replicas or ():
+        rid = getattr(r, "unique_id", str(r))
+        v = by_id.get(rid)
+        running.append((rid, int(round(v)) if v is not None and v >= 0 else None))
+    return DeploymentObs(target=int(ctx.target_num_replicas), running=tuple(sorted(running)),
+                         load=float(ctx.total_num_requests or 0.0))
+
+
+def decide(plan_id: str, ctx) -> tuple[int, dict]:
+    """The policy body: (target replicas, policy state). Never raises: on error the target stays."""
+    now = time.time()
+    try:
+        b = board(plan_id, str(getattr(ctx, "app_name", "") or ""), now)
+        return b.target(ctx.deployment_name, obs_from_context(ctx), now), {}
+    except Exception:
+        log.exception("gpuplan autoscaling policy failed for %s; keeping its target", ctx.deployment_name)
+        return int(ctx.target_num_replicas), {}
