@@ -2,7 +2,7 @@
 Ray Serve LLM (the same vLLM behind Ray Serve), gpuplan with the vLLM engine, gpuplan with the transformers engine.
 
     .venv/bin/python benchmarks/compare_servers.py                          # all four, 1 / 8 / 16 / 32 clients
-    .venv/bin/python benchmarks/compare_servers.py --rounds 2 --seed -1 --ignore-eos   # what the README reports
+    .venv/bin/python benchmarks/compare_servers.py --rounds 2 --seed -1 --ignore-eos   # what docs/benchmarks.md reports
     .venv/bin/python benchmarks/compare_servers.py --servers gpuplan-vllm vllm --clients 1 8 --requests 100
 
 Each server is started alone on the machine (nothing else of ours runs), warmed up with a few requests, loaded

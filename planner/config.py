@@ -165,7 +165,7 @@ class ModelEntry(_Edge):
     """Requests waiting for a replica before the API sheds load with 429 (-1 = unbounded)."""
     health_check_period_s: float = Field(2.0, gt=0)
     """Seconds between Serve's health checks of a replica: a replica that died is found and replaced at the next
-    one (Serve's default is 10 s; measured recovery after a SIGKILL on 2 CPUs, benchmarks/soak.py: README)."""
+    one (Serve's default is 10 s; measured recovery after a SIGKILL on 2 CPUs, benchmarks/soak.py: docs/benchmarks.md)."""
     request_timeout_s: float = Field(120.0, gt=0)
     """Seconds a request may take before the API answers 504."""
     stream_interval_s: float = Field(0.1, ge=0)
@@ -229,7 +229,7 @@ def _one_line(exc: ValidationError, what: str) -> str:
         loc = ".".join(str(p) for p in err["loc"] if "[" not in str(p)) or what
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the README's deploy.yaml fields)"
+            msg = "unknown key (check the spelling; see docs/deploy-yaml.md)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         parts.append(f"{loc}: {msg}")

@@ -4,7 +4,7 @@ Through Ray Serve's proxy a request crosses one process more: the proxy parses H
 ingress replica as ASGI messages over Ray (the replica calls back to the proxy for the body), and every streamed
 chunk travels back as one more Ray message before it becomes bytes on the socket. Measured on this repo's 2-core
 machine (one client, 1-token streamed chats, median of 30): 27 ms per request through the proxy, 17 ms through this
-front (README, "The serving path", has the timeline). The proxy keeps running
+front (docs/benchmarks.md, "Serving", has the timeline). The proxy keeps running
 on ``http_options.port`` and serves the same API, so Serve's health checks, KubeRay and anything that expects it still
 work; ``args.http.port`` puts this front beside it.
 

@@ -218,5 +218,5 @@ class Replica:
 # The Serve deployment of the class. The class keeps its own module-level name (Replica), so that Serve's cloudpickle
 # of it at every `.options()` and `.bind()` is a reference (serve.app.replica.Replica), not the whole class by value:
 # pickled by value (its name then pointed at this Deployment) it cost 7 ms per deployment, 4.0 s of build_app's
-# 4.25 s at 552 deployments (benchmarks/ray_ledger.py; README, "Scale"); 0.3 ms now.
+# 4.25 s at 552 deployments (benchmarks/ray_ledger.py; docs/benchmarks.md, "Planning"); 0.3 ms now.
 ModelReplica = serve.deployment(Replica)

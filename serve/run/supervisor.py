@@ -35,7 +35,7 @@ from serve.run.lifecycle import RUN_ENV, Proc, RunRecord, describe, record_path
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-GRACEFUL_S = 25.0  # after a drain: `serve run` shuts Serve and its Ray down (measured: README)
+GRACEFUL_S = 25.0  # after a drain: `serve run` shuts Serve and its Ray down (measured: docs/serving.md)
 HARD_S = 5.0  # the wrapper died: everything gone within 10 s
 TERM_S = 1.5  # SIGTERM to what is left, then SIGKILL
 

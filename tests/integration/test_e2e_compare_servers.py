@@ -1,5 +1,5 @@
 """benchmarks/compare_servers.py runs (one level, a few requests), so it does not rot: plain vLLM and gpuplan with
-the vLLM engine answer every request. Its real numbers are in the README."""
+the vLLM engine answer every request. Its real numbers are in docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The soak benchmark in short (benchmarks/soak.py --minutes 1): a minute of mixed traffic (both endpoints, streamed
 and not, clients that hang up, bad requests, two models) with one replica SIGKILLed; nothing is lost and no 5xx
-other than 503 is answered. The 10-minute run's table is in the README."""
+other than 503 is answered. The 10-minute run's table is in docs/benchmarks.md."""
 
 from __future__ import annotations
 
