@@ -1,7 +1,7 @@
 """Every decoder-only ``*ForCausalLM`` of the installed transformers, as a new user would bring it: is the planner's
 weights estimate byte-exact?
 
-    .venv/bin/python benchmarks/arch_sweep.py [--only llama,gpt2] [--json out.json] [--markdown out.md]
+    .venv/bin/python -m benchmarks.arch_sweep [--only llama,gpt2] [--json out.json] [--markdown out.md]
 
 For each architecture in transformers' causal-LM auto mapping whose class name ends in ``ForCausalLM`` (and is not
 an encoder-decoder): a tiny config (``tiny_config``: 2 layers, widths divisible by 64, vocabulary 512), a random
@@ -29,7 +29,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SCHEMES = ("bf16", "int8", "nf4", "fp4", "int4")
 # generic names -> tiny values; set only where the config has the attribute (attribute_map aliases included)

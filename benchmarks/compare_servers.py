@@ -1,9 +1,9 @@
 """Servers side by side, one after another, same model, same requests, same load: the plain vLLM OpenAI server,
 Ray Serve LLM (the same vLLM behind Ray Serve), gpuplan with the vLLM engine, gpuplan with the transformers engine.
 
-    .venv/bin/python benchmarks/compare_servers.py                          # all four, 1 / 8 / 16 / 32 clients
-    .venv/bin/python benchmarks/compare_servers.py --rounds 2 --seed -1 --ignore-eos   # what docs/benchmarks.md reports
-    .venv/bin/python benchmarks/compare_servers.py --servers gpuplan-vllm vllm --clients 1 8 --requests 100
+    .venv/bin/python -m benchmarks.compare_servers                          # all four, 1 / 8 / 16 / 32 clients
+    .venv/bin/python -m benchmarks.compare_servers --rounds 2 --seed -1 --ignore-eos   # what docs/benchmarks.md reports
+    .venv/bin/python -m benchmarks.compare_servers --servers gpuplan-vllm vllm --clients 1 8 --requests 100
 
 Each server is started alone on the machine (nothing else of ours runs), warmed up with a few requests, loaded
 with the levels of benchmarks/serve_load.py (N clients share ``--requests`` streamed chat completions, request i
@@ -22,23 +22,21 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
 
-import serve_load  # noqa: E402
+from benchmarks.common.machine import machine_line  # noqa: E402
+from benchmarks import serve_load  # noqa: E402
+from benchmarks.common.server import ray_daemons, start_gpuplan, wait_ready  # noqa: E402
+from benchmarks.common.stats import percentile  # noqa: E402
 from serve.api.front import pick_port  # noqa: E402
 
 MODEL = str(ROOT / "models" / "tiny-chat")
@@ -98,8 +96,8 @@ def start(kind: str, port: int, log: Path, via: str = "front") -> tuple[subproce
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), "/health"
     cfg = log.with_suffix(".yaml")
     gpuplan_config(kind.split("-", 1)[1], port, cfg, via)
-    cmd = [sys.executable, "-m", "serve.run", str(cfg)]
-    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT), "/readyz"
+    out.close()
+    return start_gpuplan(cfg, log), "/readyz"
 
 
 def stop(proc: subprocess.Popen, kind: str) -> None:
@@ -112,26 +110,12 @@ def stop(proc: subprocess.Popen, kind: str) -> None:
             proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
-    from serve.run.lifecycle import ray_daemons
-
     deadline = time.time() + 60  # the next server must find no Ray of this one
     while ray_daemons() and time.time() < deadline:
         time.sleep(1)
     if ray_daemons() and kind == "rayserve-llm":
         subprocess.run([str(ROOT / ".venv" / "bin" / "ray"), "stop", "--force"], capture_output=True)
     time.sleep(3)
-
-
-def wait_ready(url: str, probe: str, proc: subprocess.Popen, timeout_s: float) -> float | None:
-    t0 = time.time()
-    while time.time() - t0 < timeout_s and proc.poll() is None:
-        try:
-            if httpx.get(url + probe, timeout=3).status_code == 200:
-                return time.time() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    return None
 
 
 def _role(p) -> str:
@@ -220,9 +204,9 @@ def summarize(runs: list[dict]) -> list[dict]:
             row["ok"] += len(ok)
             row["lost"] += len(lv.of("lost")) + len(lv.of("error"))
             row["runs"].append(lv.tokens_per_s)
-            row["p50"].append(serve_load.pct(lat, 50))
-            row["p95"].append(serve_load.pct(lat, 95))
-            row["ttft50"].append(serve_load.pct(ttft, 50))
+            row["p50"].append(percentile(lat, 50))
+            row["p95"].append(percentile(lat, 95))
+            row["ttft50"].append(percentile(ttft, 50))
             row["cpu"].append(cpu)
     out = []
     for row in rows.values():
@@ -288,7 +272,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     runs = [run(k, a) for _ in range(a.rounds) for k in a.servers]
     rows = summarize(runs)
-    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
+    print(machine_line())
     print(f"model: {MODEL} bf16, max_model_len {MAX_MODEL_LEN}, max_num_seqs {MAX_NUM_SEQS}; {a.requests} streamed "
           f"chats per level, max_tokens {a.max_tokens}{' (ignore_eos)' if a.ignore_eos else ''}, "
           f"{'seeded' if a.seed >= 0 else 'no seeds'}; gpuplan via {a.via}; {a.rounds} round(s), medians\n")

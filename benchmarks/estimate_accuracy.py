@@ -8,18 +8,15 @@
    allocator slack, so the comparison is against weights + kv_cache + activations; the usual rule
    ``params x bytes x 1.2`` is shown next to it.
 
-Run: .venv/bin/python benchmarks/estimate_accuracy.py
+Run: .venv/bin/python -m benchmarks.estimate_accuracy
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common.machine import machine_line  # noqa: E402
 from planner.model.engines import estimate_replica  # noqa: E402
 from planner.model.spec import load_spec  # noqa: E402
 
@@ -69,7 +66,7 @@ def published_table() -> list[tuple]:
 
 
 def main() -> None:
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
+    print(machine_line())
     print("\n## Weights: estimate vs resident bytes of the loaded model (CPU, bitsandbytes)\n")
     print("| architecture | scheme | measured bytes | estimate | error | params x bytes/param | its error |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -29,7 +29,7 @@ print("allocator bytes taken by the first bf16 matmul beyond its output (cuBLAS 
       torch.cuda.memory_allocated() - before - c.numel() * c.element_size())
 PY
 timeout "${PYTEST_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/pytest.log"
-timeout "${VALIDATE_S:-420}" python3 benchmarks/gpu_validate.py \
+timeout "${VALIDATE_S:-420}" python3 -m benchmarks.gpu_validate \
   --models ${MODELS:-meta-llama/Llama-3.2-1B-Instruct meta-llama/Llama-3.1-8B Qwen/Qwen2.5-7B-Instruct} \
   --schemes bf16 int8 int4 --max-model-len 4096 --max-num-seqs 4 \
   --jsonl "$OUT/rows.jsonl" --out "$OUT/gpu-validation.md" 2>&1 | tee "$OUT/validate.log"

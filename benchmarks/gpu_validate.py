@@ -9,10 +9,10 @@ Measured per case:
 - process: NVML used memory of this process (CUDA context, workspaces, allocator slack included) vs ``bytes.total``.
 
 Usage (GPU box; writes docs/gpu-validation.md):
-    python benchmarks/gpu_validate.py --models meta-llama/Llama-3.1-8B Qwen/Qwen2.5-7B-Instruct \
+    python -m benchmarks.gpu_validate --models meta-llama/Llama-3.1-8B Qwen/Qwen2.5-7B-Instruct \
         --schemes bf16 int8 int4 --max-model-len 4096 --max-num-seqs 4 --out docs/gpu-validation.md
 Smoke run on a CPU (tiny random model, checks the script itself):
-    python benchmarks/gpu_validate.py --tiny --device cpu
+    python -m benchmarks.gpu_validate --tiny --device cpu
 Each case runs in its own subprocess so that CUDA peaks and contexts do not leak between cases.
 """
 
@@ -29,7 +29,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+
+from benchmarks.common.machine import machine_line  # noqa: E402
 GiB = 1024**3
 
 
@@ -208,9 +209,10 @@ def main() -> int:
     rows = []
     for m in models:
         for s in a.schemes:
-            p = subprocess.run([sys.executable, __file__, "--case", f"{m}|{s}", "--device", a.device,
+            p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_validate", "--case", f"{m}|{s}", "--device",
+                                a.device,
                                 "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
-                                "--workdir", workdir, "--workload", a.workload], capture_output=True, text=True)
+                                "--workdir", workdir, "--workload", a.workload], capture_output=True, text=True, cwd=ROOT)
             got = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
             if not got:
                 print(f"{m} {s}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
@@ -220,8 +222,8 @@ def main() -> int:
                 with open(a.jsonl, "a") as f:
                     f.write(got[0] + "\n")
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-    header = (f"machine: {platform.platform()}, python {platform.python_version()}, device {a.device}, "
-              f"max_model_len {a.max_model_len}, max_num_seqs {a.max_num_seqs}, workload {a.workload}\n\n")
+    header = machine_line(device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
+                          workload=a.workload) + "\n\n"
     text = header + table(rows) + "\n"
     print("\n" + text)
     if a.out:

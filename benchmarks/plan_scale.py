@@ -1,6 +1,6 @@
 """How fast and how good is the placement planner?
 
-    .venv/bin/python benchmarks/plan_scale.py [--repeat 3] [--json out.json]
+    .venv/bin/python -m benchmarks.plan_scale [--repeat 3] [--json out.json]
 
 Scenarios (deterministic, seeded):
 
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+from benchmarks.common.machine import machine_line  # noqa: E402
 from planner.cluster.inventory import Cluster, Gpu, Node  # noqa: E402
 from planner.placement.packing import EXACT_MAX_VARS, ModelDemand, QuantOption, plan  # noqa: E402
 from planner.units import GiB, MiB  # noqa: E402
@@ -108,7 +108,7 @@ def rollout_scenarios() -> list[dict]:
     from dataclasses import replace
 
     import planner.rollout as rollout
-    import planner.rollout.gate  # noqa: F401 (its memo is cleared below)
+    from planner.rollout import gate
 
     cases = [("large", "1000 GPUs x 50 models, loose minimums", cluster_of(125, 8, GPU_KINDS),
               models(50, 1, max_lo=4, max_hi=60, pin_types=("L40S", "A10G"), pin_every=7, cpu_every=5))]
@@ -122,7 +122,7 @@ def rollout_scenarios() -> list[dict]:
                   [replace(m, min_replicas=max(m.min_replicas, m.max_replicas // 2)) for m in tight]))
     out = []
     for key, what, cluster, ms in cases:
-        rollout.gate._MEMO.clear()  # a cold search memo, as in a fresh process
+        gate._MEMO.clear()  # a cold search memo, as in a fresh process
         t0 = time.perf_counter()
         p = plan(ms, cluster)
         t1 = time.perf_counter()
@@ -250,9 +250,8 @@ def main(argv=None) -> int:
     import numpy
     import scipy
 
-    print(f"machine: {platform.platform()} | cpu: {platform.processor() or platform.machine()} | "
-          f"cpus: {os.cpu_count()} | python {platform.python_version()} | numpy {numpy.__version__} | "
-          f"scipy {scipy.__version__} | EXACT_MAX_VARS={EXACT_MAX_VARS}")
+    print(machine_line(cpu=platform.processor() or platform.machine(), numpy=numpy.__version__,
+                       scipy=scipy.__version__, EXACT_MAX_VARS=EXACT_MAX_VARS))
     hdr = f"{'scenario':<8} {'what':<34} {'first s':>8} {'median s':>9} {'placed':>7} {'min/max':>10} {'quant':>10} {'mins':>9} {'fill':>8} {'optimal':>8}"
     print(hdr)
     print("-" * len(hdr))

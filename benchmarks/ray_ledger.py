@@ -1,6 +1,6 @@
 """Does Ray's ledger hold the plan? Before and after one deployment per (model, node).
 
-    .venv/bin/python benchmarks/ray_ledger.py [--json out.json]
+    .venv/bin/python -m benchmarks.ray_ledger [--json out.json]
 
 1. **Reserved but unplanned GPU memory** on mixed clusters: Ray fraction x the bytes it is a fraction of, minus the
    replica's planned bytes, summed over every planned replica. *Before*: one deployment per model whose num_gpus is
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common.machine import machine_line  # noqa: E402
 from planner.config import load_deploy_file, parse_deploy_args  # noqa: E402
 from planner.planning import cluster_from_decl, make_plan  # noqa: E402
 from planner.units import GiB  # noqa: E402
@@ -68,8 +65,7 @@ def ledger(result) -> dict:
 
 def scale(repeat: int) -> dict:
     """64 nodes x 8 GPUs x 12 models (two GPU types): deployments, and build_app's work, timed."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from plan_scale import cluster_of, models  # the planner benchmark's generators
+    from benchmarks.plan_scale import cluster_of, models  # the planner benchmark's generators
 
     from planner.config import DeployArgs
     from planner.placement.packing import plan as pack
@@ -117,7 +113,7 @@ def main(argv=None) -> int:
         d = parse_deploy_args({"cluster": decl, "models": [m.model_dump() for m in args.models]})
         r = make_plan(d, cluster_from_decl(d.cluster))
         rows.append(dict(cluster=name, **ledger(r)))
-    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
+    print(machine_line())
     print("k8s/deploy.yaml (llama-3.1-8b int4, qwen2.5-7b int8), planned at every model's max:")
     hdr = (f"{'cluster':<32} {'replicas':>8} {'unplanned before':>17} {'after':>9} {'pending before':>15} "
            f"{'after':>6}")

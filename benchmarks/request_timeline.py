@@ -1,8 +1,8 @@
 """Where one request's time goes: the serving path of gpuplan, segment by segment, through its own front and through
 Ray Serve's proxy, on the shipped tiny model (bf16, one CPU replica).
 
-    .venv/bin/python benchmarks/request_timeline.py                       # transformers engine, 30 requests per size
-    .venv/bin/python benchmarks/request_timeline.py --engine vllm --requests 50
+    .venv/bin/python -m benchmarks.request_timeline                       # transformers engine, 30 requests per size
+    .venv/bin/python -m benchmarks.request_timeline --engine vllm --requests 50
 
 Starts `python -m serve.run` (deploy.yaml's shape: the front on one port, the proxy on another) with
 ``GPUPLAN_TRACE`` set, so the API entry, the ingress and the replica write a timestamp at each step (serve/trace.py).
@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +31,9 @@ import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT))
 
-import compare_servers as cs  # noqa: E402
+from benchmarks import compare_servers as cs  # noqa: E402
+from benchmarks.common.server import start_gpuplan, stop_gpuplan, wait_ready  # noqa: E402
 
 EVENTS = ("api.request", "ingress.call", "replica.enter", "replica.first", "ingress.first", "replica.last",
           "ingress.last")
@@ -110,20 +106,18 @@ def main(argv=None) -> int:
     cfg["http_options"]["port"] = proxy
     cfg_path.write_text(yaml.safe_dump(cfg))
     trace = tmp / "trace.jsonl"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_TRACE=str(trace))
     log = tmp / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "serve.run", str(cfg_path)], cwd=ROOT, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = start_gpuplan(cfg_path, log, GPUPLAN_TRACE=str(trace))
     results = {}
     try:
-        if cs.wait_ready(f"http://127.0.0.1:{front}", "/readyz", proc, 600) is None:
+        if wait_ready(f"http://127.0.0.1:{front}", "/readyz", proc, 600) is None:
             raise SystemExit(f"the server did not become ready; see {log}")
         for door, port in (("front", front), ("proxy", proxy)):
             for tokens in (1, a.max_tokens):
                 send(f"http://127.0.0.1:{port}", 3, tokens, trace)  # warm-up
                 results[(door, tokens)] = segments(send(f"http://127.0.0.1:{port}", a.requests, tokens, trace))
     finally:
-        cs.stop(proc, "gpuplan")
+        stop_gpuplan(proc)
     cols = [(d, t) for t in (1, a.max_tokens) for d in ("front", "proxy")]
     print(f"gpuplan, {a.engine} engine, shipped tiny model bf16, one CPU replica; median of {a.requests} streamed "
           f"chats per column, ms")

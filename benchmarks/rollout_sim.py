@@ -1,10 +1,10 @@
 """How well does gpuplan's rollout bring plans up and down through Ray's best-fit GPU choice?
 
-    .venv/bin/python benchmarks/rollout_sim.py [--cases 60] [--seed 5000]
+    .venv/bin/python -m benchmarks.rollout_sim [--cases 60] [--seed 5000]
 
 Random clusters (1-3 nodes of 4 or 8 GPUs of 24 or 80 GiB) and 2-6 models (3-40 GiB replicas, min 0-3, max 2-20),
 planned by the packer to every model's max, realised (planner.rollout.realize), then driven through the simulated
-Ray of tests/unit/fake_ray.py (requests reach the raylet late and in random order, Serve stops random replicas,
+Ray of benchmarks/common/fake_ray.py (requests reach the raylet late and in random order, Serve stops random replicas,
 stopped replicas hold their share a few ticks): idle 40 ticks (minimums), busy 80 (every model wants its max), idle 40, busy 120 again (a tick is one
 policy round, about a second of Serve time).
 Prints how many cases reached every planned replica both times with nothing pending and came back to the minimums,
@@ -14,19 +14,16 @@ how many replicas realize() planned below the packer (search budget or best fit)
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
 
-from fake_ray import FakeRay, drive  # noqa: E402
+from benchmarks.common import fake_ray  # noqa: E402
+from benchmarks.common.fake_ray import FakeRay, drive  # noqa: E402
+from benchmarks.common.machine import machine_line  # noqa: E402
 
 import planner.rollout as R  # noqa: E402
 from planner.errors import InfeasiblePlanError  # noqa: E402
@@ -65,8 +62,6 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t0)
         return out
 
-    import fake_ray
-
     fake_ray.decide_scale = timed
     rows = []
     for i in range(a.cases):
@@ -95,7 +90,7 @@ def main(argv=None) -> int:
         rows.append({"replicas": p.solver.placed, "kept": sum(mx.values()), "ok": ok, "realize_s": t_realize,
                      "gpus": len(c.gpus)})
     times.sort()
-    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
+    print(machine_line())
     n = len(rows)
     lost = sum(r["replicas"] - r["kept"] for r in rows)
     print(f"cases planned: {n} (of {a.cases} drawn; the rest infeasible) | GPUs per case {min(r['gpus'] for r in rows)}"

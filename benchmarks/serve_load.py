@@ -1,8 +1,8 @@
 """Load on the OpenAI-compatible server: does continuous batching pay off, and how fast is a cold start?
 
-    .venv/bin/python benchmarks/serve_load.py                  # against a server already running (`make run`)
-    .venv/bin/python benchmarks/serve_load.py --start          # start `python -m serve.run deploy.yaml` itself
-    .venv/bin/python benchmarks/serve_load.py --clients 1 4 8 16 --requests 48 --max-tokens 64 --model tiny-int8
+    .venv/bin/python -m benchmarks.serve_load                  # against a server already running (`make run`)
+    .venv/bin/python -m benchmarks.serve_load --start          # start `python -m serve.run deploy.yaml` itself
+    .venv/bin/python -m benchmarks.serve_load --clients 1 4 8 16 --requests 48 --max-tokens 64 --model tiny-int8
 
 For each concurrency level N, N asyncio clients share a fixed number of requests (``--requests``; each client takes
 the next request from a shared counter until none are left). Every request is a streamed chat completion
@@ -34,10 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
-import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from benchmarks.common.machine import machine_line
+from benchmarks.common.server import ray_daemons, start_gpuplan, stop_gpuplan
+from benchmarks.common.stats import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 3.0
@@ -204,11 +205,6 @@ async def run_level(a: argparse.Namespace, clients: int) -> Level:
 # server: start / readiness / plan / stop
 
 
-def ray_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-a", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if "pgrep" not in ln]
-
-
 def get(url: str, path: str, timeout: float = 5.0) -> httpx.Response | None:
     try:
         return httpx.get(url + path, timeout=timeout)
@@ -231,16 +227,13 @@ def first_chat(a: argparse.Namespace) -> tuple[bool, str]:
 def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, float | None, float | None]:
     if get(a.url, "/healthz", timeout=2) is not None:
         sys.exit(f"serve_load: something already answers at {a.url}; stop it or drop --start")
-    if ray_processes():
+    if ray_daemons():
         print("serve_load: WARNING: a Ray cluster is already running here; serve.run will connect to it, so this is "
               "not a cold start of a fresh cluster", file=sys.stderr)
-    log = open(a.server_log, "w")
-    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), PYTHONUNBUFFERED="1")
     print(f"serve_load: starting `{Path(sys.executable).name} -m serve.run {a.config}` (log: {a.server_log})",
           flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "serve.run", a.config], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = start_gpuplan(a.config, a.server_log)
     ready_s = chat_s = None
     last = ""
     try:
@@ -268,18 +261,8 @@ def start_server(a: argparse.Namespace) -> tuple[subprocess.Popen, float | None,
     return proc, ready_s, chat_s
 
 
-def stop_server(proc: subprocess.Popen) -> tuple[float, int | None, list[str]]:
-    t0 = time.perf_counter()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # once: serve.run stops `serve run` and the whole local Ray cluster
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            print(f"!! serve.run (pid {proc.pid}) still running 120 s after SIGTERM; left alone", file=sys.stderr)
-    deadline = time.perf_counter() + 60
-    while ray_processes() and time.perf_counter() < deadline:
-        time.sleep(0.5)
-    return time.perf_counter() - t0, proc.poll(), ray_processes()
+def stop_server(proc: subprocess.Popen) -> tuple[float, int | None, list]:
+    return stop_gpuplan(proc)
 
 
 def server_ready_line(path: str) -> str | None:
@@ -353,16 +336,6 @@ def replica_stats(a: argparse.Namespace, expect_completed: int, wait_s: float = 
 # report
 
 
-def pct(values: list[float], p: float) -> float | None:
-    """Percentile with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * p / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 def ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}"
 
@@ -380,8 +353,8 @@ def table(levels: list[Level], base: Level | None) -> str:
         rows.append(
             f"| {lv.clients} | {len(ok)} | {len(lv.of('shed'))} | {len(lv.of('error'))} | {len(lv.of('lost'))} "
             f"| {lv.tokens} | {lv.tokens / len(ok) if ok else 0:.1f} | {lv.wall_s:.2f} | {lv.tokens_per_s:.1f} "
-            f"| {len(ok) / lv.wall_s if lv.wall_s else 0:.2f} | {ratio} | {ms(pct(lat, 50))} | {ms(pct(lat, 95))} "
-            f"| {ms(pct(ttft, 50))} | {ms(pct(ttft, 95))} | {lv.loadavg:.2f} |")
+            f"| {len(ok) / lv.wall_s if lv.wall_s else 0:.2f} | {ratio} | {ms(percentile(lat, 50))} | {ms(percentile(lat, 95))} "
+            f"| {ms(percentile(ttft, 50))} | {ms(percentile(ttft, 95))} | {lv.loadavg:.2f} |")
     return "\n".join(rows)
 
 
@@ -423,12 +396,7 @@ def main(argv=None) -> int:
 
     sys.stdout.reconfigure(line_buffering=True)  # progress in a log file as it happens
     print("# serve_load\n")
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    print(f"machine: {platform.platform()}, {platform.machine()}, CPUs {os.cpu_count()} (usable {affinity}), "
-          f"python {platform.python_version()}, load avg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(machine_line(load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg())))
     print(f"workload: model {a.model}, {a.requests} streamed chat completions per level, max_tokens {a.max_tokens}, "
           f"temperature {a.temperature}, seeds {a.seed}..{a.seed + a.requests - 1}, prompt {a.prompt!r}")
 

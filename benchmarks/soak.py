@@ -1,7 +1,7 @@
 """Soak: minutes of mixed traffic at a fixed rate, with a replica killed every K seconds. Is anything lost?
 
-    .venv/bin/python benchmarks/soak.py --start                 # start benchmarks/soak.yaml with serve.run.main, 10 min
-    .venv/bin/python benchmarks/soak.py --minutes 2 --kill-every 30 --url http://127.0.0.1:8000   # a running server
+    .venv/bin/python -m benchmarks.soak --start                 # start benchmarks/soak.yaml with serve.run.main, 10 min
+    .venv/bin/python -m benchmarks.soak --minutes 2 --kill-every 30 --url http://127.0.0.1:8000   # a running server
 
 Traffic (seeded): ``--rate`` requests per second, each drawn at random: one of the served models, chat or plain
 completions, streamed or not, 10% clients that hang up after the first chunk, 5% bad requests (``max_tokens: -1``,
@@ -23,11 +23,9 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,8 +35,10 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+from benchmarks.common.machine import machine_line  # noqa: E402
+from benchmarks.common.server import start_gpuplan  # noqa: E402
+from benchmarks.common.stats import percentile  # noqa: E402
 from serve.api.sse import iter_data  # noqa: E402
 
 
@@ -197,13 +197,6 @@ def killer(url: str, every: float, stop: threading.Event, rng: random.Random, ki
             time.sleep(0.5)
 
 
-def pct(xs: list[float], p: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
 def fmt_ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1e3:.0f}"
 
@@ -230,9 +223,7 @@ def main(argv=None) -> int:
 
         url = url or "http://127.0.0.1:{}".format(api_address(cfg)[1])
         log = open(os.path.join(tempfile.gettempdir(), "soak_server.log"), "w")
-        env = dict(os.environ, RAY_AUTH_MODE="disabled")
-        proc = subprocess.Popen([sys.executable, "-m", "serve.run", a.config], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = start_gpuplan(a.config, log.name)
         deadline = time.time() + 600
         while not full(url)[0]:
             if proc.poll() is not None or time.time() > deadline:
@@ -272,13 +263,13 @@ def main(argv=None) -> int:
     mem1 = ray_roles()
     elapsed = time.time() - t_start
     k = tally.kinds
-    print(f"machine: {platform.platform()} | cpus: {os.cpu_count()} | python {platform.python_version()}")
+    print(machine_line())
     print(f"soak: {elapsed / 60:.1f} min at {a.rate:g} req/s against {url} ({', '.join(models)}), a replica killed "
           f"every {a.kill_every:g} s\n")
     print("| sent | answered | ok | typed errors | lost | other 5xx | latency p50 / p95 | kills | recovery max |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rec = [x["recovered_s"] for x in kills if x["recovered_s"] is not None]
-    p50, p95 = pct(tally.latency, 50), pct(tally.latency, 95)
+    p50, p95 = percentile(tally.latency, 50), percentile(tally.latency, 95)
     print(f"| {sent} | {k['ok'] + k['typed']} | {k['ok']} | {k['typed']} | {k['lost']} | {k['other_5xx']} | "
           f"{fmt_ms(p50)} / {fmt_ms(p95)} ms | {len(kills)} | "
           f"{max(rec) if rec else '-'} s{'' if len(rec) == len(kills) else f' ({len(kills) - len(rec)} not recovered)'} |")

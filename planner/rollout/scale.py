@@ -9,7 +9,8 @@ from typing import Mapping
 
 from planner.placement.packing import RAY_GPU_UNITS
 from planner.rollout.deployments import DeploymentSpec, ModelRule, NodeLayout, Rollout
-from planner.rollout.gate import DECISION_BUDGET, GHOST_S, _Budget, _plus, _TooBig, completion_order, no_regret, node_gate
+from planner.rollout.gate import (DECISION_BUDGET, GHOST_S, _Budget, _plus, _TooBig, completion_order, no_regret,
+                                  node_gate)
 from planner.rollout.policy import desired_replicas, move_goal
 
 # Tests set this: decide_scale then recounts, at every gate, what it keeps incrementally (replicas asked for per

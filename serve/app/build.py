@@ -54,7 +54,8 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
         opts = deployment_options(spec, entry, b.selector if b else None, rollout.plan_id)
         offload = entry.offload.cpu_memory if entry.offload else 0
         target = DeploymentTarget(
-            model=entry.name, spec=specs.get(spec.model) or load_spec(entry.source), planned_bytes=int(mp.replica_bytes),
+            model=entry.name, spec=specs.get(spec.model) or load_spec(entry.source),
+            planned_bytes=int(mp.replica_bytes),
             device=result.device, device_total_bytes=_device_total(nodes.get(spec.node), result.device),
             offload_cpu_bytes=offload, dtype=entry.dtype)
         if est.engine == "vllm":

@@ -1,5 +1,5 @@
-"""The cluster as Ray sees it: run the one hardware probe (planner.cluster.inventory.probe_local_gpus) as a task pinned to
-every alive node, and combine it with each node's Ray resources. Thin glue; the planner only gets the Cluster."""
+"""The cluster as Ray sees it: run the one hardware probe (planner.cluster.inventory.probe_local_gpus) as a task pinned
+to every alive node, and combine it with each node's Ray resources. Thin glue; the planner only gets the Cluster."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The llama.cpp engine: a GGUF model run by llama.cpp (``llama-cpp-python``'s low-level C API) inside the Serve
-replica, with the batching of the transformers engine (serve/engines/batching.py ``BatchedEngine``: admission, joining between
-steps, streaming, stop strings, cancellation).
+replica, with the batching of the transformers engine (serve/engines/batching.py ``BatchedEngine``: admission,
+joining between steps, streaming, stop strings, cancellation).
 
 The high-level ``llama_cpp.Llama`` and its bundled server run one sequence at a time. Here one context holds
 ``n_seq_max = max_num_seqs`` sequences, each in its own KV stream of ``n_ctx_seq`` = max_model_len rounded up to 256
@@ -12,12 +12,11 @@ and its slot (seq id) is reused.
 Sampling runs in llama.cpp, one sampler chain per request: greedy at temperature 0, else temperature -> top-p ->
 ``dist`` seeded by the request's seed (a request's draws depend only on its own seed, not on its batch-mates).
 
-Memory as llama.cpp allocates it, and as the planner sizes it (planner/model/engines/llamacpp.py): the model buffer (the GGUF's
-tensors; mmap'd on the CPU), the KV buffer (n_ctx = n_seq_max x n_ctx_seq cells, f16 K and V), the output buffer
-(logits of ``n_outputs_max`` = n_seq_max rows; llama.cpp's default of n_batch rows would only serve prompt logits,
-which nothing here asks for) and the compute buffer (one ``n_ubatch`` graph). llama.cpp's own log lines for each are
-kept and shown in ``report()``.
-"""
+Memory as llama.cpp allocates it, and as the planner sizes it (planner/model/engines/llamacpp.py): the model buffer
+(the GGUF's tensors; mmap'd on the CPU), the KV buffer (n_ctx = n_seq_max x n_ctx_seq cells, f16 K and V), the output
+buffer (logits of ``n_outputs_max`` = n_seq_max rows; llama.cpp's default of n_batch rows would only serve prompt
+logits, which nothing here asks for) and the compute buffer (one ``n_ubatch`` graph). llama.cpp's own log lines for
+each are kept and shown in ``report()``."""
 
 from __future__ import annotations
 

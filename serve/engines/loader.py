@@ -1,8 +1,9 @@
 """Load one replica's model the way the plan says: transformers + bitsandbytes (or a pre-quantized checkpoint's own
 quantization_config), on one GPU, on one GPU with CPU offload, or on the CPU.
 
-``bnb_config`` is the single source of the BitsAndBytesConfig each planner scheme maps to (benchmarks/common/calibration.py and
-benchmarks/gpu_validate.py use it), so what the planner sizes is what the replica loads."""
+``bnb_config`` is the single source of the BitsAndBytesConfig each planner scheme maps to
+  (benchmarks/common/calibration.py and benchmarks/gpu_validate.py use it), so what the planner sizes is what the
+  replica loads."""
 
 from __future__ import annotations
 

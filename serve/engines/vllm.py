@@ -195,5 +195,6 @@ def start(cfg, host):
     rep = engine.report()["reported"]
     logging.getLogger("gpuplan").info(
         "gpuplan replica %s: vLLM started in %.1f s (waited %.1f s for the GPU's start lock): KV cache %s tokens "
-        "(planned %s)", cfg.name, rep["start_s"], engine.lock_wait_s, rep["kv_cache_tokens"], settings["kv_cache_tokens"])
+        "(planned %s)", cfg.name, rep["start_s"], engine.lock_wait_s, rep["kv_cache_tokens"],
+        settings["kv_cache_tokens"])
     return Started(engine, None, {"total": 0})

@@ -1,21 +1,17 @@
 """A fixed sample of benchmarks/arch_sweep.py (every decoder-only ``*ForCausalLM`` of the installed transformers):
 architectures the planner does not derive from config.json, built tiny by transformers, loaded with bf16, int8, nf4,
 fp4 and nf4 + double quant; the estimate from the safetensors headers must equal the resident bytes. The whole sweep
-and its table: `python benchmarks/arch_sweep.py`, docs/estimate-accuracy.md."""
+and its table: `python -m benchmarks.arch_sweep`, docs/estimate-accuracy.md."""
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "benchmarks"))
-from arch_sweep import SCHEMES, causal_lm_architectures, sweep_one  # noqa: E402
+from benchmarks.arch_sweep import SCHEMES, causal_lm_architectures, sweep_one  # noqa: E402
 
 # learned position tables (opt, biogpt, electra), ALiBi (bloom), a sin/cos buffer (gptj), a causal-mask buffer
 # (gpt_bigcode), partial rotary (phi, stablelm), config spellings (bloom's n_layer/n_head), rotary buffers of

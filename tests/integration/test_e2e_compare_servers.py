@@ -25,7 +25,7 @@ def test_compare_servers_runs_and_loses_nothing(tmp_path):
         pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
     out = tmp_path / "compare.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare_servers.py"), "--servers", "vllm",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.compare_servers", "--servers", "vllm",
                         "gpuplan-vllm", "--clients", "1", "2", "--requests", "4", "--warmup", "1", "--max-tokens", "8",
                         "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

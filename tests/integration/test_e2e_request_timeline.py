@@ -22,7 +22,7 @@ def test_request_timeline_measures_every_segment(tmp_path):
         pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
     out = tmp_path / "timeline.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "request_timeline.py"), "--requests", "4",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.request_timeline", "--requests", "4",
                         "--max-tokens", "8", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

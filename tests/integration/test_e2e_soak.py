@@ -33,7 +33,7 @@ def test_one_minute_soak_with_a_kill_loses_nothing(tmp_path):
     out = tmp_path / "soak.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
     env.pop("GPUPLAN_API_KEY", None)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "soak.py"), "--start", "--config",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--start", "--config",
                         str(path), "--minutes", "1", "--rate", "3", "--kill-every", "35", "--json", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.exists(), p.stdout[-3000:] + p.stderr[-3000:]

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_gpu_validate_runs_on_cpu(tmp_path):
     rows = tmp_path / "rows.jsonl"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_validate.py"), "--tiny", "--device",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_validate", "--tiny", "--device",
                         "cpu", "--schemes", "bf16", "--jsonl", str(rows), "--out", str(tmp_path / "v.md")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]

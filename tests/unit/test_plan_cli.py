@@ -221,10 +221,7 @@ def test_the_cluster_line_groups_nodes_of_one_shape(tmp_path):
 def test_plan_scales_cli_case_plans_every_minimum(tmp_path, capsys):
     """benchmarks/plan_scale.py's `gpuplan plan` case (504 GPUs x 40 real catalog models, tight minimums) is a
     valid deploy file and cluster that plan with every minimum met and the rollout planning every placed replica."""
-    import os
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
-    import plan_scale
+    from benchmarks import plan_scale
 
     d, c = plan_scale.cli_files(tmp_path)
     assert main(["plan", str(d), "--cluster", str(c), "--json"]) == 0

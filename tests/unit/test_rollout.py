@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from fake_ray import FakeRay, drive
+from benchmarks.common.fake_ray import FakeRay, drive
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 

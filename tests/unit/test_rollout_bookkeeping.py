@@ -4,8 +4,6 @@ simulated Ray (late, reordered requests, random stops, ghosts) and through reali
 full recount at every gate, so every decision is the one the recounting code made."""
 
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,12 +12,8 @@ from planner.errors import InfeasiblePlanError
 from planner.placement.packing import plan
 from planner.rollout import ModelRule, ScaleMemory, realize
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
-
-from fake_ray import FakeRay, drive  # noqa: E402
-from rollout_sim import case  # noqa: E402
+from benchmarks.common.fake_ray import FakeRay, drive
+from benchmarks.rollout_sim import case
 
 
 @pytest.mark.parametrize("seed", range(5000, 5012))
@@ -50,7 +44,7 @@ def test_realize_is_the_same_whatever_the_process_searched_before():
     import json
     from dataclasses import replace
 
-    import plan_scale as ps
+    from benchmarks import plan_scale as ps
 
     tight = [replace(m, min_replicas=max(m.min_replicas, m.max_replicas // 2))
              for m in ps.models(40, 1, max_lo=4, max_hi=60, pin_types=("L40S", "A10G"), pin_every=7, cpu_every=5)]

@@ -218,7 +218,7 @@ def decide_gpu_layers(spec: ModelSpec, settings: LlamaCppSettings, *, model: str
     """The GGUF form of "offload to the CPU when the GPU is short": the largest ``n_gpu_layers`` whose blocks, their
     KV cache, the output layer, the compute buffer and ``fixed_gpu_bytes`` (the CUDA context) fit ``budget_bytes``
     (the replica's planned share, or less when the GPU has less free), placed as llama.cpp places them
-    (planner/model/engines/llamacpp_offload.py). The layers left on the CPU (their weights and KV) must fit ``offload_cpu_bytes``.
+    (llamacpp_offload.py). The layers left on the CPU (their weights and KV) must fit ``offload_cpu_bytes``.
     ``budget_bytes`` None: no GPU, everything on the CPU."""
     top = spec.dims.num_layers + 1
     if budget_bytes is None:
