@@ -3,11 +3,13 @@
 The stages, in the order data flows through them (a module imports only its own stage and the ones above it in this
 list; tests/unit/test_layout.py checks it):
 
-- ``errors``, ``units``, ``config``: typed errors, byte units, the deploy.yaml schema (pydantic, at the edge);
-- ``model/``: model -> bytes of one replica, per quantization and engine;
-- ``cluster/``: the nodes and GPUs, and the one hardware probe;
-- ``placement/`` and ``decisions``: replicas onto GPUs, the rollout as Ray Serve deployments, what to buy; the
-  run-time choices of one replica (GPU, offload or CPU);
+- ``errors``, ``units``: typed errors, byte units;
+- ``model/``: model -> bytes of one replica, per quantization scheme (quant/) and engine (engines/);
+- ``cluster/``, ``config``: the nodes and GPUs, the one hardware probe, the engines installed; the deploy file's
+  schema (pydantic, at the edge; scheme and engine names from the registries);
+- ``placement/`` and ``decisions``: replicas onto GPUs, what to buy; the run-time choices of one replica (GPU,
+  offload or CPU);
+- ``rollout/``: the plan as Ray Serve deployments, the node gate, the scaling policy, routing, node binding;
 - ``planning``: the orchestrator, deploy args -> estimates -> plan -> rollout;
 - ``output/``: tables, pictures, KubeRay manifests;
 - ``cli/``: parse, call, print.

@@ -7,7 +7,8 @@
 - fill: replicas up to each maximum, CPU and split GPU+CPU replicas;
 - explain: why a plan is infeasible or short, with the numbers and the smallest fix;
 - packing: ``plan()``, the pipeline over the above (its names stay importable from here);
-- rollout: the plan as Ray Serve deployments and the order Ray's best fit can bring them up in;
 - capacity: the smallest cluster that holds a deployment.
+
+How the plan then runs on Ray Serve is the next stage, planner/rollout/.
 
 May import: planner.errors, planner.units, planner.model, planner.cluster, and itself."""
