@@ -106,22 +106,196 @@ class _NodeState:
         self.new: Counter = Counter()
 
 
-def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: ScaleMemory, now: float) -> ScaleDecision:
-    """The replicas every deployment should run now.
+class _Decision:
+    """One scaling decision in progress: what each deployment is asked for (``alloc``, over Serve's ``baseline``), each
+    node's state, the replicas asked per model and the models still below their minimum (kept up to date by ``bump``
+    instead of recounted at every gate: a 500-GPU plan asks millions), the slots that wait and why, and the search
+    allowance all of the decision's gates share."""
 
-    Per model: ``want`` = ceil(load / target_ongoing_requests) within [min, max] (Ray Serve's rule, summed over the
-    model's deployments), moved into ``goal`` after upscale/downscale delays (at once up to ``min``). The goal is
-    spread over the model's slots in fill order: slots already asked for are kept, a new slot is taken when its
-    node gate is open (:func:`node_gate`, with every deployment's starting, unreported and newly asked replicas on
-    that node), and skipped otherwise; scale-down drops the last slots. Every model's ``min`` is placed before any
-    model's extra replicas; a minimum slot whose gate is closed only by the completion test still starts (the model
-    must run), with a line in ``waits``."""
-    goal, up, down = dict(memory.goal), dict(memory.since_up), dict(memory.since_down)
-    ghosts = [g for g in memory.ghosts if g.until > now]
-    baseline = {}
-    for d in rollout.deployments:
-        o = obs.get(d.name)
-        baseline[d.name] = min(d.planned, max(memory.applied.get(d.name, 0), o.target if o else 0))
+    def __init__(self, rollout: Rollout, baseline: dict[str, int], nodes: dict[str, _NodeState]):
+        self.rollout = rollout
+        self.baseline = baseline
+        self.nodes = nodes
+        self.models = list(rollout.models)
+        self.alloc = {d.name: 0 for d in rollout.deployments}
+        self.waits: list[str] = []
+        self.work = _Budget(DECISION_BUDGET)
+        self.asked_n: dict[str, int] = {}
+        self.short: set[str] = set()
+        self.model_of = {d.name: d.model for d in rollout.deployments}
+        self.min_of = {r.name: r.min_replicas for r in self.models}
+        self.node_rows: dict[str, list[tuple]] = {}  # node -> its GPU deployments' fixed fields, read once
+        self.scaffold: dict[str, tuple[int, float | None]] = {}
+
+    def recount(self) -> None:
+        self.asked_n.clear()
+        for d in self.rollout.deployments:
+            self.asked_n[d.model] = self.asked_n.get(d.model, 0) + max(self.baseline[d.name], self.alloc[d.name])
+        self.short.clear()
+        self.short.update(r.name for r in self.models if self.asked_n.get(r.name, 0) < r.min_replicas)
+
+    def bump(self, name: str, k: int) -> None:
+        before = max(self.baseline[name], self.alloc[name])
+        self.alloc[name] += k
+        delta = max(self.baseline[name], self.alloc[name]) - before
+        if delta:
+            m = self.model_of[name]
+            self.asked_n[m] = self.asked_n.get(m, 0) + delta
+            if self.asked_n[m] < self.min_of.get(m, 0):
+                self.short.add(m)
+            else:
+                self.short.discard(m)
+
+    def verify(self) -> None:
+        fresh: dict[str, int] = {}
+        for d in self.rollout.deployments:
+            fresh[d.model] = fresh.get(d.model, 0) + max(self.baseline[d.name], self.alloc[d.name])
+        below = {r.name for r in self.models if fresh.get(r.name, 0) < r.min_replicas}
+        if {m: n for m, n in fresh.items() if n} != {m: n for m, n in self.asked_n.items() if n} or below != self.short:
+            raise AssertionError(f"rollout bookkeeping drifted: asked {self.asked_n} vs {fresh}, short {self.short} vs "
+                                 f"{below}")
+
+    def remaining(self, node: str) -> tuple[dict[int, int], dict[int, int]]:
+        """The node's planned replicas not asked for yet, units -> count (positive counts only): (minimum slots of
+        models still below their minimum, the rest)."""
+        if VERIFY_BOOKKEEPING:
+            self.verify()
+        rows = self.node_rows.get(node)
+        if rows is None:
+            rows = self.node_rows[node] = [(d.name, d.model, d.units, d.min_slots, d.planned)
+                                           for d in self.rollout.on_node(node) if d.kind != "cpu"]
+        first: dict[int, int] = {}
+        then: dict[int, int] = {}
+        for name, model, units, min_slots, planned in rows:
+            b, c = self.baseline[name], self.alloc[name]
+            a = b if b > c else c
+            if min_slots > a and model in self.short:
+                first[units] = first.get(units, 0) + min_slots - a
+                a = min_slots
+            if planned > a:
+                then[units] = then.get(units, 0) + planned - a
+        return first, then
+
+    def gate(self, d: DeploymentSpec, complete: bool) -> bool:
+        st = self.nodes[d.node]
+        arriving: dict[int, int] = {}  # st.unknown + st.new + this step, as Counters add (positive counts only)
+        for c in (st.unknown, st.new):
+            for u, n in c.items():
+                if n > 0:
+                    arriving[u] = arriving.get(u, 0) + n
+        arriving[d.units] = arriving.get(d.units, 0) + 1
+        self.bump(d.name, 1)  # the step counts as asked for in `remaining`
+        try:
+            first, then = self.remaining(d.node)
+            if node_gate(st.rooms, arriving, first, st.ghosts, later=then, complete=complete, pool=self.work):
+                return True
+        finally:
+            self.bump(d.name, -1)
+        if not complete or any(st.unknown.values()) or any(st.new.values()) or st.ghosts:
+            return False
+        first, then = self.remaining(d.node)
+        try:
+            order = completion_order(st.rooms, first, later=then, pool=self.work)
+            if order is not None:
+                return bool(order) and order[0] == d.units
+            if completion_order(st.rooms, {}, later=_plus(first, then), pool=self.work) is not None:
+                return False  # a mixed order exists: the minimum pass shapes the node instead
+        except _TooBig:
+            return False  # this decision's search allowance is spent: the next decision goes on
+        rest = _plus(first, then)
+        rest[d.units] -= 1
+        return no_regret(st.rooms, d.units, rest)
+
+    @staticmethod
+    def settled(st: _NodeState) -> bool:
+        return not (any(st.unknown.values()) or any(st.new.values()) or st.ghosts)
+
+    def shape(self, r: ModelRule, d: DeploymentSpec) -> str:
+        """A minimum slot whose node cannot start every minimum first in an order best fit follows: take the first
+        step of an order that brings up all the node's planned replicas, minimums and extras mixed. "take" when that
+        step is this slot; "shaped" when it started another deployment's planned replica out of turn (a self.scaffold)
+        and this slot self.waits for the next decision; "wait" when the decision's search allowance ran out; "none" when
+        no such order was found."""
+        st = self.nodes[d.node]
+        first, then = self.remaining(d.node)
+        try:
+            order = completion_order(st.rooms, {}, later=_plus(first, then), pool=self.work)
+        except _TooBig:
+            return "wait"
+        if not order:
+            return "none"
+        if order[0] == d.units:
+            return "take"
+        e = next((x for x in self.rollout.on_node(d.node) if x.kind != "cpu" and x.units == order[0]
+                  and max(self.baseline[x.name], self.alloc[x.name]) < x.planned), None)
+        if e is None:
+            return "none"
+        self.bump(e.name, 1)
+        st.new[e.units] += 1
+        n, _ = self.scaffold.get(e.name, (0, None))
+        self.scaffold[e.name] = (n + 1, None)
+        self.waits.append(f"{r.name}: on {d.node} a replica of {e.model} starts first (out of turn) so that Ray's "
+                          "best fit leaves room for every planned replica there")
+        return "shaped"
+
+    def take(self, r: ModelRule, limit: int, complete: bool) -> None:
+        count = sum(self.alloc[d.name] for d in self.rollout.of_model(r.name))
+        passed: Counter = Counter()
+        for name in self.rollout.slots(r.name):
+            if count >= limit:
+                return
+            j = passed[name]
+            passed[name] += 1
+            if j != self.alloc[name]:
+                continue  # taken already, or an earlier slot of this deployment was skipped
+            d = self.rollout.deployment(name)
+            if not (j < self.baseline[name] or d.kind == "cpu" or d.node not in self.nodes):
+                st = self.nodes[d.node]
+                if not complete and not self.settled(st):
+                    continue  # not settled: waiting may open the gate, so do not force it yet
+                if not self.gate(d, complete):
+                    if complete:
+                        self.waits.append(f"{r.name}: slot on {d.node} waits: a replica started there now could leave "
+                                          "a planned replica of the node without a GPU")
+                    continue
+                if not complete:
+                    how = self.shape(r, d)
+                    if how in ("shaped", "wait"):
+                        continue  # a replica started out of turn instead, or the next decision goes on
+                    if how == "none":
+                        self.waits.append(f"{r.name}: starting a minimum replica on {d.node} although the node's "
+                                          "other planned replicas may then not all fit")
+                st.new[d.units] += 1
+            self.bump(name, 1)
+            count += 1
+
+    def keep_scaffold(self, memory: ScaleMemory, now: float) -> None:
+        """Replicas started out of turn stay until their node's minimums run, then for their model's downscale
+        delay."""
+        for name, (n, until) in memory.scaffold.items():
+            if until is not None and now >= until:
+                continue
+            d = self.rollout._by_name().get(name)
+            if d is None:
+                continue
+            self.scaffold[name] = (n, until)
+            self.alloc[name] = min(max(self.alloc[name], n), d.planned)
+            if d.node in self.nodes and self.alloc[name] > self.baseline[name]:
+                self.nodes[d.node].new[d.units] += self.alloc[name] - self.baseline[name]  # asked, not yet handed
+
+    def release_scaffold(self, now: float) -> None:
+        """A node's out-of-turn replicas start their downscale delay once its minimums all run."""
+        for name, (n, until) in list(self.scaffold.items()):
+            d = self.rollout.deployment(name)
+            st = self.nodes[d.node]
+            if until is None and self.settled(st) and not any(self.remaining(d.node)[0].values()):
+                self.scaffold[name] = (n, now + self.rollout.rule(d.model).downscale_delay_s)
+
+
+def _node_states(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: ScaleMemory,
+                 baseline: Mapping[str, int], ghosts) -> dict[str, _NodeState]:
+    """Each node as Serve reports it: the rooms its running replicas leave on each GPU, replicas with no known GPU
+    (starting, or not reported yet), and the ghosts of stopped ones."""
     nodes: dict[str, _NodeState] = {n.node: _NodeState(n) for n in rollout.nodes}
     for d in rollout.deployments:
         st = nodes.get(d.node)
@@ -142,201 +316,50 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
         st = nodes.get(g.node)
         if st is not None and g.gpu in st.pos:
             st.ghosts.append((st.pos[g.gpu], g.units))
+    return nodes
 
-    alloc = {d.name: 0 for d in rollout.deployments}
-    waits: list[str] = []
-    work = _Budget(DECISION_BUDGET)
-    scales = {}
-    models = [r for r in rollout.models]
-    for r in models:
+
+def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: ScaleMemory, now: float) -> ScaleDecision:
+    """The replicas every deployment should run now.
+
+    Per model: ``want`` = ceil(load / target_ongoing_requests) within [min, max] (Ray Serve's rule, summed over the
+    model's deployments), moved into ``goal`` after upscale/downscale delays (at once up to ``min``). The goal is
+    spread over the model's slots in fill order: slots already asked for are kept, a new slot is taken when its
+    node gate is open (:func:`node_gate`, with every deployment's starting, unreported and newly asked replicas on
+    that node), and skipped otherwise; scale-down drops the last slots. Every model's ``min`` is placed before any
+    model's extra replicas; a minimum slot whose gate is closed only by the completion test still starts (the model
+    must run), with a line in ``waits``."""
+    goal, up, down = dict(memory.goal), dict(memory.since_up), dict(memory.since_down)
+    ghosts = [g for g in memory.ghosts if g.until > now]
+    baseline = {}
+    for d in rollout.deployments:
+        o = obs.get(d.name)
+        baseline[d.name] = min(d.planned, max(memory.applied.get(d.name, 0), o.target if o else 0))
+    dec = _Decision(rollout, baseline, _node_states(rollout, obs, memory, baseline, ghosts))
+    scales = {}  # the policy (policy.py): per model its load, the replicas it wants, and the goal after the delays
+    for r in dec.models:
         load = sum(obs[d.name].load for d in rollout.of_model(r.name) if d.name in obs)
         want = desired_replicas(r, load)
         why = move_goal(r, want, now, goal, up, down, sum(baseline[d.name] for d in rollout.of_model(r.name)))
         scales[r.name] = [load, want, why]
-
-    # replicas asked for per model (sum over its deployments of max(baseline, alloc)) and the models still below
-    # their minimum, kept up to date by bump() instead of recounted at every gate (a 500-GPU plan asks millions)
-    asked_n: dict[str, int] = {}
-    short: set[str] = set()
-    model_of = {d.name: d.model for d in rollout.deployments}
-    min_of = {r.name: r.min_replicas for r in models}
-
-    def recount() -> None:
-        asked_n.clear()
-        for d in rollout.deployments:
-            asked_n[d.model] = asked_n.get(d.model, 0) + max(baseline[d.name], alloc[d.name])
-        short.clear()
-        short.update(r.name for r in models if asked_n.get(r.name, 0) < r.min_replicas)
-
-    def bump(name: str, k: int) -> None:
-        before = max(baseline[name], alloc[name])
-        alloc[name] += k
-        delta = max(baseline[name], alloc[name]) - before
-        if delta:
-            m = model_of[name]
-            asked_n[m] = asked_n.get(m, 0) + delta
-            if asked_n[m] < min_of.get(m, 0):
-                short.add(m)
-            else:
-                short.discard(m)
-
-    def verify() -> None:
-        fresh: dict[str, int] = {}
-        for d in rollout.deployments:
-            fresh[d.model] = fresh.get(d.model, 0) + max(baseline[d.name], alloc[d.name])
-        below = {r.name for r in models if fresh.get(r.name, 0) < r.min_replicas}
-        if {m: n for m, n in fresh.items() if n} != {m: n for m, n in asked_n.items() if n} or below != short:
-            raise AssertionError(f"rollout bookkeeping drifted: asked {asked_n} vs {fresh}, short {short} vs {below}")
-
-    node_rows: dict[str, list[tuple]] = {}  # node -> its GPU deployments' fixed fields, read once
-
-    def remaining(node: str) -> tuple[dict[int, int], dict[int, int]]:
-        """The node's planned replicas not asked for yet, units -> count (positive counts only): (minimum slots of
-        models still below their minimum, the rest)."""
-        if VERIFY_BOOKKEEPING:
-            verify()
-        rows = node_rows.get(node)
-        if rows is None:
-            rows = node_rows[node] = [(d.name, d.model, d.units, d.min_slots, d.planned)
-                                      for d in rollout.on_node(node) if d.kind != "cpu"]
-        first: dict[int, int] = {}
-        then: dict[int, int] = {}
-        for name, model, units, min_slots, planned in rows:
-            b, c = baseline[name], alloc[name]
-            a = b if b > c else c
-            if min_slots > a and model in short:
-                first[units] = first.get(units, 0) + min_slots - a
-                a = min_slots
-            if planned > a:
-                then[units] = then.get(units, 0) + planned - a
-        return first, then
-
-    def gate(d: DeploymentSpec, complete: bool) -> bool:
-        st = nodes[d.node]
-        arriving: dict[int, int] = {}  # st.unknown + st.new + this step, as Counters add (positive counts only)
-        for c in (st.unknown, st.new):
-            for u, n in c.items():
-                if n > 0:
-                    arriving[u] = arriving.get(u, 0) + n
-        arriving[d.units] = arriving.get(d.units, 0) + 1
-        bump(d.name, 1)  # the step counts as asked for in `remaining`
-        try:
-            first, then = remaining(d.node)
-            if node_gate(st.rooms, arriving, first, st.ghosts, later=then, complete=complete, pool=work):
-                return True
-        finally:
-            bump(d.name, -1)
-        if not complete or any(st.unknown.values()) or any(st.new.values()) or st.ghosts:
-            return False
-        first, then = remaining(d.node)
-        try:
-            order = completion_order(st.rooms, first, later=then, pool=work)
-            if order is not None:
-                return bool(order) and order[0] == d.units
-            if completion_order(st.rooms, {}, later=_plus(first, then), pool=work) is not None:
-                return False  # a mixed order exists: the minimum pass shapes the node instead
-        except _TooBig:
-            return False  # this decision's search allowance is spent: the next decision goes on
-        rest = _plus(first, then)
-        rest[d.units] -= 1
-        return no_regret(st.rooms, d.units, rest)
-
-    def settled(st: _NodeState) -> bool:
-        return not (any(st.unknown.values()) or any(st.new.values()) or st.ghosts)
-
-    def shape(r: ModelRule, d: DeploymentSpec) -> str:
-        """A minimum slot whose node cannot start every minimum first in an order best fit follows: take the first
-        step of an order that brings up all the node's planned replicas, minimums and extras mixed. "take" when that
-        step is this slot; "shaped" when it started another deployment's planned replica out of turn (a scaffold)
-        and this slot waits for the next decision; "wait" when the decision's search allowance ran out; "none" when
-        no such order was found."""
-        st = nodes[d.node]
-        first, then = remaining(d.node)
-        try:
-            order = completion_order(st.rooms, {}, later=_plus(first, then), pool=work)
-        except _TooBig:
-            return "wait"
-        if not order:
-            return "none"
-        if order[0] == d.units:
-            return "take"
-        e = next((x for x in rollout.on_node(d.node) if x.kind != "cpu" and x.units == order[0]
-                  and max(baseline[x.name], alloc[x.name]) < x.planned), None)
-        if e is None:
-            return "none"
-        bump(e.name, 1)
-        st.new[e.units] += 1
-        n, _ = scaffold.get(e.name, (0, None))
-        scaffold[e.name] = (n + 1, None)
-        waits.append(f"{r.name}: on {d.node} a replica of {e.model} starts first (out of turn) so that Ray's "
-                     "best fit leaves room for every planned replica there")
-        return "shaped"
-
-    def take(r: ModelRule, limit: int, complete: bool) -> None:
-        count = sum(alloc[d.name] for d in rollout.of_model(r.name))
-        passed: Counter = Counter()
-        for name in rollout.slots(r.name):
-            if count >= limit:
-                return
-            j = passed[name]
-            passed[name] += 1
-            if j != alloc[name]:
-                continue  # taken already, or an earlier slot of this deployment was skipped
-            d = rollout.deployment(name)
-            if not (j < baseline[name] or d.kind == "cpu" or d.node not in nodes):
-                st = nodes[d.node]
-                if not complete and not settled(st):
-                    continue  # not settled: waiting may open the gate, so do not force it yet
-                if not gate(d, complete):
-                    if complete:
-                        waits.append(f"{r.name}: slot on {d.node} waits: a replica started there now could leave "
-                                     "a planned replica of the node without a GPU")
-                    continue
-                if not complete:
-                    how = shape(r, d)
-                    if how in ("shaped", "wait"):
-                        continue  # a replica started out of turn instead, or the next decision goes on
-                    if how == "none":
-                        waits.append(f"{r.name}: starting a minimum replica on {d.node} although the node's other "
-                                     "planned replicas may then not all fit")
-                st.new[d.units] += 1
-            bump(name, 1)
-            count += 1
-
-    # replicas started out of turn stay until their node's minimums run, then for their model's downscale delay
-    scaffold = {}
-    for name, (n, until) in memory.scaffold.items():
-        if until is not None and now >= until:
-            continue
-        d = rollout._by_name().get(name)
-        if d is None:
-            continue
-        scaffold[name] = (n, until)
-        alloc[name] = min(max(alloc[name], n), d.planned)
-        if d.node in nodes and alloc[name] > baseline[name]:
-            nodes[d.node].new[d.units] += alloc[name] - baseline[name]  # asked for, not yet handed to Serve
-    recount()
-    for r in models:  # every model's minimum, keeping every node completable
-        take(r, min(goal[r.name], r.min_replicas), True)
-    for r in models:  # a minimum that cannot be had that way, on a settled node, starts where it lands
-        take(r, min(goal[r.name], r.min_replicas), False)
-    for r in models:
-        take(r, goal[r.name], True)
-
-    for name, (n, until) in list(scaffold.items()):
-        d = rollout.deployment(name)
-        st = nodes[d.node]
-        if until is None and settled(st) and not any(remaining(d.node)[0].values()):
-            scaffold[name] = (n, now + rollout.rule(d.model).downscale_delay_s)
+    dec.keep_scaffold(memory, now)
+    dec.recount()
+    for r in dec.models:  # every model's minimum, keeping every node completable
+        dec.take(r, min(goal[r.name], r.min_replicas), True)
+    for r in dec.models:  # a minimum that cannot be had that way, on a settled node, starts where it lands
+        dec.take(r, min(goal[r.name], r.min_replicas), False)
+    for r in dec.models:
+        dec.take(r, goal[r.name], True)
+    dec.release_scaffold(now)
     out_models = []
-    for r in models:
+    for r in dec.models:
         load, want, why = scales[r.name]
-        placed = sum(alloc[d.name] for d in rollout.of_model(r.name))
+        placed = sum(dec.alloc[d.name] for d in rollout.of_model(r.name))
         if placed < goal[r.name]:
             why += f"; {goal[r.name] - placed} slot(s) waiting for a node gate"
         out_models.append(ModelScale(r.name, round(load, 3), want, goal[r.name], placed, why))
-    mem = replace(memory, goal=goal, since_up=up, since_down=down, ghosts=tuple(ghosts), scaffold=scaffold)
-    return ScaleDecision(alloc, tuple(out_models), tuple(dict.fromkeys(waits)), mem)
+    mem = replace(memory, goal=goal, since_up=up, since_down=down, ghosts=tuple(ghosts), scaffold=dec.scaffold)
+    return ScaleDecision(dec.alloc, tuple(out_models), tuple(dict.fromkeys(dec.waits)), mem)
 
 
 def applied(memory: ScaleMemory, name: str, target: int) -> ScaleMemory:
