@@ -175,3 +175,17 @@ def test_a_violation_is_caught(tmp_path):
     assert any(rank(t) > rank("planner.model.x") for t in found)
     assert cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_every_engine_of_the_registry_has_its_two_modules():
+    """An engine is its planner module (estimate, settings, describe) and its serve module (start), found by name:
+    adding one is those two files and its line in the registry."""
+    from planner.model.engines import ENGINES
+    from serve.engines import module_of
+
+    for name, unit in ENGINES.items():
+        assert unit.NAME == name and all(callable(getattr(unit, f, None)) for f in ("estimate", "settings",
+                                                                                     "describe")), name
+        path = os.path.join(ROOT, *module_of(name).split(".")) + ".py"
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "start" for n in tree.body), f"{path} has no start()"

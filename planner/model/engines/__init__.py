@@ -19,7 +19,7 @@ from __future__ import annotations
 from planner.errors import InputError
 from planner.model.engines import llamacpp, transformers, vllm
 from planner.model.estimate import KV_DTYPES, DeploymentTarget, ReplicaEstimate, ReplicaRequest
-from planner.model.quant import FLOAT_BYTES, SCHEMES, QuantSpec, resolve_quant, schemes_run_by
+from planner.model.quant import FLOAT_BYTES, SCHEMES, QuantSpec, resolve_quant
 from planner.model.spec import ModelSpec
 
 # the registry: name -> module. The order is the order engines are listed in messages.
@@ -37,52 +37,37 @@ def engine(name: str):
 
 def pick_engine(requested: str, scheme: str, available, model: str = "", *, strict: bool = True) -> tuple[str, str]:
     """(engine, why) for a model entry's ``engine`` at quantization ``scheme``; ``available``: the engines installed
-    for the replicas. ``auto`` takes llama.cpp for GGUF files, vLLM where it is installed and runs the scheme,
-    transformers otherwise (vLLM moved bitsandbytes out of its tree in 0.28, so int8/nf4/fp4/int4 stay on
-    transformers; GGUF on transformers is planned at its dequantized size).
+    for the replicas. ``auto`` takes the first installed of the engines the scheme registry lists for the scheme, in
+    its order (llama.cpp for GGUF files, vLLM where it runs the scheme, transformers, which runs every scheme); an
+    engine asked for by name must run the scheme.
 
     ``strict`` (serving): an engine asked for by name that is not installed is an error. Not strict (planning, maybe
-    for another machine): it is planned as asked, and the reason says it was not found here."""
+    for another machine): it is planned as asked, and the reason says it was not found here. The words come from the
+    engine modules (``LABEL``, ``INSTALL_HINT``, ``AUTO_MISSING``, ``auto_takes``, ``cannot_run``)."""
     where = f"models[{model}]." if model else ""
     if requested not in ("auto", *ENGINE_NAMES):
-        raise InputError(f"{where}engine {requested!r}: use auto, transformers, vllm or llamacpp")
-    vllm_runs = schemes_run_by(vllm.NAME)
-    if requested == "llamacpp" or (requested == "auto" and scheme == "gguf"):
-        if scheme != "gguf":
-            raise InputError(f"{where}engine llamacpp runs GGUF files, not quantization {scheme}: point source at a "
-                             ".gguf file, or use engine: transformers or vllm")
-        if "llamacpp" not in available:
-            if requested == "auto":
-                return "transformers", ("auto: llama-cpp-python is not installed (`make venv` builds it); "
-                                        "transformers dequantizes the GGUF (planned at that size)")
+        raise InputError(f"{where}engine {requested!r}: use auto, {', '.join(ENGINE_NAMES[:-1])} or "
+                         f"{ENGINE_NAMES[-1]}")
+    runs = SCHEMES[scheme].engines if scheme in SCHEMES else ENGINE_NAMES
+    if requested != "auto":
+        unit = ENGINES[requested]
+        if requested not in runs:
+            raise InputError(where + unit.cannot_run(scheme))
+        if requested not in available and unit.INSTALL_HINT:
             if not strict:
-                return "llamacpp", ("deploy.yaml asks for llamacpp (llama-cpp-python is not found here: `make venv` "
-                                    "builds it where the replicas run)")
-            raise InputError(f"{where}engine llamacpp: llama-cpp-python is not installed for the replicas; run "
-                             "`make venv` (it builds llama-cpp-python) or use engine: transformers, which "
-                             "dequantizes the file (3.5-7x its size)")
-        return "llamacpp", ("deploy.yaml asks for llamacpp" if requested == "llamacpp"
-                            else "auto: a GGUF file runs on llama.cpp as stored")
-    if requested == "vllm":
-        if scheme not in vllm_runs:
-            raise InputError(
-                f"{where}engine vllm cannot run quantization {scheme}: vLLM removed bitsandbytes in 0.28 and runs "
-                f"{', '.join(sorted(vllm_runs))}; use engine: transformers for {scheme}, or a quantization vLLM "
-                "runs (awq, gptq, fp8)")
-        if "vllm" not in available:
-            if not strict:
-                return "vllm", ("deploy.yaml asks for vllm (vLLM is not found here: `make vllm` installs it where "
-                                "the replicas run)")
-            raise InputError(f"{where}engine vllm: vLLM is not installed for the replicas; run `make vllm` (its own "
-                             "venv, .venv-vllm) or set GPUPLAN_VLLM_PYTHON to a Python that has vllm and this Ray")
-        return "vllm", "deploy.yaml asks for vllm"
-    if requested == "transformers":
-        return "transformers", "deploy.yaml asks for transformers"
-    if scheme in vllm_runs and "vllm" in available:
-        return "vllm", f"auto: vLLM is installed and runs {scheme}"
-    if scheme not in vllm_runs:
-        return "transformers", f"auto: {scheme} is not a scheme vLLM runs"
-    return "transformers", "auto: vLLM is not installed (`make vllm`)"
+                return requested, (f"deploy.yaml asks for {requested}; not found here, planned as asked: "
+                                   f"{unit.INSTALL_HINT}")
+            raise InputError(f"{where}engine {requested}: {unit.INSTALL_HINT}")
+        return requested, f"deploy.yaml asks for {requested}"
+    chosen = next((e for e in runs if e in available or not ENGINES[e].INSTALL_HINT), runs[-1])
+    if chosen != runs[0]:  # passed over the preferred one: say why
+        return chosen, f"auto: {ENGINES[runs[0]].AUTO_MISSING}"
+    why = ENGINES[chosen].auto_takes(scheme)
+    if why is None:
+        others = [ENGINES[e].LABEL for e in ENGINE_NAMES if e in available and e not in runs]
+        why = (f"{scheme} is not a scheme {' or '.join(others)} runs" if others
+               else f"only {ENGINES[chosen].LABEL} of the engines here runs {scheme}")
+    return chosen, f"auto: {why}"
 
 
 def estimate_replica(

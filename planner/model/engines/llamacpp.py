@@ -32,6 +32,23 @@ from planner.model.spec import ModelSpec
 from planner.units import format_bytes
 
 NAME = "llamacpp"
+LABEL = "llama.cpp"
+# what pick_engine says when it is asked for but not installed for the replicas, and when auto passes it over
+INSTALL_HINT = ("llama-cpp-python is not installed for the replicas; run `make venv` (it builds llama-cpp-python) or "
+                "use engine: transformers, which dequantizes the file (3.5-7x its size)")
+AUTO_MISSING = ("llama-cpp-python is not installed (`make venv` builds it); transformers dequantizes the GGUF "
+                "(planned at that size)")
+
+
+def auto_takes(scheme: str) -> str:
+    """Why ``engine: auto`` took it."""
+    return "a GGUF file runs on llama.cpp as stored"
+
+
+def cannot_run(scheme: str) -> str:
+    """Why it refuses a scheme, and the fix."""
+    return (f"engine llamacpp runs GGUF files, not quantization {scheme}: point source at a .gguf file, or use "
+            "engine: transformers or vllm")
 
 KV_CELL_PAD = 256  # llama.cpp: n_ctx and n_ctx_seq are multiples of 256
 DEFAULT_N_UBATCH = 512  # llama.cpp's default physical batch

@@ -17,6 +17,18 @@ from planner.model.quant import FLOAT_BYTES
 from planner.units import MiB
 
 NAME = "transformers"
+LABEL = "transformers"
+# how pick_engine speaks of it: always installed (the replicas' own venv), so no install hint
+INSTALL_HINT = None
+
+
+def auto_takes(scheme: str) -> str | None:
+    """Why ``engine: auto`` took it: None, pick_engine then says which installed engines do not run the scheme."""
+    return None
+
+
+def cannot_run(scheme: str) -> str:  # pragma: no cover - it runs every scheme
+    return f"engine transformers cannot run quantization {scheme}"
 
 # NOTE: bitsandbytes LLM.int8 loads its cuBLASLt int8 kernels outside torch's allocator: the same measurement as
 # CUDA_CONTEXT_BYTES gave 750-752 MiB for int8 replicas against 688 MiB for bf16/4-bit ones; we take 64 MiB.

@@ -21,6 +21,23 @@ from planner.model.quant import FLOAT_BYTES, schemes_run_by
 from planner.units import MiB
 
 NAME = "vllm"
+LABEL = "vLLM"
+# what pick_engine says when it is asked for but not installed for the replicas, and when auto passes it over
+INSTALL_HINT = ("vLLM is not installed for the replicas; run `make vllm` (its own venv, .venv-vllm) or set "
+                "GPUPLAN_VLLM_PYTHON to a Python that has vllm and this Ray")
+AUTO_MISSING = "vLLM is not installed (`make vllm`)"
+
+
+def auto_takes(scheme: str) -> str:
+    """Why ``engine: auto`` took it."""
+    return f"vLLM is installed and runs {scheme}"
+
+
+def cannot_run(scheme: str) -> str:
+    """Why it refuses a scheme, and the fix."""
+    return (f"engine vllm cannot run quantization {scheme}: vLLM removed bitsandbytes in 0.28 and runs "
+            f"{', '.join(sorted(schemes_run_by(NAME)))}; use engine: transformers for {scheme}, or a quantization "
+            "vLLM runs (awq, gptq, fp8)")
 # NOTE: vLLM preallocates its KV cache as one tensor, so only the activation buffers fragment: an assumed 5%, not
 # measured (no vLLM CUDA build has run on a GPU here yet).
 VLLM_FRAGMENTATION_FRACTION = 0.05

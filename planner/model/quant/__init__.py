@@ -3,7 +3,8 @@
 Each family module (float.py, bnb.py, gptq_awq.py, fp8.py, mxfp4.py, gguf.py) owns:
 
 - ``NAMES``: its schemes' names in deploy files, ``--quant`` and plans;
-- ``ENGINES``: the engines that run them (planner/model/engines/), the first preferred for a file of that kind;
+- ``ENGINES``: the engines that run them (planner/model/engines/), in the order ``engine: auto`` prefers them
+  (it takes the first one installed; transformers runs every scheme, so one always is);
 - ``CHECKPOINT_METHODS``: the ``quantization_config.quant_method`` values of checkpoints quantized that way;
 - ``resolve(name, bits=, group_size=, fp8_block=)`` and ``from_checkpoint(method, qc)`` -> QuantSpec;
 - ``quantizes(tensor, q)``: which tensors it replaces (after the rules every scheme shares: embeddings, lm_head

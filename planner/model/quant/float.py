@@ -5,7 +5,7 @@ from __future__ import annotations
 from planner.model.quant.types import FLOAT_BYTES, QuantSpec
 
 NAMES = ("fp32", "bf16", "fp16")
-ENGINES = ("transformers", "vllm")
+ENGINES = ("vllm", "transformers")  # engine: auto takes the first installed
 CHECKPOINT_METHODS = ()
 
 

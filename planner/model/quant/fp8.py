@@ -8,7 +8,7 @@ import math
 from planner.model.quant.types import QuantSpec, TensorBytes
 
 NAMES = ("fp8",)
-ENGINES = ("transformers", "vllm")
+ENGINES = ("vllm", "transformers")  # engine: auto takes the first installed
 CHECKPOINT_METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
 
 

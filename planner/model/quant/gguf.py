@@ -6,7 +6,7 @@ from __future__ import annotations
 from planner.model.quant.types import QuantSpec
 
 NAMES = ("gguf",)
-ENGINES = ("llamacpp", "transformers")
+ENGINES = ("llamacpp", "transformers")  # engine: auto takes the first installed
 CHECKPOINT_METHODS = ()
 
 

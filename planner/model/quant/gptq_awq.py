@@ -15,7 +15,7 @@ from planner.errors import InputError
 from planner.model.quant.types import QuantSpec, TensorBytes
 
 NAMES = ("awq", "gptq")
-ENGINES = ("transformers", "vllm")
+ENGINES = ("vllm", "transformers")  # engine: auto takes the first installed
 CHECKPOINT_METHODS = ("gptq", "awq")
 
 

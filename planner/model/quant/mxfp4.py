@@ -7,7 +7,7 @@ import math
 from planner.model.quant.types import QuantSpec, TensorBytes
 
 NAMES = ("mxfp4",)
-ENGINES = ("transformers", "vllm")
+ENGINES = ("vllm", "transformers")  # engine: auto takes the first installed
 CHECKPOINT_METHODS = ("mxfp4",)
 
 
