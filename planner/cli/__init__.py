@@ -11,6 +11,7 @@ import sys
 
 from planner.errors import GpuplanError, InputError
 from planner.model.engines import ENGINE_NAMES
+from planner.model.quant import SCHEME_NAMES
 from planner.units import parse_bytes
 
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="bytes one replica of a model needs (weights, KV cache, activations, runtime)")
     e.add_argument("source", help="local model dir, config.json, .gguf file, or catalog name (see `gpuplan catalog`)")
     e.add_argument("--quant", default=None,
-                   help="fp32|bf16|fp16|int8|nf4|fp4|int4|awq|gptq|fp8|mxfp4|gguf, or several comma-separated to "
+                   help=f"{'|'.join(SCHEME_NAMES)}, or several comma-separated to "
                         "compare (default: the checkpoint's own quantization, else its dtype)")
     e.add_argument("--dtype", default=None, help="dtype of unquantized tensors and compute: bf16|fp16|fp32 "
                                                  "(default: the config's dtype, else bf16)")

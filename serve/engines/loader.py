@@ -15,12 +15,20 @@ import warnings
 
 import torch
 
+from planner.model.quant import SCHEME_NAMES
+from planner.model.quant import bnb as quant_bnb
+from planner.model.quant import fp8 as quant_fp8
+from planner.model.quant import gguf as quant_gguf
+from planner.model.quant import gptq_awq as quant_gptq_awq
+from planner.model.quant import mxfp4 as quant_mxfp4
 
 FLOAT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                 "fp16": torch.float16, "float16": torch.float16}
-BNB_SCHEMES = ("int8", "nf4", "fp4", "int4")
-CHECKPOINT_SCHEMES = ("awq", "gptq", "fp8", "mxfp4")  # quantized in the checkpoint: transformers reads its config
-GGUF = "gguf"
+# the scheme registry's families (planner/model/quant/): bitsandbytes quantizes at load; the checkpoint families are
+# quantized in the checkpoint (transformers reads its config); GGUF files are dequantized on load
+BNB_SCHEMES = quant_bnb.NAMES
+CHECKPOINT_SCHEMES = quant_gptq_awq.NAMES + quant_fp8.NAMES + quant_mxfp4.NAMES
+GGUF = quant_gguf.NAMES[0]
 
 # bitsandbytes' int8 matmul logs this at WARNING on *every* forward when its inputs are not fp16 (our bf16 compute,
 # on CPU and on CUDA alike): logger "bitsandbytes.autograd._functions", message
@@ -67,14 +75,13 @@ def bnb_config(scheme: str, compute_dtype: torch.dtype | str = torch.bfloat16, *
     compute_dtype = torch_dtype(compute_dtype)
     if scheme == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=cpu_offload)
-    if scheme in ("nf4", "fp4", "int4"):
+    if scheme in BNB_SCHEMES:  # the 4-bit ones
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4" if scheme == "fp4" else "nf4",
                                   bnb_4bit_use_double_quant=scheme == "int4", bnb_4bit_compute_dtype=compute_dtype,
                                   llm_int8_enable_fp32_cpu_offload=cpu_offload)
     if scheme in FLOAT_DTYPES or scheme in CHECKPOINT_SCHEMES or scheme == GGUF:
         return None
-    raise ValueError(f"unknown quantization {scheme!r}; expected one of fp32, bf16, fp16, int8, nf4, fp4, int4, "
-                     "awq, gptq, fp8, mxfp4, gguf")
+    raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEME_NAMES)}")
 
 
 def _checkpoint_quant_method(source: str) -> str | None:

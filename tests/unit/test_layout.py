@@ -184,8 +184,11 @@ def test_every_engine_of_the_registry_has_its_two_modules():
     from serve.engines import module_of
 
     for name, unit in ENGINES.items():
-        assert unit.NAME == name and all(callable(getattr(unit, f, None)) for f in ("estimate", "settings",
-                                                                                     "describe")), name
+        assert unit.NAME == name and all(callable(getattr(unit, f, None)) for f in (
+            "estimate", "settings", "describe", "auto_takes", "cannot_run")), name
+        assert isinstance(unit.LABEL, str) and hasattr(unit, "INSTALL_HINT"), name
+        if unit.INSTALL_HINT:
+            assert isinstance(unit.AUTO_MISSING, str), name
         path = os.path.join(ROOT, *module_of(name).split(".")) + ".py"
         tree = ast.parse(open(path, encoding="utf-8").read())
         assert any(isinstance(n, ast.FunctionDef) and n.name == "start" for n in tree.body), f"{path} has no start()"

@@ -7,11 +7,13 @@ Each engine module (transformers.py, vllm.py, llamacpp.py) owns, for its engine:
 - ``settings(est, target: DeploymentTarget) -> <Engine>Settings``: the typed settings one deployment is started with
   (a frozen dataclass with ``to_json()``), which the serve side's module of the same name starts
   (serve/engines/<name>.py ``start``);
-- ``describe(est) -> str``: what a replica is given, in a few words, for ``gpuplan plan``.
+- ``describe(est) -> str``: what a replica is given, in a few words, for ``gpuplan plan``;
+- the words ``pick_engine`` uses: ``LABEL``, ``INSTALL_HINT`` (None when always installed), ``AUTO_MISSING``,
+  ``auto_takes(scheme)``, ``cannot_run(scheme)``.
 
 Which schemes an engine runs is the scheme registry's (planner/model/quant/: each scheme lists its engines). Adding
-an engine is its module here, its module in serve/engines/, and one line in ``ENGINES`` below and in
-serve/engines/__init__.py (docs/architecture.md).
+an engine is its module here, its module in serve/engines/ (found by name), and one line in ``ENGINES`` below
+(docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from planner.errors import InfeasiblePlanError, InputError
-from planner.model.engines.llamacpp_offload import plan_layer_offload
 from planner.model.estimate import (CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, DeploymentTarget, ReplicaEstimate,
                                     ReplicaRequest)
 from planner.model.spec import ModelSpec
@@ -237,6 +236,8 @@ def decide_gpu_layers(spec: ModelSpec, settings: LlamaCppSettings, *, model: str
     (the replica's planned share, or less when the GPU has less free), placed as llama.cpp places them
     (llamacpp_offload.py). The layers left on the CPU (their weights and KV) must fit ``offload_cpu_bytes``.
     ``budget_bytes`` None: no GPU, everything on the CPU."""
+    from planner.model.engines.llamacpp_offload import plan_layer_offload  # only when layers are placed
+
     top = spec.dims.num_layers + 1
     if budget_bytes is None:
         return GpuLayersDecision("cpu", 0, top, f"{why_no_cuda}: {model} runs every layer on the CPU")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 from planner.errors import ModelSpecError
-from planner.model.formats.gguf import read_gguf, summarize_gguf
 from planner.model.spec.types import ArchDims, ModelSpec, TensorSpec
 
 
 def spec_from_gguf(path: str) -> ModelSpec:
+    from planner.model.formats.gguf import read_gguf, summarize_gguf  # the reader only when a GGUF is read
+
     g = read_gguf(path)
     s = summarize_gguf(g)
     missing = [k for k, v in (("block_count", s.block_count), ("embedding_length", s.embedding_length),
