@@ -8,9 +8,9 @@ front (docs/benchmarks.md, "Serving", has the timeline). The proxy keeps running
 on ``http_options.port`` and serves the same API, so Serve's health checks, KubeRay and anything that expects it still
 work; ``args.http.port`` puts this front beside it.
 
-The server runs in a daemon thread with its own event loop. The port is bound here (not by uvicorn), again every
-``retry_s`` while another process holds it: when Serve replaces the ingress (a config update, a crash) the new replica
-may start before the old one let go of the port.
+The server runs in a daemon thread with its own event loop. The port is bound here (not by uvicorn). Several ingress
+replicas (args.http.replicas) share it with SO_REUSEPORT, so the port stays open while one of them dies or is
+replaced; the bind is tried again every ``retry_s`` while a program that does not share holds it.
 """
 
 from __future__ import annotations
@@ -24,12 +24,16 @@ import time
 log = logging.getLogger("ray.serve")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port); raises OSError when the port is taken."""
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on (host, port); raises OSError when the port is taken. ``reuse_port``: share the port
+    with the other ingress replicas (SO_REUSEPORT: the kernel spreads new connections over the live listeners; a
+    program that did not ask for it still makes the bind fail)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
         sock.set_inheritable(True)
@@ -67,8 +71,10 @@ def pick_port(lo: int = 20000, hi: int = 30000, rng=None) -> int:
 class DirectFront:
     """Serve ``app`` (an ASGI app) on host:port from a thread of this process until ``stop()``."""
 
-    def __init__(self, app, host: str, port: int, *, retry_s: float = 0.5, graceful_s: int = 15):
+    def __init__(self, app, host: str, port: int, *, retry_s: float = 0.5, graceful_s: int = 15,
+                 reuse_port: bool = False):
         self.app, self.host, self.port = app, host, int(port)
+        self.reuse_port = reuse_port
         self.retry_s = float(retry_s)
         self.graceful_s = int(graceful_s)
         self.bound_at: float | None = None  # when the port was bound
@@ -87,7 +93,7 @@ class DirectFront:
         sock, warned = None, False
         while not self._stop.is_set():
             try:
-                sock = bind(self.host, self.port)
+                sock = bind(self.host, self.port, reuse_port=self.reuse_port)
                 break
             except OSError as exc:
                 if not warned:

@@ -157,7 +157,9 @@ def build_app(args: dict) -> serve.Application:
     built = {"run_id": os.environ.get("GPUPLAN_RUN_ID"), "built_at": time.time(), "plan_id": rollout.plan_id}
     ingress = Ingress
     front = {"port": parsed.http.port, "host": parsed.http.host} if parsed.http.port else None
-    if front:  # the front listens where the ingress runs: on the head node, like Serve's HeadOnly proxy
-        ingress = Ingress.options(ray_actor_options={**INGRESS_ACTOR, "resources": {"node:__internal_head__": 0.001}})
+    if front:  # the front listens where the ingress runs: on the head node, like Serve's HeadOnly proxy; several
+        # replicas share its port, so one that dies or is replaced leaves it open (args.http.replicas)
+        ingress = Ingress.options(num_replicas=parsed.http.replicas,
+                                  ray_actor_options={**INGRESS_ACTOR, "resources": {"node:__internal_head__": 0.001}})
     return ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
                         [b.to_json() for b in bindings], parsed.http.api_key_env, built, front)

@@ -26,7 +26,15 @@ INGRESS_ACTOR = {"num_cpus": INGRESS_CPUS}  # the ingress's Ray actor options (.
 AVOID_AFTER_LOSS_S = 5.0  # a deployment whose replica just died gets no new request while another can take it
 
 
-@serve.deployment(ray_actor_options=dict(INGRESS_ACTOR), max_ongoing_requests=256)
+# NOTE: the ingress's health check is also when it tells the registry its requests in flight and learns that its build
+# drains (a drain reaches one of the replicas that share the API port): every second, so a drain holds for all of them
+# within about one
+INGRESS_HEALTH_CHECK_S = 1.0
+PRUNE_EVERY_S = 5.0  # how often the health check also forgets replicas Serve no longer has
+
+
+@serve.deployment(ray_actor_options=dict(INGRESS_ACTOR), max_ongoing_requests=256,
+                  health_check_period_s=INGRESS_HEALTH_CHECK_S)
 @serve.ingress()
 class Ingress:
     """The HTTP front (the Backend of openai_api): routes each request for a model to one of the model's
@@ -41,7 +49,12 @@ class Ingress:
         self.rollout = Rollout.from_json(rollout_json)
         self.bindings = tuple(NodeBinding(b["node"], b["selector"], b["ray_node_id"], b["how"], b.get("note"))
                               for b in bindings_json)
-        self.app_name = serve.get_replica_context().app_name
+        ctx = serve.get_replica_context()
+        self.app_name = ctx.app_name
+        self.replica_id = getattr(ctx.replica_id, "unique_id", str(ctx.replica_id))
+        # the ingress replicas of one build (their built_at) share the API port and its drain (serve/app/registry.py)
+        self.build_key = f"{self.app_name}@{self.built.get('built_at') or 0}"
+        self._pruned_at = 0.0
         self.api_key = os.environ.get(api_key_env) or None
         self.inflight: dict[str, int] = {}
         self._lost: dict[str, float] = {}  # deployment -> when a request found one of its replicas dead
@@ -54,7 +67,7 @@ class Ingress:
             from serve.api.app import create_app
 
             self.front = DirectFront(create_app(self, api_key=self.api_key), front.get("host") or "127.0.0.1",
-                                     int(front["port"])).start()
+                                     int(front["port"]), reuse_port=True).start()
 
     def __serve_build_asgi_app__(self):
         from serve.api.app import create_app
@@ -141,13 +154,28 @@ class Ingress:
         finally:
             self.inflight[name] -= 1
 
-    def drain(self) -> dict:
-        """Stop taking new requests; the ones in flight go on (the Backend's drain)."""
+    async def drain(self) -> dict:
+        """Stop taking new requests; the ones in flight go on (the Backend's drain). The drain holds for every
+        ingress replica of this build: it is recorded in the registry, where the others read it within a second."""
         if self.draining is None:
             self.draining = time.time()
             log.warning("gpuplan: draining: %d request(s) in flight finish, new ones get 503",
                         sum(self.inflight.values()))
-        return {"draining": True, "since": self.draining, "in_flight": sum(self.inflight.values())}
+        try:
+            await ray.get_actor(REGISTRY).drain.remote(self.build_key)
+        except Exception:  # no registry: this replica drains alone
+            log.warning("gpuplan: could not record the drain in the registry; the other ingress replicas go on")
+        return {"draining": True, "since": self.draining, "in_flight": await self._in_flight_all()}
+
+    async def _in_flight_all(self) -> int:
+        """Requests in flight on every ingress replica of this build: this one's now, the others' as they last
+        reported them."""
+        own = sum(self.inflight.values())
+        try:
+            others = await ray.get_actor(REGISTRY).in_flight.remote(self.build_key)
+        except Exception:
+            others = {}
+        return own + sum(n for rid, n in others.items() if rid != self.replica_id)
 
     async def check_health(self) -> None:
         """Serve's health check of the ingress, also the moment to forget replicas Serve no longer has."""
@@ -158,10 +186,18 @@ class Ingress:
                                "has the cause (`ray logs`, or the Serve dashboard). Fix: if another program holds "
                                "the port, stop it or change args.http.port")
         try:
-            live = await asyncio.to_thread(self._live_replica_ids)
-            if live is not None:
-                await ray.get_actor(REGISTRY).prune.remote(live, self.app_name)
-        except Exception:  # /plan prunes again when it is read
+            reg = ray.get_actor(REGISTRY)
+            since = await reg.ingress_report.remote(self.build_key, self.replica_id, sum(self.inflight.values()))
+            if since is not None and self.draining is None:
+                self.draining = since
+                log.warning("gpuplan: draining (asked of another ingress replica): %d request(s) in flight finish, "
+                            "new ones get 503", sum(self.inflight.values()))
+            if time.time() - self._pruned_at >= PRUNE_EVERY_S:
+                self._pruned_at = time.time()
+                live = await asyncio.to_thread(self._live_replica_ids)
+                if live is not None:
+                    await reg.prune.remote(live, self.app_name)
+        except Exception:  # /plan prunes again when it is read; the drain is also this replica's own
             pass
 
     async def __del__(self):
@@ -171,8 +207,9 @@ class Ingress:
             await asyncio.to_thread(self.front.stop)
 
     def identity(self) -> dict:
-        """Which deploy this app is (the run id of `make run`, when it was built, the plan): /readyz's ``app``."""
-        return self.built
+        """Which deploy this app is (the run id of `make run`, when it was built, the plan) and which ingress replica
+        answered (its process): /readyz's ``app``."""
+        return dict(self.built, ingress_pid=os.getpid())
 
     async def readiness(self) -> tuple[bool, dict]:
         try:
@@ -196,7 +233,7 @@ class Ingress:
                 detail[model]["load_failures"] = [
                     {k: f.get(k) for k in ("mode", "kind", "message", "gave_up", "at", "replica_id")} for f in fs]
         if self.draining:
-            detail["draining"] = {"since": self.draining, "in_flight": sum(self.inflight.values())}
+            detail["draining"] = {"since": self.draining, "in_flight": await self._in_flight_all()}
             ok = False
         return ok, detail
 

@@ -20,6 +20,8 @@ class ReplicaBook:
         self.stopped_ids: set[str] = set()
         self.deaths: dict[str, list] = {}  # model -> [(replica_id, when it was found gone)]
         self.failures: list[dict] = []  # failed loads, newest last
+        self.drains: dict[str, float] = {}  # build of the app (its built_at) -> when draining began
+        self.fronts: dict[tuple[str, str], tuple[int, float]] = {}  # (build, ingress replica) -> (in flight, when)
 
     def put(self, info: dict) -> None:
         if info["replica_id"] in self.stopped_ids:
@@ -67,6 +69,22 @@ class ReplicaBook:
 
     def all(self) -> list[dict]:
         return list(self.replicas.values())
+
+
+    # ---- the ingress replicas of one build share the API port; a drain reaches one of them and holds for all
+    def drain(self, build: str) -> float:
+        """Start draining ``build``'s ingress replicas (idempotent); returns when it began."""
+        return self.drains.setdefault(build, time.time())
+
+    def ingress_report(self, build: str, replica_id: str, in_flight: int) -> float | None:
+        """An ingress replica's requests in flight (every second); returns when its build began draining, or None."""
+        self.fronts[(build, replica_id)] = (int(in_flight), time.time())
+        return self.drains.get(build)
+
+    def in_flight(self, build: str, within_s: float = 5.0) -> dict[str, int]:
+        """Requests in flight per ingress replica of ``build``, as reported in the last ``within_s``."""
+        now = time.time()
+        return {rid: n for (b, rid), (n, at) in self.fronts.items() if b == build and now - at < within_s}
 
 
 Registry = ray.remote(num_cpus=0)(ReplicaBook)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import requests
@@ -19,3 +20,12 @@ def wait_ready(base: str, timeout: float, gave_up=None) -> bool:
         if time.time() > deadline or (gave_up is not None and gave_up()):
             return False
         time.sleep(1)
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import requests
-from ray_helpers import wait_ready
+from ray_helpers import alive, wait_ready
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -63,14 +63,6 @@ def two(ray_cluster):
     wait_two_running(base)
     yield base
     serve.delete("faults")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def wait_two_running(base: str, timeout: float = 180) -> None:

@@ -122,3 +122,41 @@ def test_a_dead_front_fails_the_ingress_health_check_with_the_cause_and_the_fix(
     msg = str(exc.value)
     assert "API server on 127.0.0.1:8000 stopped: OSError: [Errno 98] Address already in use" in msg, msg
     assert "Fix: if another program holds the port, stop it or change args.http.port" in msg, msg
+
+
+def test_ingress_replicas_share_the_port_and_it_stays_open_when_one_goes():
+    """args.http.replicas fronts bind one port with SO_REUSEPORT: both listen, a program that does not share still
+    cannot take it, and when one listener closes (its process died) a new connection reaches the other."""
+    import socket
+
+    port = pick_port()
+    a = bind("127.0.0.1", port, reuse_port=True)
+    b = bind("127.0.0.1", port, reuse_port=True)
+    try:
+        with pytest.raises(OSError):
+            bind("127.0.0.1", port)  # a program that does not share
+        a.close()  # one ingress replica is gone
+        for _ in range(20):  # every new connection lands on the live listener: none is refused
+            c = socket.create_connection(("127.0.0.1", port), timeout=2)
+            conn, _ = b.accept()
+            conn.close()
+            c.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_drain_asked_of_one_ingress_replica_holds_for_the_others():
+    """The registry keeps the drain of a build (its built_at) and each ingress replica's requests in flight: the one
+    that got POST /admin/drain records it, the others learn it at their next report, and /readyz counts all."""
+    from serve.app.registry import ReplicaBook
+
+    book = ReplicaBook()
+    assert book.ingress_report("llm@1", "i1", 3) is None  # not draining
+    assert book.ingress_report("llm@1", "i2", 1) is None
+    since = book.drain("llm@1")
+    assert book.drain("llm@1") == since  # asked again: the same drain
+    assert book.ingress_report("llm@1", "i2", 1) == since
+    assert book.ingress_report("llm@2", "i9", 0) is None  # a later build of the app does not inherit it
+    assert book.in_flight("llm@1") == {"i1": 3, "i2": 1}
+    assert book.in_flight("llm@1", within_s=-1) == {}  # stale reports do not count

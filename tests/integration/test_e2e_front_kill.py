@@ -1,0 +1,133 @@
+"""The API survives the death of the process that serves it: `python -m serve.run` with gpuplan's front on two ingress
+replicas (args.http.replicas, one port shared with SO_REUSEPORT), 4 clients sending short chats without pause, and
+the ingress process that answered /readyz SIGKILLed under that load. Counted: connections refused (the port closed),
+and requests lost (a connection reset or a 5xx other than the typed 503s)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+import yaml
+
+from ray_helpers import alive, wait_ready
+from serve.api.front import pick_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLIENTS = 4
+
+
+def ray_running() -> bool:
+    out = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+def client(base: str, stop: threading.Event, log: list) -> None:
+    """Short chats back to back; every attempt logged as (start, end, outcome)."""
+    s = requests.Session()
+    body = {"model": "tiny-gguf", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0}
+    while not stop.is_set():
+        t = time.time()
+        try:
+            r = s.post(base + "/v1/chat/completions", json=body, timeout=30)
+            outcome = "ok" if r.status_code == 200 else ("typed" if r.status_code in (429, 503) else
+                                                         f"http {r.status_code}")
+        except requests.ConnectionError as exc:
+            refused = "refused" in str(exc).lower() or "Errno 111" in str(exc)
+            outcome = "refused" if refused else "reset"
+            s = requests.Session()  # a fresh connection after a broken one
+        except requests.RequestException as exc:
+            outcome = f"error {type(exc).__name__}"
+        log.append((t, time.time(), outcome))
+
+
+def longest_refusal(log: list) -> float:
+    """The longest stretch, in seconds, from a refused attempt to the next attempt (of any client) that got in."""
+    longest, start = 0.0, None
+    for t, _, outcome in sorted(log):
+        if outcome == "refused":
+            start = t if start is None else start
+        elif start is not None:
+            longest, start = max(longest, t - start), None
+    return longest if start is None else float("inf")
+
+
+def test_sigkill_of_the_front_under_load_keeps_the_port_open(tmp_path):
+    if ray_running():
+        pytest.fail("a Ray cluster is already running on this machine; this test needs its own")
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
+    port, proxy_port = pick_port(), pick_port()
+    cfg["http_options"]["port"] = proxy_port
+    args = cfg["applications"][0]["args"]
+    args["http"]["port"] = port
+    assert args["http"].get("replicas", 2) == 2  # the default: two fronts on one port
+    args["models"] = [m for m in args["models"] if m["name"] == "tiny-gguf"]
+    for m in args["models"]:
+        m["source"] = os.path.normpath(os.path.join(ROOT, m["source"]))
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("GPUPLAN_API_KEY", None)
+    log_path = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "serve.run", str(path)], cwd=ROOT, env=env,
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_ready(base, 300, gave_up=lambda: proc.poll() is not None):
+            pytest.fail("serve run did not become ready:\n" + log_path.read_text()[-4000:])
+        pids = set()
+        for _ in range(40):  # both fronts are up: /readyz answers from two processes
+            pids.add(requests.get(base + "/readyz", timeout=10).json()["app"]["ingress_pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, f"one port, two ingress processes expected, saw {pids}"
+        stop, log = threading.Event(), []
+        threads = [threading.Thread(target=client, args=(base, stop, log), daemon=True) for _ in range(CLIENTS)]
+        for th in threads:
+            th.start()
+        time.sleep(5)
+        victim = requests.get(base + "/readyz", timeout=10).json()["app"]["ingress_pid"]
+        killed_at = time.time()
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(15)
+        stop.set()
+        for th in threads:
+            th.join(timeout=60)
+        before = [o for t, end, o in log if end < killed_at]  # answered before the kill
+        in_flight = [o for t, end, o in log if t < killed_at <= end]  # sent before, answered (or not) after
+        after = [o for t, end, o in log if t >= killed_at]
+        lost = [o for o in in_flight + after if o not in ("ok", "typed", "refused")]
+        refused = sum(o == "refused" for o in after)
+        print(f"front kill: before {dict(Counter(before))}, in flight at the kill {dict(Counter(in_flight))}, after "
+              f"{dict(Counter(after))}; {refused} refused, {len(lost)} lost; longest refusal "
+              f"{longest_refusal(log):.2f} s; the victim {'still runs' if alive(victim) else 'is gone'}")
+        assert not alive(victim)
+        assert before.count("ok") > 10 and not [o for o in before if o not in ("ok", "typed")], before
+        assert after.count("ok") > 20, "the other front must keep answering"
+        assert longest_refusal(log) < 1.0, f"the port was closed for {longest_refusal(log):.2f} s"
+        # at most the requests the dead process held; none sent after the kill
+        assert len(lost) <= CLIENTS and not [o for o in after if o not in ("ok", "typed", "refused")], lost
+        # Serve replaces the dead ingress: two fronts again
+        pids_after = set()
+        deadline = time.time() + 120
+        while len(pids_after) < 2 and time.time() < deadline:
+            try:
+                pids_after.add(requests.get(base + "/readyz", timeout=10).json()["app"]["ingress_pid"])
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        assert victim not in pids_after and len(pids_after) == 2, pids_after
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
