@@ -61,13 +61,13 @@ def planned_vllm(device: str = "cpu") -> dict:
                          quantization=None).to_json()
 
 
-def gpuplan_config(engine: str, port: int, path: Path, via: str = "front") -> None:
+def gpuplan_config(engine: str, port: int, path: Path, via: str = "front", fronts: int = 2) -> None:
     """deploy.yaml's shape: the API on ``port`` from gpuplan's own front (serve/api/front.py) and Ray Serve's proxy on
     another port, or (``via="proxy"``) only the proxy, on ``port``."""
     front = via == "front"
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": pick_port() if front else port},
            "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app", "args": {
-               **({"http": {"host": "127.0.0.1", "port": port}} if front else {}),
+               **({"http": {"host": "127.0.0.1", "port": port, "replicas": fronts}} if front else {}),
                "cluster": "auto", "models": [{
                    "name": SERVED, "source": MODEL, "quantization": "bf16", "engine": engine,
                    "max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS,
@@ -75,7 +75,7 @@ def gpuplan_config(engine: str, port: int, path: Path, via: str = "front") -> No
     path.write_text(yaml.safe_dump(cfg))
 
 
-def start(kind: str, port: int, log: Path, via: str = "front") -> tuple[subprocess.Popen, str]:
+def start(kind: str, port: int, log: Path, via: str = "front", fronts: int = 2) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     out = open(log, "w")
     py = os.environ.get("GPUPLAN_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
@@ -95,7 +95,7 @@ def start(kind: str, port: int, log: Path, via: str = "front") -> tuple[subproce
                "--block-size", str(s["block_size"]), "--enforce-eager", "--disable-log-stats"]
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), "/health"
     cfg = log.with_suffix(".yaml")
-    gpuplan_config(kind.split("-", 1)[1], port, cfg, via)
+    gpuplan_config(kind.split("-", 1)[1], port, cfg, via, fronts)
     out.close()
     return start_gpuplan(cfg, log), "/readyz"
 
@@ -166,7 +166,7 @@ def run(kind: str, a) -> dict:
     port = pick_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.gettempdir()) / f"compare_{kind}.log"
-    proc, probe = start(kind, port, log, a.via)
+    proc, probe = start(kind, port, log, a.via, a.fronts)
     try:
         ready = wait_ready(url, probe, proc, a.ready_timeout)
         if ready is None:
@@ -261,6 +261,7 @@ def main(argv=None) -> int:
                     help="run every server this many times, interleaved (A B C, A B C); the table shows medians")
     ap.add_argument("--via", choices=["front", "proxy"], default="front",
                     help="gpuplan's API from its own front (args.http.port, as deploy.yaml) or only Ray Serve's proxy")
+    ap.add_argument("--fronts", type=int, default=2, help="gpuplan's args.http.replicas (fronts sharing the port)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ignore-eos", action="store_true", help="every answer is --max-tokens long")
     ap.add_argument("--prompt", default="Tell me a short story about a robot who learns to paint.")
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     print(machine_line())
     print(f"model: {MODEL} bf16, max_model_len {MAX_MODEL_LEN}, max_num_seqs {MAX_NUM_SEQS}; {a.requests} streamed "
           f"chats per level, max_tokens {a.max_tokens}{' (ignore_eos)' if a.ignore_eos else ''}, "
-          f"{'seeded' if a.seed >= 0 else 'no seeds'}; gpuplan via {a.via}; {a.rounds} round(s), medians\n")
+          f"{'seeded' if a.seed >= 0 else 'no seeds'}; gpuplan via {a.via} ({a.fronts} front(s)); {a.rounds} round(s), medians\n")
     by = {(r["server"], r["clients"]): r for r in rows if not r.get("error")}
 
     def ratio(r: dict, peer: str) -> str:
