@@ -200,10 +200,10 @@ class HttpOptions(_Edge):
     host: str = "127.0.0.1"
     """Interface of ``port``: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)."""
     replicas: int = Field(2, ge=1, le=8)
-    """Ingress replicas that serve the API on ``port``, each its own process on the head node, all listening on the
-    one port (SO_REUSEPORT): when one dies the kernel hands new connections to the others while Serve replaces it, and
-    a config update replaces them with no moment the port is closed. 1 saves a process (about 250 MiB); the port
-    then refuses connections while Serve restarts its only ingress."""
+    """Ingress replicas for the API on ``port``, each its own process on the head node: one serves, the others stand
+    by (waiting on a file lock, no CPU) and the next takes the port within milliseconds when the serving one dies or
+    is replaced, while Serve starts a new standby. 1 saves a process (about 250 MiB); the port then refuses
+    connections while Serve restarts its only ingress."""
 
 
 class DeployArgs(_Edge):

@@ -63,11 +63,13 @@ class Ingress:
         self._logged: set[str] = set()
         self.front = None
         if front and front.get("port"):  # args.http.port: serve the API from this process too (serve/api/front.py)
-            from serve.api.front import DirectFront
             from serve.api.app import create_app
+            from serve.api.front import DirectFront, leader_lock_path
 
-            self.front = DirectFront(create_app(self, api_key=self.api_key), front.get("host") or "127.0.0.1",
-                                     int(front["port"]), reuse_port=True).start()
+            host, port = front.get("host") or "127.0.0.1", int(front["port"])
+            # args.http.replicas ingress replicas take turns on the port: one serves, the others stand by
+            self.front = DirectFront(create_app(self, api_key=self.api_key), host, port, reuse_port=True,
+                                     leader_lock=leader_lock_path(host, port)).start()
 
     def __serve_build_asgi_app__(self):
         from serve.api.app import create_app

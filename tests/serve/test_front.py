@@ -160,3 +160,45 @@ def test_a_drain_asked_of_one_ingress_replica_holds_for_the_others():
     assert book.ingress_report("llm@2", "i9", 0) is None  # a later build of the app does not inherit it
     assert book.in_flight("llm@1") == {"i1": 3, "i2": 1}
     assert book.in_flight("llm@1", within_s=-1) == {}  # stale reports do not count
+
+
+def test_fronts_of_one_port_take_turns_and_a_standby_takes_over_at_once(tmp_path):
+    """Two fronts with one leader lock: the first serves, the second waits without listening; when the first stops
+    (or its process dies, which releases the lock) the second listens within its poll interval."""
+    import httpx
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": scope["app_tag"].encode()})
+
+    def tagged(tag):
+        async def inner(scope, receive, send):
+            await app(dict(scope, app_tag=tag), receive, send)
+        return inner
+
+    port, lock = pick_port(), str(tmp_path / "front.lock")
+    a = DirectFront(tagged("a"), "127.0.0.1", port, reuse_port=True, leader_lock=lock, graceful_s=1).start()
+    b = None
+    try:
+        for _ in range(100):
+            if a.serving():
+                break
+            time.sleep(0.05)
+        b = DirectFront(tagged("b"), "127.0.0.1", port, reuse_port=True, leader_lock=lock, graceful_s=1).start()
+        time.sleep(0.3)
+        assert a.serving() and not b.serving() and b.alive()  # the standby waits, alive
+        for _ in range(10):
+            assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "a"  # only the leader listens
+        a.stop()
+        t0 = time.time()
+        while not b.serving() and time.time() - t0 < 5:
+            time.sleep(0.01)
+        assert b.serving(), "the standby did not take the port"
+        assert time.time() - t0 < 1.0
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).text == "b"
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()
