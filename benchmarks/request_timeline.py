@@ -50,39 +50,62 @@ SEGMENTS = (  # name, from, to (client events: send, first, end)
 )
 
 
-def read_trace(path: Path) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {e: [] for e in EVENTS}
+def read_trace(path: Path) -> dict[str, dict[str, float]]:
+    """event -> {request id -> time} (the id is the x-request-id each request carried)."""
+    out: dict[str, dict[str, float]] = {e: {} for e in EVENTS}
     for line in path.read_text().splitlines():
         d = json.loads(line)
-        out.setdefault(d["event"], []).append(d["t"])
-    return {k: sorted(v) for k, v in out.items()}
+        if d.get("id") is not None:
+            out.setdefault(d["event"], {})[d["id"]] = d["t"]
+    return out
 
 
-def send(url: str, n: int, max_tokens: int, trace: Path) -> list[dict]:
-    """n streamed chats one after another; each row has the client's and the server's timestamps of one request."""
+def send(url: str, n: int, max_tokens: int, trace: Path, clients: int = 1, ignore_eos: bool = True) -> list[dict]:
+    """n streamed chats from ``clients`` concurrent clients (each sends its next request when its last one ended);
+    each row has the client's and the server's timestamps of one request, matched by its x-request-id."""
+    import threading
+    import uuid
+
     trace.write_text("")
-    rows = []
-    with httpx.Client(base_url=url, timeout=120) as c:
-        for i in range(n):
-            body = {"model": cs.SERVED, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.8, "seed": i,
-                    "stream": True, "messages": [{"role": "user", "content": "Tell me a short story about a robot."}]}
-            t0, first = time.time(), None
-            with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    raise SystemExit(f"request {i}: HTTP {r.status_code}: {r.read()[:300]!r}")
-                for _ in r.iter_raw():
-                    if first is None:
-                        first = time.time()
-            rows.append({"send": t0, "first": first, "end": time.time()})
+    rows: dict[str, dict] = {}
+    counter = iter(range(n))
+    lock = threading.Lock()
+    tag = uuid.uuid4().hex[:8]
+
+    def one_client():
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                rid = f"{tag}-{i}"
+                body = {"model": cs.SERVED, "max_tokens": max_tokens, "ignore_eos": ignore_eos, "temperature": 0.8,
+                        "seed": i, "stream": True,
+                        "messages": [{"role": "user", "content": "Tell me a short story about a robot."}]}
+                t0, first = time.time(), None
+                with c.stream("POST", "/v1/chat/completions", json=body, headers={"x-request-id": rid}) as r:
+                    if r.status_code != 200:
+                        raise SystemExit(f"request {i}: HTTP {r.status_code}: {r.read()[:300]!r}")
+                    for _ in r.iter_raw():
+                        if first is None:
+                            first = time.time()
+                rows[rid] = {"send": t0, "first": first, "end": time.time()}
+
+    threads = [threading.Thread(target=one_client) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
     time.sleep(0.5)  # the last lines of the trace
     ev = read_trace(trace)
     for e in EVENTS:
-        if len(ev[e]) != n:
-            raise SystemExit(f"trace {trace}: {len(ev[e])} {e!r} events for {n} requests (is something else "
-                             f"sending requests to this server?)")
-        for row, t in zip(rows, ev[e]):
-            row[e] = t
-    return rows
+        missing = [rid for rid in rows if rid not in ev[e]]
+        if missing:
+            raise SystemExit(f"trace {trace}: no {e!r} event for {len(missing)} of {n} requests")
+        for rid, row in rows.items():
+            row[e] = ev[e][rid]
+    return list(rows.values())
 
 
 def segments(rows: list[dict]) -> dict[str, float]:
@@ -94,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--requests", type=int, default=30, help="per size and door (after 3 warm-up requests)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=1, help="concurrent clients (the segments under load)")
+    ap.add_argument("--eos", action="store_true", help="answers end where the model ends them (no ignore_eos)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="gpuplan-timeline-"))
@@ -115,12 +140,13 @@ def main(argv=None) -> int:
         for door, port in (("front", front), ("proxy", proxy)):
             for tokens in (1, a.max_tokens):
                 send(f"http://127.0.0.1:{port}", 3, tokens, trace)  # warm-up
-                results[(door, tokens)] = segments(send(f"http://127.0.0.1:{port}", a.requests, tokens, trace))
+                results[(door, tokens)] = segments(send(f"http://127.0.0.1:{port}", a.requests, tokens, trace,
+                                                        a.clients, not a.eos))
     finally:
         stop_gpuplan(proc)
     cols = [(d, t) for t in (1, a.max_tokens) for d in ("front", "proxy")]
     print(f"gpuplan, {a.engine} engine, shipped tiny model bf16, one CPU replica; median of {a.requests} streamed "
-          f"chats per column, ms")
+          f"chats per column from {a.clients} concurrent client(s){', answers ending at EOS' if a.eos else ''}, ms")
     print("| segment | " + " | ".join(f"{d}, {t} token{'s' if t > 1 else ''}" for d, t in cols) + " |")
     print("|---|" + "---:|" * len(cols))
     for name, _, _ in SEGMENTS:

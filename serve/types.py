@@ -13,6 +13,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # keep going past EOS until max_tokens or a stop string (vLLM's extension)
+    trace_id: str | None = None  # the client's x-request-id while request timelines are on (serve/trace.py)
 
 
 @dataclass(frozen=True)

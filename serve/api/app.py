@@ -90,8 +90,9 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope.get("method") == "POST":
-            trace.mark("api.request")
+        if scope.get("method") == "POST" and trace.enabled():
+            tid = next((v.decode() for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
+            trace.mark("api.request", tid)
         if self.api_key is not None and _route_path(scope) not in PUBLIC_PATHS and not self._authorized(scope):
             resp = error_response(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
                                   "authentication_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

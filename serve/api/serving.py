@@ -18,6 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from serve import trace
 from serve.api import sse
 from serve.api.errors import RETRY_LIMIT, ApiError, _backend_error, _short, _validation_error, error_body
 from serve.api.protocol import (Backend, ChatCompletionRequest, CompletionRequest, _GenerationBody, _maybe_await,
@@ -154,8 +155,9 @@ class OpenAIServing:
                            code="context_length_exceeded", param=where)
         return requested
 
-    def sampling(self, req: _GenerationBody, max_tokens: int) -> SamplingParams:
+    def sampling(self, req: _GenerationBody, max_tokens: int, trace_id: str | None = None) -> SamplingParams:
         return SamplingParams(
+            trace_id=trace_id,
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else float(req.temperature),
             top_p=1.0 if req.top_p is None else float(req.top_p),
@@ -169,9 +171,10 @@ class OpenAIServing:
         res = await _maybe_await(res)
         return res.__aiter__()
 
-    async def run(self, kind: str, req: _GenerationBody, card: ModelCard, ids: list[int], max_tokens: int) -> Response:
+    async def run(self, kind: str, req: _GenerationBody, card: ModelCard, ids: list[int], max_tokens: int,
+                  trace_id: str | None = None) -> Response:
         """Generate and answer, stream or not. ``kind``: "chat" or "text"."""
-        params = self.sampling(req, max_tokens)
+        params = self.sampling(req, max_tokens, trace_id)
         timeout = card.request_timeout_s or None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -348,7 +351,7 @@ class OpenAIServing:
                     for m in req.messages]
         ids = await asyncio.to_thread(_render_chat, tok, card.name, messages)
         limit = self.resolve_max_tokens(max_tokens, param, len(ids), card, "messages")
-        return await self.run("chat", req, card, ids, limit)
+        return await self.run("chat", req, card, ids, limit, _trace_id(request))
 
     async def completions(self, request: Request) -> Response:
         """Text completion, stream (SSE) or not."""
@@ -359,4 +362,9 @@ class OpenAIServing:
         if not ids:
             raise ApiError(400, "prompt is empty (0 tokens)", code="invalid_value", param="prompt")
         limit = self.resolve_max_tokens(req.max_tokens, "max_tokens", len(ids), card, "prompt")
-        return await self.run("text", req, card, ids, limit)
+        return await self.run("text", req, card, ids, limit, _trace_id(request))
+
+
+def _trace_id(request: Request) -> str | None:
+    """The client's x-request-id while request timelines are on (serve/trace.py); None otherwise."""
+    return request.headers.get("x-request-id") if trace.enabled() else None

@@ -135,15 +135,15 @@ class Ingress:
         handle = dict(pairs)[name].options(stream=True)
         self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
-            trace.mark("ingress.call")
+            trace.mark("ingress.call", params.trace_id)
             gen = handle.generate.remote(prompt_ids, params)
             first = True
             async for chunk in gen:
                 if first:
-                    trace.mark("ingress.first")
+                    trace.mark("ingress.first", params.trace_id)
                     first = False
                 if chunk.finish_reason:
-                    trace.mark("ingress.last")
+                    trace.mark("ingress.last", params.trace_id)
                 yield chunk
         except BackPressureError as exc:
             raise Overloaded(f"model {model!r} has a full queue: {exc}", retry_after_s=1.0) from None

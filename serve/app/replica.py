@@ -179,14 +179,14 @@ class Replica:
         """Stream chunks; after the first, steps produced within ``stream_interval_s`` go out as one message
         (each message costs two Ray hops and an SSE event; vLLM's --stream-interval makes the same trade)."""
         n, first = 0, True
-        trace.mark("replica.enter")
+        trace.mark("replica.enter", params.trace_id)
         stream = self.engine.generate(prompt_ids, params)
         async for chunk in coalesce(stream, float(self.cfg.stream_interval_s)):
             if first:
-                trace.mark("replica.first")
+                trace.mark("replica.first", params.trace_id)
                 first = False
             if chunk.finish_reason:
-                trace.mark("replica.last")
+                trace.mark("replica.last", params.trace_id)
             if chunk.completion_tokens > n:
                 self._m_tokens.inc(chunk.completion_tokens - n)
                 n = chunk.completion_tokens
