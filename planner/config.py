@@ -165,7 +165,8 @@ class ModelEntry(_Edge):
     """Requests waiting for a replica before the API sheds load with 429 (-1 = unbounded)."""
     health_check_period_s: float = Field(2.0, gt=0)
     """Seconds between Serve's health checks of a replica: a replica that died is found and replaced at the next
-    one (Serve's default is 10 s; measured recovery after a SIGKILL on 2 CPUs, benchmarks/soak.py: docs/benchmarks.md)."""
+    one (Serve's default is 10 s; measured recovery after a SIGKILL on 2 CPUs, benchmarks/soak.py:
+    docs/benchmarks.md)."""
     request_timeout_s: float = Field(120.0, gt=0)
     """Seconds a request may take before the API answers 504."""
     stream_interval_s: float = Field(0.1, ge=0)
@@ -202,7 +203,7 @@ class HttpOptions(_Edge):
     replicas: int = Field(2, ge=1, le=8)
     """Ingress replicas for the API on ``port``, each its own process on the head node: one serves, the others stand
     by (waiting on a file lock, no CPU) and the next takes the port within milliseconds when the serving one dies or
-    is replaced, while Serve starts a new standby. 1 saves a process (about 250 MiB); the port then refuses
+    is replaced, while Serve starts a new standby. 1 saves a process; the port then refuses
     connections while Serve restarts its only ingress."""
 
 

@@ -72,10 +72,9 @@ def cluster_from_decl(decl: ClusterDecl) -> Cluster:
     return Cluster(nodes=tuple(nodes), source="declared")
 
 
-def _estimate(spec: ModelSpec, entry: ModelEntry, quant: str, device: str,
-              engines: frozenset = DEFAULT_ENGINES, strict: bool = True, **over) -> ReplicaEstimate:
-    engine, _ = pick_engine(entry.engine, quant, engines, entry.name, strict=strict)
-    return estimate_replica(spec, quant=quant, dtype=entry.dtype, max_model_len=over.get("max_model_len", entry.max_model_len),
+def _estimate(spec: ModelSpec, entry: ModelEntry, quant: str, device: str, engine: str, **over) -> ReplicaEstimate:
+    return estimate_replica(spec, quant=quant, dtype=entry.dtype,
+                            max_model_len=over.get("max_model_len", entry.max_model_len),
                             max_num_seqs=over.get("max_num_seqs", entry.max_num_seqs), device=device, engine=engine)
 
 
@@ -102,29 +101,36 @@ def with_default_quantization(args: DeployArgs, specs: dict) -> DeployArgs:
     pre-quantized checkpoint's scheme, else the config's dtype (what ``gpuplan estimate`` takes without --quant)."""
     if all(e.quantization for e in args.models):
         return args
-    models = [e if e.quantization else e.model_copy(update={"quantization": [resolve_quant(specs[e.name], None).scheme]})
-              for e in args.models]
+    models = [e if e.quantization else
+              e.model_copy(update={"quantization": [resolve_quant(specs[e.name], None).scheme]}) for e in args.models]
     return args.model_copy(update={"models": models})
 
 
-def estimate_models(args: DeployArgs, device: str, engines: frozenset = DEFAULT_ENGINES, specs: dict | None = None,
+def resolve_models(args: DeployArgs) -> tuple[DeployArgs, dict]:
+    """(``args`` with every model's quantization list filled in, {model: ModelSpec}): what estimates start from."""
+    specs = load_specs(args)
+    return with_default_quantization(args, specs), specs
+
+
+def estimate_models(args: DeployArgs, specs: dict, device: str, engines: frozenset = DEFAULT_ENGINES,
                     strict: bool = True) -> tuple[dict, dict]:
-    """({model: {quantization: ReplicaEstimate}}, {model: ModelSpec}) for every allowed quantization."""
-    specs = specs if specs is not None else load_specs(args)
-    args = with_default_quantization(args, specs)
-    estimates = {}
+    """({model: {quantization: ReplicaEstimate}}, {model: {quantization: why that engine}}) for every allowed
+    quantization of ``args`` as :func:`resolve_models` returns them."""
+    estimates, why = {}, {}
     for entry in args.models:
         spec = specs[entry.name]
         by_q, clash = {}, []
         for q in entry.quantization:
             try:
-                by_q[q] = _estimate(spec, entry, q, device, engines, strict)
+                engine, why.setdefault(entry.name, {})[q] = pick_engine(entry.engine, q, engines, entry.name,
+                                                                        strict=strict)
+                by_q[q] = _estimate(spec, entry, q, device, engine)
             except QuantConflictError as exc:  # worded below for the deploy file's field, not estimate's --quant
                 clash.append(exc)
         if clash:
             raise _quant_clash(entry, clash)
         estimates[entry.name] = by_q
-    return estimates, specs
+    return estimates, why
 
 
 def _quant_clash(entry: ModelEntry, clash: list) -> QuantConflictError:
@@ -157,24 +163,26 @@ def build_demands(args: DeployArgs, estimates: dict, device: str) -> tuple[Model
     return tuple(out)
 
 
-def _suggester(args: DeployArgs, specs: dict, device: str, engines: frozenset = DEFAULT_ENGINES, strict: bool = True):
+def _suggester(args: DeployArgs, specs: dict, device: str, estimates: dict):
     """The memory model's levers for an infeasible plan: the longest max_model_len (halving), then the most
-    max_num_seqs, at which the model's smallest allowed option fits in ``room`` bytes."""
+    max_num_seqs, at which the model's smallest allowed option fits in ``room`` bytes (on the engine its estimate
+    has)."""
     entries = {m.name: m for m in args.models}
 
     def suggest(demand: ModelDemand, room: int) -> str | None:
         entry, spec = entries.get(demand.name), specs.get(demand.name)
         if entry is None or spec is None or entry.replica_memory is not None or room <= 0:
             return None
-        q = min(entry.quantization, key=lambda x: _estimate(spec, entry, x, device, engines, strict).total)
+        q = min(entry.quantization, key=lambda x: estimates[demand.name][x].total)
+        engine = estimates[demand.name][q].engine
         n = entry.max_model_len // 2
         while n >= 256:
-            if _estimate(spec, entry, q, device, engines, strict, max_model_len=n).total <= room:
+            if _estimate(spec, entry, q, device, engine, max_model_len=n).total <= room:
                 return f"lower models[{demand.name}].max_model_len from {entry.max_model_len} to {n} (at {q})"
             n //= 2
         s = entry.max_num_seqs - 1
         while s >= 1:
-            if _estimate(spec, entry, q, device, engines, strict, max_num_seqs=s).total <= room:
+            if _estimate(spec, entry, q, device, engine, max_num_seqs=s).total <= room:
                 return f"lower models[{demand.name}].max_num_seqs from {entry.max_num_seqs} to {s} (at {q})"
             s -= 1
         return None
@@ -188,17 +196,14 @@ def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_E
     auto`` may pick; planner.cluster.installed.installed_engines()). ``strict`` (serving): an engine the deploy file
     names must be installed; not strict (planning, maybe for another machine): it is planned as named."""
     device = "cuda" if cluster.gpus else "cpu"
-    specs = load_specs(args)
-    args = with_default_quantization(args, specs)
-    estimates, specs = estimate_models(args, device, engines, specs, strict)
-    why = {e.name: {q: pick_engine(e.engine, q, engines, e.name, strict=strict)[1] for q in e.quantization}
-           for e in args.models}
+    args, specs = resolve_models(args)
+    estimates, why = estimate_models(args, specs, device, engines, strict)
     demands = build_demands(args, estimates, device)
     reserve = args.gpu_reserve if args.gpu_reserve is not None else DEFAULT_GPU_RESERVE
     # num_gpus as a share of each GPU's *usable* bytes: then whatever Ray admits (sum <= 1 per GPU) fits in usable
     # memory, whichever GPU Ray picks; a share of the total would let Ray eat the headroom (see docs/ray-gpu-fractions.md)
     p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
-             suggest=_suggester(args, specs, device, engines, strict), fraction_basis="usable")
+             suggest=_suggester(args, specs, device, estimates), fraction_basis="usable")
     return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
                           rollout=realize(p, model_rules(args)), specs=specs, args=args, engine_why=why)
 

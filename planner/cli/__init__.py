@@ -111,17 +111,16 @@ def cmd_estimate(args) -> int:
     for q in quants:
         # the engine `gpuplan plan` would pick for this scheme (not strict: an engine asked for by name is sized
         # even where it is not installed)
-        scheme = resolve_quant(spec, q, bits=args.bits, group_size=args.group_size).scheme
-        engine, why = pick_engine(args.engine, scheme, found, strict=False)
+        quant = resolve_quant(spec, q, bits=args.bits, group_size=args.group_size)
+        engine, why = pick_engine(args.engine, quant.scheme, found, strict=False, asked_by="--engine")
         whys.append(why)
         ests.append(estimate_replica(
-            spec, quant=q, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            spec, quant=quant, dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype, device=args.device,
             mla_latent_cache=args.mla_latent_cache, bits=args.bits, group_size=args.group_size, engine=engine,
         ))
     if not args.json:
         for e, why in dict(zip([e.engine for e in ests], whys)).items():
-            why = why.replace("deploy.yaml asks for", "--engine")
             print(f"engine {e}: {why}" + ("" if args.engine != "auto" else " (--engine picks another)"),
                   file=sys.stderr)
     if args.json:

@@ -21,8 +21,8 @@ def add_commands(sub) -> None:
     p.add_argument("--by", choices=["count", "cost"], default="count", help="--fit-gpus: fewest GPUs or cheapest")
     p.add_argument("--max-gpus", type=int, default=64, help="--fit-gpus: largest cluster to consider (default 64)")
     p.add_argument("--engines", default=None, metavar="LIST",
-                   help="engines the replicas have, for `engine: auto` (transformers,vllm,llamacpp); default: "
-                        "transformers plus those importable here")
+                   help="engines the replicas have, for `engine: auto` (transformers,vllm,llamacpp); default: those "
+                        "found as `make run` finds them (.venv-vllm, $GPUPLAN_VLLM_PYTHON, llama-cpp-python)")
     p.add_argument("--json", action="store_true", help="stable JSON instead of the picture")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan as an SVG file")
     add_render_command(sub)  # `gpuplan render kuberay ...` (planner/output/kuberay.py)
@@ -112,7 +112,8 @@ def engines_text(result) -> str:
     for m in result.plan.models:
         est = result.estimates[m.name][m.quantization]
         given = engine(est.engine).describe(est)
-        lines.append(f"  {m.name}: {est.engine}{': ' + given if given else ''} ({result.engine_why[m.name][m.quantization]})")
+        why = result.engine_why[m.name][m.quantization]
+        lines.append(f"  {m.name}: {est.engine}{': ' + given if given else ''} ({why})")
         lines += [f"    note: {n}" for n in est.notes if "dequantizes a GGUF" in n]
     return "\n".join(lines)
 
@@ -133,12 +134,13 @@ def rollout_text(ro) -> str:
 
 def _fit(args, parsed) -> int:
     from planner.placement.capacity import fit_gpus
-    from planner.planning import build_demands, estimate_models
+    from planner.planning import build_demands, estimate_models, resolve_models
 
     types = [t.strip() for t in args.fit_gpus.split(",") if t.strip()]
     if not types:
         raise InputError("--fit-gpus needs GPU types, e.g. --fit-gpus L4,A10G,A100-80GB")
-    estimates, _ = estimate_models(parsed, "cuda")
+    parsed, specs = resolve_models(parsed)  # every model's quantization filled in (the source's own by default)
+    estimates, _ = estimate_models(parsed, specs, "cuda")
     demands = build_demands(parsed, estimates, "cuda")
     res = fit_gpus(list(demands), types, by=args.by, max_gpus=args.max_gpus, headroom=parsed.headroom)
     if args.json:

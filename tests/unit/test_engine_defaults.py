@@ -95,3 +95,14 @@ def test_auto_says_what_it_assumed(monkeypatch, capsys, tmp_path):
         {"name": "m", "source": "meta-llama/Llama-3.2-1B-Instruct", "quantization": "bf16", "max_model_len": 256}]}))
     assert main(["plan", str(deploy)]) == 0
     assert "m: transformers (auto: vLLM is not installed (`make vllm`))" in capsys.readouterr().out
+
+
+def test_fit_gpus_takes_the_sources_own_quantization_too(capsys, tmp_path):
+    """`gpuplan plan --fit-gpus` sizes a cluster from the same resolved entries as `plan`: an entry without
+    `quantization` is its checkpoint's own scheme there as well."""
+    deploy = tmp_path / "deploy.yaml"
+    deploy.write_text(yaml.safe_dump({"models": [{"name": "m", "source": "Qwen/Qwen3-32B-FP8", "max_model_len": 1024,
+                                                  "max_num_seqs": 1}]}))
+    assert main(["plan", str(deploy), "--fit-gpus", "H100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["plan"]["models"][0]["quantization"] == "fp8"

@@ -37,7 +37,8 @@ def engine(name: str):
         raise InputError(f"engine {name!r}: use {', '.join(ENGINE_NAMES[:-1])} or {ENGINE_NAMES[-1]}") from None
 
 
-def pick_engine(requested: str, scheme: str, available, model: str = "", *, strict: bool = True) -> tuple[str, str]:
+def pick_engine(requested: str, scheme: str, available, model: str = "", *, strict: bool = True,
+                asked_by: str = "deploy.yaml") -> tuple[str, str]:
     """(engine, why) for a model entry's ``engine`` at quantization ``scheme``; ``available``: the engines installed
     for the replicas. ``auto`` takes the first installed of the engines the scheme registry lists for the scheme, in
     its order (llama.cpp for GGUF files, vLLM where it runs the scheme, transformers, which runs every scheme); an
@@ -45,7 +46,8 @@ def pick_engine(requested: str, scheme: str, available, model: str = "", *, stri
 
     ``strict`` (serving): an engine asked for by name that is not installed is an error. Not strict (planning, maybe
     for another machine): it is planned as asked, and the reason says it was not found here. The words come from the
-    engine modules (``LABEL``, ``INSTALL_HINT``, ``AUTO_MISSING``, ``auto_takes``, ``cannot_run``)."""
+    engine modules (``LABEL``, ``INSTALL_HINT``, ``AUTO_MISSING``, ``auto_takes``, ``cannot_run``); ``asked_by``
+    names who asked for an engine by name (the deploy file, ``--engine``)."""
     where = f"models[{model}]." if model else ""
     if requested not in ("auto", *ENGINE_NAMES):
         raise InputError(f"{where}engine {requested!r}: use auto, {', '.join(ENGINE_NAMES[:-1])} or "
@@ -57,10 +59,10 @@ def pick_engine(requested: str, scheme: str, available, model: str = "", *, stri
             raise InputError(where + unit.cannot_run(scheme))
         if requested not in available and unit.INSTALL_HINT:
             if not strict:
-                return requested, (f"deploy.yaml asks for {requested}; not found here, planned as asked: "
+                return requested, (f"{asked_by} asks for {requested}; not found here, planned as asked: "
                                    f"{unit.INSTALL_HINT}")
             raise InputError(f"{where}engine {requested}: {unit.INSTALL_HINT}")
-        return requested, f"deploy.yaml asks for {requested}"
+        return requested, f"{asked_by} asks for {requested}"
     chosen = next((e for e in runs if e in available or not ENGINES[e].INSTALL_HINT), runs[-1])
     if chosen != runs[0]:  # passed over the preferred one: say why
         return chosen, f"auto: {ENGINES[runs[0]].AUTO_MISSING}"
