@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the engine whose allocations to size (default auto: the one `gpuplan plan` picks for the "
                         "scheme with the engines found here: llama.cpp for a GGUF file, vLLM where it is installed "
                         "and runs the scheme, transformers otherwise)")
+    e.add_argument("--gpu", default=None,
+                   help="also predict the replica's speed on this GPU (a name of `gpuplan plan --gpus`' catalog, e.g. "
+                        "A100-80GB): TTFT, TPOT, tokens/s (planner/model/speed.py, docs/speed-model.md)")
+    e.add_argument("--input-tokens", type=_positive_int("--input-tokens"), default=512,
+                   help="--gpu: prompt tokens per request (default 512)")
+    e.add_argument("--output-tokens", type=_positive_int("--output-tokens"), default=256,
+                   help="--gpu: generated tokens per request (default 256)")
+    e.add_argument("--batch", type=_positive_int("--batch"), default=None,
+                   help="--gpu: sequences decoded together (default --max-num-seqs)")
     e.add_argument("--mode", choices=["infer", "train"], default="infer", help="infer (default) or train")
     e.add_argument("--zero-stage", type=int, default=0, help="--mode train: DeepSpeed ZeRO stage 0-3")
     e.add_argument("--num-gpus", type=_positive_int("--num-gpus"), default=1, help="--mode train: data-parallel GPUs")
@@ -107,6 +116,18 @@ def cmd_estimate(args) -> int:
         return _train(spec, args)
     quants = [q.strip() for q in args.quant.split(",")] if args.quant else [None]
     found = installed_engines()
+    device = None
+    if args.gpu:
+        from planner.placement.capacity import lookup_gpu
+
+        if args.device == "cpu":
+            raise InputError("--gpu predicts the speed on a GPU; drop --device cpu")
+        device = lookup_gpu(args.gpu).speed()
+        if args.max_model_len is None:  # room for the request asked about
+            args.max_model_len = args.input_tokens + args.output_tokens
+        if args.batch is not None and args.max_num_seqs == 1:
+            args.max_num_seqs = args.batch
+    speeds = []
     ests, whys = [], []
     for q in quants:
         # the engine `gpuplan plan` would pick for this scheme (not strict: an engine asked for by name is sized
@@ -119,17 +140,26 @@ def cmd_estimate(args) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, kv_dtype=args.kv_dtype, device=args.device,
             mla_latent_cache=args.mla_latent_cache, bits=args.bits, group_size=args.group_size, engine=engine,
         ))
+        if device is not None:
+            from planner.model.engines import replica_speed
+
+            speeds.append(replica_speed(spec, quant, ests[-1], device, input_tokens=args.input_tokens,
+                                        output_tokens=args.output_tokens, batch=args.batch or ests[-1].max_num_seqs,
+                                        kv_dtype=args.kv_dtype, mla_latent_cache=args.mla_latent_cache))
     if not args.json:
         for e, why in dict(zip([e.engine for e in ests], whys)).items():
             print(f"engine {e}: {why}" + ("" if args.engine != "auto" else " (--engine picks another)"),
                   file=sys.stderr)
     if args.json:
-        out = ests[0].to_json() if len(ests) == 1 else [e.to_json() for e in ests]
-        print(json.dumps(out, indent=2))
-    elif len(ests) == 1:
-        print(estimate_table(ests[0]))
-    else:
-        print(compare_table(ests))
+        rows = [dict(e.to_json(), **({"speed": speeds[i].to_json()} if speeds else {})) for i, e in enumerate(ests)]
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        return 0
+    print(estimate_table(ests[0]) if len(ests) == 1 else compare_table(ests))
+    if speeds:
+        from planner.output.report import speed_table
+
+        print()
+        print(speed_table(speeds))
     return 0
 
 

@@ -81,5 +81,25 @@ def compare_table(ests: list[ReplicaEstimate]) -> str:
     return c.export_text()
 
 
+def speed_table(speeds) -> str:
+    """The speed model's predictions (planner/model/speed.py), one row per estimate."""
+    from rich.table import Table
+
+    s0 = speeds[0]
+    t = Table(title=f"speed on {s0.device}: {s0.batch} sequence(s) of {s0.input_tokens} tokens in, "
+                    f"{s0.output_tokens} out", title_justify="left")
+    for col in ("engine", "kernel", "TTFT ms", "TPOT ms", "decode tok/s/seq", "prefill tok/s", "replica tok/s",
+                "bound"):
+        t.add_column(col, justify="left" if col in ("engine", "kernel", "bound") else "right")
+    for s in speeds:
+        t.add_row(s.engine, s.kernel, f"{s.ttft_s * 1e3:.1f}", f"{s.tpot_s * 1e3:.2f}", f"{s.decode_tokens_per_s:.1f}",
+                  f"{s.prefill_tokens_per_s:.0f}", f"{s.tokens_per_s:.1f}", s.bound)
+    c = _console(130)
+    c.print(t)
+    for note in dict.fromkeys(n for s in speeds for n in s.notes):
+        c.print(f"note: {note}")
+    return c.export_text()
+
+
 def _g(b: int) -> str:
     return f"{b / 1024**3:.3f}"

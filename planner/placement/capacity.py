@@ -19,6 +19,7 @@ from typing import Sequence
 
 from planner.errors import InfeasiblePlanError, InputError
 from planner.cluster.inventory import Cluster, Gpu, Node, gpu_type_of
+from planner.model.speed import DeviceSpeed
 from planner.placement.packing import (
     DEFAULT_GPU_RESERVE,
     DEFAULT_HEADROOM,
@@ -50,10 +51,22 @@ class GpuSpec:
     price_per_hour: float | None = None  # approximate on-demand USD per GPU-hour; None = unknown
     aliases: tuple[str, ...] = ()
     price_source: str | None = None
+    bandwidth_bytes_per_s: float | None = None  # datasheet memory bandwidth; None = unknown
+    dense_tflops: tuple[tuple[str, float], ...] = ()  # (compute dtype, dense TFLOPs) from the datasheet
+    speed_source: str | None = None
 
     @property
     def planning_bytes(self) -> int:
         return self.nvml_total_bytes or self.memory_bytes
+
+    def speed(self) -> DeviceSpeed:
+        """What the speed model needs of this GPU; InputError naming the catalog field when it is not known."""
+        if not self.bandwidth_bytes_per_s:
+            raise InputError(f"GPU {self.name}: no memory bandwidth known, so its speed cannot be predicted; add "
+                             f"memory_bandwidth_gb_per_s (and dense_tflops) to its entry in planner/catalog/gpus.json "
+                             "from its datasheet")
+        return DeviceSpeed(self.name, float(self.bandwidth_bytes_per_s), dict(self.dense_tflops),
+                           self.speed_source or "")
 
     def to_json(self) -> dict:
         return {
@@ -64,6 +77,8 @@ class GpuSpec:
             "price_per_hour": self.price_per_hour,
             "price_source": self.price_source,
             "aliases": list(self.aliases),
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+            "dense_tflops": dict(self.dense_tflops),
         }
 
 
@@ -93,6 +108,8 @@ def _load(path: str) -> tuple[GpuSpec, ...]:
             mem = int(e["memory_bytes"])
             nvml = e.get("nvml_total_mib")
             price = e.get("price_per_hour")
+            bw = e.get("memory_bandwidth_gb_per_s")
+            tflops = tuple(sorted((str(k), float(v)) for k, v in (e.get("dense_tflops") or {}).items()))
             out.append(
                 GpuSpec(
                     name=name,
@@ -101,6 +118,9 @@ def _load(path: str) -> tuple[GpuSpec, ...]:
                     price_per_hour=float(price) if price is not None else None,
                     aliases=tuple(str(a) for a in e.get("aliases", ())),
                     price_source=e.get("price_source"),
+                    bandwidth_bytes_per_s=float(bw) * 1e9 if bw is not None else None,
+                    dense_tflops=tflops,
+                    speed_source=e.get("speed_source"),
                 )
             )
         except (KeyError, TypeError, ValueError) as exc:

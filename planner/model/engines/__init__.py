@@ -23,6 +23,7 @@ from planner.model.engines import llamacpp, transformers, vllm
 from planner.model.estimate import KV_DTYPES, DeploymentTarget, ReplicaEstimate, ReplicaRequest
 from planner.model.quant import FLOAT_BYTES, SCHEMES, QuantSpec, resolve_quant
 from planner.model.spec import ModelSpec
+from planner.model.speed import DeviceSpeed, EngineSpeed, SpeedEstimate, estimate_speed
 
 # the registry: name -> module. The order is the order engines are listed in messages.
 ENGINES = {m.NAME: m for m in (transformers, vllm, llamacpp)}
@@ -124,10 +125,36 @@ def estimate_replica(
     return unit.estimate(req)
 
 
+def speed_of(name: str) -> EngineSpeed:
+    """The speed numbers of engine ``name`` (its module's ``SPEED``); InputError where it has none."""
+    sp = getattr(engine(name), "SPEED", None)
+    if sp is None:
+        raise InputError(f"engine {name}: no speed numbers yet (nothing measured or published was fitted for it), so "
+                         "its speed cannot be predicted; plan it for memory only, or fit its numbers "
+                         "(benchmarks/speed_fit.py) and set SPEED in planner/model/engines/" + name + ".py")
+    return sp
+
+
+def replica_speed(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, device: DeviceSpeed, *, input_tokens: int,
+                  output_tokens: int, batch: int, kv_dtype: str = "auto", mla_latent_cache: bool = False) -> SpeedEstimate:
+    """TTFT, TPOT and tokens/s of a replica sized as ``est`` (its engine, dtype, KV dtype) on ``device``, for
+    ``batch`` sequences of ``input_tokens`` in and ``output_tokens`` out. A batch larger than the replica holds, or a
+    sequence longer than its max_model_len, is an InputError with the fix."""
+    if batch > est.max_num_seqs:
+        raise InputError(f"batch {batch} is more sequences than the replica holds (max_num_seqs {est.max_num_seqs}); "
+                         f"raise max_num_seqs to {batch} or ask for a smaller batch")
+    if input_tokens + output_tokens > est.max_model_len:
+        raise InputError(f"{input_tokens} input + {output_tokens} output tokens do not fit max_model_len "
+                         f"{est.max_model_len}; raise max_model_len to at least {input_tokens + output_tokens}")
+    kv_bytes = KV_DTYPES[kv_dtype] or FLOAT_BYTES[est.dtype]
+    return estimate_speed(spec, quant, est.dtype, kv_bytes, speed_of(est.engine), device, input_tokens=input_tokens,
+                          output_tokens=output_tokens, batch=batch, mla_latent=mla_latent_cache)
+
+
 def deployment_settings(est: ReplicaEstimate, target: DeploymentTarget):
     """The typed settings (``<Engine>Settings``) one deployment of ``est``'s engine is started with."""
     return engine(est.engine).settings(est, target)
 
 
 __all__ = ["ENGINES", "ENGINE_NAMES", "SCHEMES", "DeploymentTarget", "ReplicaEstimate", "deployment_settings",
-           "engine", "estimate_replica", "pick_engine"]
+           "engine", "estimate_replica", "pick_engine", "replica_speed", "speed_of"]

@@ -55,6 +55,11 @@ F16_BYTES = 2
 F32_BYTES = 4
 
 
+# NOTE: no speed numbers for llama.cpp yet (no published table fitted, no run measured): the speed model refuses it
+# and says so (planner/model/engines/__init__.py speed_of).
+SPEED = None
+
+
 def n_ctx_seq(max_model_len: int) -> int:
     """KV cells of one sequence: max_model_len rounded up to 256."""
     return -(-int(max_model_len) // KV_CELL_PAD) * KV_CELL_PAD

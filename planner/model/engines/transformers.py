@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from planner.model.estimate import (CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, LIBRARY_WORKSPACE_BYTES, DeploymentTarget,
                                     ReplicaEstimate, ReplicaRequest, activation_bytes, kv_cache_bytes,
                                     largest_layer_kv, replica_estimate, weight_bytes)
+from planner.model.speed import EngineSpeed, KernelSpeed
 from planner.model.quant import FLOAT_BYTES
 from planner.units import MiB
 
@@ -29,6 +30,21 @@ def auto_takes(scheme: str) -> str | None:
 
 def cannot_run(scheme: str) -> str:  # pragma: no cover - it runs every scheme
     return f"engine transformers cannot run quantization {scheme}"
+
+
+# NOTE: transformers' speed (planner/model/speed.py), fitted on the published Qwen2.5 table (transformers 4.46
+# `generate`, Flash Attention 2, A100 80GB): a decode step is bound by its fixed cost per layer (Python and kernel
+# launches, 0.56-0.80 ms per layer), so the bandwidth share is poorly determined (it reaches the bound of 1.0) and
+# the prefill's share of compute (0.054) also absorbs the long-context slowdown the table shows for 3B and 7B. Median
+# error 4.8% over 64 rows, max 19.5%; 11.5% median on Qwen2.5-3B when fitted without it (docs/speed-model.md). Not
+# measured: bitsandbytes, fp8, mxfp4 kernels (they take the float numbers, with a note); this repo's batching loop.
+_FIT = "Qwen2.5 speed benchmark (A100 80GB, batch 1, 2,048 tokens after 1-30,720 input tokens), fitted by benchmarks/speed_fit.py; residuals in docs/speed-model.md"
+SPEED = EngineSpeed(NAME, {
+    "float": KernelSpeed(step_s=5.475e-03, layer_s=5.724e-04, bandwidth_eff=1.0, source=_FIT),
+    "gptq-int8": KernelSpeed(step_s=7.491e-03, layer_s=7.742e-04, bandwidth_eff=1.0, source=_FIT),
+    "gptq-int4": KernelSpeed(step_s=5.354e-03, layer_s=5.593e-04, bandwidth_eff=0.494, source=_FIT),
+    "awq": KernelSpeed(step_s=6.124e-03, layer_s=8.038e-04, bandwidth_eff=1.0, source=_FIT),
+}, compute_eff=0.054, source=_FIT)
 
 # NOTE: bitsandbytes LLM.int8 loads its cuBLASLt int8 kernels outside torch's allocator: the same measurement as
 # CUDA_CONTEXT_BYTES gave 750-752 MiB for int8 replicas against 688 MiB for bf16/4-bit ones; we take 64 MiB.

@@ -17,6 +17,7 @@ from planner.errors import InputError
 from planner.model.estimate import (CUDA_CONTEXT_BYTES, LIBRARY_WORKSPACE_BYTES, DeploymentTarget, ReplicaEstimate,
                                     ReplicaRequest, activation_bytes, kv_cache_bytes, replica_estimate,
                                     weight_bytes)
+from planner.model.speed import EngineSpeed, KernelSpeed
 from planner.model.quant import FLOAT_BYTES, schemes_run_by
 from planner.units import MiB
 
@@ -38,6 +39,20 @@ def cannot_run(scheme: str) -> str:
     return (f"engine vllm cannot run quantization {scheme}: vLLM removed bitsandbytes in 0.28 and runs "
             f"{', '.join(sorted(schemes_run_by(NAME)))}; use engine: transformers for {scheme}, or a quantization "
             "vLLM runs (awq, gptq, fp8)")
+
+# NOTE: vLLM's speed (planner/model/speed.py): per kernel the fixed cost of a decode step and of each layer, and the
+# share of the datasheet bandwidth its decode reaches; the share of dense compute its prefill reaches. Fitted on the
+# published Qwen2.5 table (vLLM 0.6.3, CUDA graphs, A100 80GB): median error 1.2% over 72 rows, 1.4% on Qwen2.5-3B
+# when fitted without it (docs/speed-model.md). Not measured: batch > 1 (the roofline's compute term covers it),
+# fp8 / mxfp4 kernels (they take the float numbers, with a note).
+_FIT = "Qwen2.5 speed benchmark (A100 80GB, batch 1, 2,048 tokens after 1-30,720 input tokens), fitted by benchmarks/speed_fit.py; residuals in docs/speed-model.md"
+SPEED = EngineSpeed(NAME, {
+    "float": KernelSpeed(step_s=0.0, layer_s=1.168e-04, bandwidth_eff=0.861, source=_FIT),
+    "gptq-int8": KernelSpeed(step_s=1.116e-03, layer_s=1.023e-04, bandwidth_eff=0.947, source=_FIT),
+    "gptq-int4": KernelSpeed(step_s=1.161e-03, layer_s=1.021e-04, bandwidth_eff=0.977, source=_FIT),
+    "awq": KernelSpeed(step_s=9.966e-04, layer_s=1.068e-04, bandwidth_eff=0.886, source=_FIT),
+}, compute_eff=0.354, source=_FIT)
+
 # NOTE: vLLM preallocates its KV cache as one tensor, so only the activation buffers fragment: an assumed 5%, not
 # measured (no vLLM CUDA build has run on a GPU here yet).
 VLLM_FRAGMENTATION_FRACTION = 0.05
