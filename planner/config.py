@@ -127,6 +127,41 @@ class Autoscaling(_Edge):
     """How often replicas and handles report their load to the autoscaler."""
 
 
+class TrafficDecl(_Edge):
+    requests_per_s: float | None = Field(None, gt=0)
+    """Mean arrival rate of this model's requests (with prompt_tokens and output_tokens), or take it from `trace`."""
+    prompt_tokens: int | None = Field(None, gt=0)
+    """Mean prompt tokens of a request."""
+    output_tokens: int | None = Field(None, gt=0)
+    """Mean generated tokens of a request."""
+    trace: str | None = None
+    """A request trace (CSV with TIMESTAMP, ContextTokens, GeneratedTokens columns, the shape of the Azure LLM
+    inference traces): the three means are taken from it; a relative path is resolved against the deploy file's
+    folder. The values given beside it override its means."""
+    scale: float = Field(1.0, gt=0)
+    """Multiply the arrival rate by this (what if traffic doubles: 2)."""
+
+    @model_validator(mode="after")
+    def _complete(self):
+        missing = [k for k in ("requests_per_s", "prompt_tokens", "output_tokens") if getattr(self, k) is None]
+        if missing and not self.trace:
+            raise ValueError(f"traffic needs {', '.join(missing)} (means), or a trace file to take them from")
+        return self
+
+
+class SloDecl(_Edge):
+    ttft_p95_ms: float | None = Field(None, gt=0)
+    """Time to first token, 95th percentile, milliseconds."""
+    tpot_p95_ms: float | None = Field(None, gt=0)
+    """Time per output token after the first, 95th percentile, milliseconds."""
+
+    @model_validator(mode="after")
+    def _some(self):
+        if self.ttft_p95_ms is None and self.tpot_p95_ms is None:
+            raise ValueError("slo needs ttft_p95_ms, tpot_p95_ms or both")
+        return self
+
+
 class ModelEntry(_Edge):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     """The model's name in the API (`model` field of requests) and its deployment name."""
@@ -172,6 +207,18 @@ class ModelEntry(_Edge):
     stream_interval_s: float = Field(0.1, ge=0)
     """After the first token, tokens produced within this many seconds are streamed as one chunk (0 = every
     token): fewer messages through Ray and HTTP for the same text (measured: +30% tokens/s at 8 clients on 2 CPUs)."""
+    traffic: TrafficDecl | None = None
+    """The load this model must serve; with `slo`, the plan derives its minimum replicas (and, among the allowed
+    quantizations, the one that serves it on the fewest bytes) from the speed model (docs/speed-model.md)."""
+    slo: SloDecl | None = None
+    """Latency targets the traffic must get (needed with `traffic`)."""
+
+    @model_validator(mode="after")
+    def _traffic_needs_slo(self):
+        if self.traffic is not None and self.slo is None:
+            raise ValueError(f"models[{self.name}].traffic needs an slo: the latency it must get, e.g. "
+                             "slo: {ttft_p95_ms: 1000, tpot_p95_ms: 100}")
+        return self
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -255,7 +302,11 @@ def parse_deploy_args(args: dict, *, base_dir: str | None = None, what: str = "d
             src = m.source
             if not os.path.isabs(src) and (src.startswith(".") or os.path.exists(os.path.join(base_dir, src))):
                 src = os.path.normpath(os.path.join(base_dir, src))
-            models.append(m.model_copy(update={"source": src}))
+            update = {"source": src}
+            if m.traffic is not None and m.traffic.trace and not os.path.isabs(m.traffic.trace):
+                update["traffic"] = m.traffic.model_copy(
+                    update={"trace": os.path.normpath(os.path.join(base_dir, m.traffic.trace))})
+            models.append(m.model_copy(update=update))
         parsed = parsed.model_copy(update={"models": models})
     return parsed
 

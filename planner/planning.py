@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from planner.config import ClusterDecl, DeployArgs, ModelEntry
 from planner.errors import InputError, ModelSpecError, QuantConflictError
 from planner.cluster.inventory import Cluster, Gpu, Node, gpu_type_of
+from planner.demand import apply_traffic
 from planner.model.engines import estimate_replica, pick_engine
 from planner.model.estimate import ReplicaEstimate
 from planner.model.quant import resolve_quant
@@ -32,6 +33,7 @@ class PlanningResult:
     specs: dict | None = None  # model name -> ModelSpec
     args: DeployArgs | None = None  # the deploy args as planned: every model's quantization list filled in
     engine_why: dict | None = None  # model name -> {quantization: why that engine (planner.model.engines.pick_engine)}
+    traffic: dict | None = None  # model name -> planner.demand.ModelTraffic, for entries with traffic and slo
 
     def estimate_for(self, model: str) -> ReplicaEstimate:
         q = next(m.quantization for m in self.plan.models if m.name == model)
@@ -198,6 +200,7 @@ def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_E
     device = "cuda" if cluster.gpus else "cpu"
     args, specs = resolve_models(args)
     estimates, why = estimate_models(args, specs, device, engines, strict)
+    args, traffic = apply_traffic(args, specs, estimates, cluster)  # replicas and quantizations the traffic needs
     demands = build_demands(args, estimates, device)
     reserve = args.gpu_reserve if args.gpu_reserve is not None else DEFAULT_GPU_RESERVE
     # num_gpus as a share of each GPU's *usable* bytes: then whatever Ray admits (sum <= 1 per GPU) fits in usable
@@ -205,7 +208,8 @@ def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_E
     p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
              suggest=_suggester(args, specs, device, estimates), fraction_basis="usable")
     return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
-                          rollout=realize(p, model_rules(args)), specs=specs, args=args, engine_why=why)
+                          rollout=realize(p, model_rules(args)), specs=specs, args=args, engine_why=why,
+                          traffic=traffic)
 
 
 def model_rules(args: DeployArgs) -> dict[str, ModelRule]:

@@ -92,6 +92,10 @@ def cmd_plan(args) -> int:
             out["engines"][m.name] = {"engine": est.engine, "why": result.engine_why[m.name][m.quantization]}
             if est.engine_settings is not None:  # what the engine is started with, as sized (llama.cpp's context)
                 out["engines"][m.name][est.engine] = est.engine_settings.to_json()
+        for m in out["models"]:
+            if m["name"] in (result.traffic or {}):
+                pm = result.plan.model(m["name"])
+                m["traffic"] = result.traffic[m["name"]].to_json(pm.quantization, pm.placed_replicas)
         out["rollout"] = result.rollout.to_json()
         print(json.dumps(out, indent=2))
     else:
@@ -100,6 +104,8 @@ def cmd_plan(args) -> int:
             print(f"note: {n}")
         print(render_text(result.plan))
         print(engines_text(result))
+        if result.traffic:
+            print(traffic_text(result))
         print(rollout_text(result.rollout))
     return 0
 
@@ -118,6 +124,20 @@ def engines_text(result) -> str:
     return "\n".join(lines)
 
 
+def traffic_text(result) -> str:
+    """Per model with traffic: its rate, what one replica holds within its SLO, the replicas it needs, and the p95s
+    predicted with the replicas placed."""
+    lines = ["Traffic (planner/model/speed.py, planner/traffic.py; docs/speed-model.md)"]
+    for name, mt in result.traffic.items():
+        pm = result.plan.model(name)
+        lines.append(f"  {name}: {mt.line(pm.quantization, pm.placed_replicas)}")
+        others = [f"{q} needs {o.replicas}" for q, o in mt.options.items() if q != pm.quantization]
+        if others:
+            lines.append(f"    other quantizations: {', '.join(others)}")
+        lines += [f"    note: {n}" for n in mt.notes]
+    return "\n".join(lines)
+
+
 def rollout_text(ro) -> str:
     """How the plan runs on Ray Serve, in a few lines: its deployments and what best fit cannot bring up."""
     lines = [f"Ray Serve: {len(ro.deployments)} deployment(s), one per model and node (model@node: num_gpus x max "
@@ -133,18 +153,40 @@ def rollout_text(ro) -> str:
 
 
 def _fit(args, parsed) -> int:
+    from planner.errors import InfeasiblePlanError
     from planner.placement.capacity import fit_gpus
+    from planner.demand import apply_traffic, candidate_cluster
     from planner.planning import build_demands, estimate_models, resolve_models
 
     types = [t.strip() for t in args.fit_gpus.split(",") if t.strip()]
     if not types:
         raise InputError("--fit-gpus needs GPU types, e.g. --fit-gpus L4,A10G,A100-80GB")
     parsed, specs = resolve_models(parsed)  # every model's quantization filled in (the source's own by default)
-    estimates, _ = estimate_models(parsed, specs, "cuda")
-    demands = build_demands(parsed, estimates, "cuda")
-    res = fit_gpus(list(demands), types, by=args.by, max_gpus=args.max_gpus, headroom=parsed.headroom)
+    estimates, _ = estimate_models(parsed, specs, "cuda", _engines(getattr(args, "engines", None)), strict=False)
+    # with traffic, what a model needs depends on the GPU it runs on: size it for every type alone, and for the mix
+    # (on its slowest type, since a replica may land on any), and keep the smallest cluster
+    tries = [types] + ([[t] for t in types] if len(types) > 1 and any(m.traffic for m in parsed.models) else [])
+    best, errors = None, []
+    for ts in tries:
+        try:
+            p2, traffic = apply_traffic(parsed, specs, estimates, candidate_cluster(ts))
+            res = fit_gpus(list(build_demands(p2, estimates, "cuda")), ts, by=args.by, max_gpus=args.max_gpus,
+                           headroom=p2.headroom)
+        except (InputError, InfeasiblePlanError) as exc:
+            errors.append((ts, exc))
+            continue
+        key = (res.cost_per_hour if args.by == "cost" and res.cost_per_hour is not None else 0,
+               sum(n for _, n in res.counts))
+        if best is None or key < best[0]:
+            best = (key, res, traffic)
+    if best is None:
+        raise errors[0][1]
+    _, res, traffic = best
     if args.json:
-        print(json.dumps(res.to_json(), indent=2))
+        out = res.to_json()
+        if traffic:
+            out["traffic"] = {name: mt.to_json() for name, mt in traffic.items()}
+        print(json.dumps(out, indent=2))
         return 0
     from planner.output.plan_report import render_text
     from planner.units import format_bytes
@@ -157,6 +199,8 @@ def _fit(args, parsed) -> int:
           + ", ".join(f"{m.name} {m.placed_replicas}/{m.max_replicas}" for m in res.plan.models))
     for n in res.notes:
         print(f"note: {n}")
+    for name, mt in traffic.items():
+        print(f"traffic: {name}: {mt.line(mt.chosen, mt.replicas_needed)}")
     print(render_text(res.plan))
     return 0
 

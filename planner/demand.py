@@ -1,0 +1,208 @@
+"""What each model's traffic demands of the plan: how many replicas, at which of its allowed quantizations.
+
+For a deploy entry with ``traffic`` and ``slo``: for every allowed quantization (on the engine its estimate has) and
+every GPU type the model may be placed on, the speed model (planner/model/speed.py) gives a replica's step and
+prefill times, and the queueing arithmetic (planner/traffic.py) the most requests/s one replica holds within the SLO;
+the replicas needed are the traffic's rate over that, on the slowest GPU type (a replica may land on any of them).
+The quantization that serves the traffic on the fewest bytes (replicas x bytes per replica; the user's order breaks
+ties) sets the model's minimum replicas; the allowed quantizations that need more replicas than that are dropped,
+the others stay in the user's order for the packer. Pure: values in, values out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.cluster.inventory import Cluster
+from planner.config import DeployArgs, ModelEntry
+from planner.errors import InputError
+from planner.model.engines import speed_of
+from planner.model.estimate import KV_DTYPES, ReplicaEstimate
+from planner.model.quant import FLOAT_BYTES, resolve_quant
+from planner.model.spec import ModelSpec
+from planner.model.speed import compute_dtype_of, decode_step, kernel_of, prefill, work_of
+from planner.placement.capacity import lookup_gpu
+from planner.traffic import (Capacity, Slo, Traffic, load_point, read_trace, replica_capacity, replicas_needed,
+                             traffic_of_trace)
+
+
+@dataclass(frozen=True)
+class OptionDemand:
+    """One allowed quantization's answer: replicas needed on the slowest GPU type, and its capacity there."""
+
+    quantization: str
+    engine: str
+    kernel: str
+    gpu_type: str
+    replicas: int
+    replica_bytes: int
+    capacity: Capacity
+    per_gpu_type: dict  # gpu type -> requests/s one replica holds there
+
+    def to_json(self) -> dict:
+        return {"quantization": self.quantization, "engine": self.engine, "kernel": self.kernel,
+                "gpu_type": self.gpu_type, "replicas_needed": self.replicas, "replica_bytes": self.replica_bytes,
+                "per_replica_requests_per_s": round(self.capacity.requests_per_s, 4),
+                "per_gpu_type": {k: round(v, 4) for k, v in self.per_gpu_type.items()},
+                "limited_by": self.capacity.limited_by, "why": self.capacity.why}
+
+
+@dataclass(frozen=True)
+class ModelTraffic:
+    """A model's traffic, its SLO, and what each allowed quantization needs to serve it."""
+
+    model: str
+    traffic: Traffic
+    slo: Slo
+    replicas_needed: int
+    chosen: str  # the quantization that serves it on the fewest bytes
+    options: dict  # quantization -> OptionDemand (those that could not meet the SLO are absent)
+    max_num_seqs: int
+    steps: dict = field(default_factory=dict, compare=False)  # quantization -> (step, prefill) functions
+    notes: tuple[str, ...] = ()
+
+    def predicted(self, quantization: str, replicas: int) -> dict:
+        """TTFT/TPOT p95 with ``replicas`` replicas at ``quantization`` sharing the traffic evenly (slowest GPU)."""
+        step, pre = self.steps[quantization]
+        lp = load_point(self.traffic.requests_per_s / max(1, replicas), self.traffic, step, pre, self.max_num_seqs)
+        return {"ttft_p95_ms": None if lp.saturated else round(lp.ttft_p95_s * 1e3, 1),
+                "tpot_p95_ms": None if lp.saturated else round(lp.tpot_p95_s * 1e3, 2),
+                "saturated": lp.saturated}
+
+    def line(self, quantization: str, replicas: int) -> str:
+        """"12 req/s; one replica holds 4.1 req/s within TTFT p95 500 ms, TPOT p95 60 ms: 3"."""
+        o = self.options[quantization]
+        targets = ", ".join(f"{k} {v:g} ms" for k, v in (("TTFT p95", self.slo.ttft_p95_ms),
+                                                          ("TPOT p95", self.slo.tpot_p95_ms)) if v is not None)
+        p = self.predicted(quantization, replicas)
+        got = (f"predicted TTFT p95 {p['ttft_p95_ms']:g} ms, TPOT p95 {p['tpot_p95_ms']:g} ms"
+               if not p["saturated"] else f"saturated: {p['saturated']}")
+        return (f"{self.traffic.requests_per_s:.3g} req/s of {self.traffic.prompt_tokens} in / "
+                f"{self.traffic.output_tokens} out; one replica ({quantization} on {o.gpu_type}) holds "
+                f"{o.capacity.requests_per_s:.3g} req/s within {targets}: needs {o.replicas}; with {replicas}: {got}")
+
+    def to_json(self, quantization: str | None = None, replicas: int | None = None) -> dict:
+        q = quantization or self.chosen
+        n = replicas if replicas is not None else self.replicas_needed
+        o = self.options.get(q)
+        return {"requests_per_s": round(self.traffic.requests_per_s, 4), "prompt_tokens": self.traffic.prompt_tokens,
+                "output_tokens": self.traffic.output_tokens, "slo": self.slo.to_json(),
+                "replicas_needed": o.replicas if o else self.replicas_needed,
+                "per_replica_requests_per_s": round(o.capacity.requests_per_s, 4) if o else None,
+                "quantization": q, "replicas": n, "predicted": self.predicted(q, n) if o else None,
+                "chosen_for_fewest_bytes": self.chosen,
+                "options": {k: v.to_json() for k, v in self.options.items()}, "notes": list(self.notes)}
+
+
+def traffic_of(entry: ModelEntry) -> Traffic:
+    """The entry's traffic as means: declared, or taken from its trace (declared values override the trace's)."""
+    t = entry.traffic
+    base = traffic_of_trace(read_trace(t.trace)) if t.trace else None
+    rate = t.requests_per_s if t.requests_per_s is not None else base.requests_per_s
+    out = Traffic(requests_per_s=rate * t.scale,
+                  prompt_tokens=t.prompt_tokens if t.prompt_tokens is not None else base.prompt_tokens,
+                  output_tokens=t.output_tokens if t.output_tokens is not None else base.output_tokens)
+    if out.prompt_tokens + out.output_tokens > entry.max_model_len:
+        raise InputError(f"models[{entry.name}].traffic: a mean request of {out.prompt_tokens} + {out.output_tokens} "
+                         f"tokens does not fit max_model_len {entry.max_model_len}; raise max_model_len to at least "
+                         f"{out.prompt_tokens + out.output_tokens}")
+    return out
+
+
+def candidate_cluster(gpu_types: list[str]) -> Cluster:
+    """One GPU of each type, on one node: what ``--fit-gpus`` sizes the traffic against (its slowest type)."""
+    from planner.cluster.inventory import Gpu, Node
+
+    gpus = []
+    for i, t in enumerate(gpu_types):
+        g = lookup_gpu(t)
+        gpus.append(Gpu(id=f"fit/gpu-{i}", name=g.name, total_bytes=g.planning_bytes, node="fit", index=i,
+                        gpu_type=g.name))
+    return Cluster(nodes=(Node(name="fit", cpu_memory_bytes=2**50, gpus=tuple(gpus)),), source="declared")
+
+
+def _gpu_types(entry: ModelEntry, cluster: Cluster) -> list[str]:
+    types = sorted({g.gpu_type for g in cluster.gpus})
+    if entry.gpu_type:
+        types = [t for t in types if t.upper() == entry.gpu_type.upper()] or [entry.gpu_type]
+    if not types:
+        raise InputError(f"models[{entry.name}].traffic: the cluster has no GPU, and the speed model knows GPUs only "
+                         "(a CPU replica's speed is not modeled yet); declare the cluster's GPUs, or drop traffic/slo")
+    return types
+
+
+def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: Cluster) -> ModelTraffic:
+    """What ``entry``'s traffic needs at each of its allowed quantizations (``estimates``: quantization ->
+    ReplicaEstimate, each on its engine)."""
+    traffic = traffic_of(entry)
+    slo = Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms)
+    types = _gpu_types(entry, cluster)
+    options, steps, errors, notes = {}, {}, [], []
+    for q in entry.quantization:
+        est: ReplicaEstimate = estimates[q]
+        try:
+            speed = speed_of(est.engine)
+            quant = resolve_quant(spec, q)
+            ks, note = speed.kernel(kernel_of(quant))
+            if note:
+                notes.append(note)
+            work = work_of(spec, quant, est.dtype, KV_DTYPES["auto"] or FLOAT_BYTES[est.dtype])
+            per_type, worst = {}, None
+            for t in types:
+                dev = lookup_gpu(t).speed()
+                cd = compute_dtype_of(quant, est.dtype, dev)
+
+                # every name bound now: these outlive the loop (ModelTraffic.predicted calls them later)
+                def step(b, c, w=work, dev=dev, ks=ks, eff=speed.compute_eff, cd=cd):
+                    return decode_step(w, dev, ks, eff, cd, batch=b, context=c).seconds
+
+                def pre(n, w=work, dev=dev, ks=ks, eff=speed.compute_eff, cd=cd):
+                    return prefill(w, dev, ks, eff, cd, tokens=n).seconds
+
+                cap = replica_capacity(traffic, slo, step, pre, entry.max_num_seqs, model=entry.name)
+                per_type[t] = cap.requests_per_s
+                if worst is None or cap.requests_per_s < worst[1].requests_per_s:
+                    worst = (t, cap, step, pre)
+        except InputError as exc:
+            errors.append(f"{q}: {exc}")
+            continue
+        t, cap, step, pre = worst
+        nbytes = entry.replica_memory if entry.replica_memory is not None else est.total
+        options[q] = OptionDemand(q, est.engine, kernel_of(quant), t, replicas_needed(traffic, cap), nbytes, cap,
+                                  per_type)
+        steps[q] = (step, pre)
+    if not options:
+        raise InputError(f"models[{entry.name}]: no allowed quantization serves its traffic within its slo: "
+                         + "; ".join(errors))
+    notes += [f"{e} (left out)" for e in errors]
+    order = list(options)
+    chosen = min(order, key=lambda q: (options[q].replicas * options[q].replica_bytes, order.index(q)))
+    return ModelTraffic(entry.name, traffic, slo, options[chosen].replicas, chosen, options, entry.max_num_seqs,
+                        steps, tuple(dict.fromkeys(notes)))
+
+
+def apply_traffic(args: DeployArgs, specs: dict, estimates: dict, cluster: Cluster) -> tuple[DeployArgs, dict]:
+    """``args`` with each traffic entry's replicas raised to what its traffic needs and its quantizations limited
+    to those that serve it with that many; and {model: ModelTraffic}. A replicas.max set below the need is an
+    InputError with the fix."""
+    if not any(m.traffic is not None for m in args.models):
+        return args, {}
+    out, report = [], {}
+    for entry in args.models:
+        if entry.traffic is None:
+            out.append(entry)
+            continue
+        mt = model_traffic(entry, specs[entry.name], estimates[entry.name], cluster)
+        report[entry.name] = mt
+        need = mt.replicas_needed
+        r = entry.replicas
+        if "max" in r.model_fields_set and r.max < need:
+            raise InputError(f"models[{entry.name}].replicas.max {r.max} is below the {need} replicas its traffic "
+                             f"needs ({mt.line(mt.chosen, need)}); raise replicas.max to {need}, or lower the traffic "
+                             "or loosen the slo")
+        lo = max(need, r.min if "min" in r.model_fields_set else 0)
+        hi = max(lo, r.max if "max" in r.model_fields_set else lo)
+        keep = [q for q in entry.quantization if q in mt.options and mt.options[q].replicas <= lo]
+        out.append(entry.model_copy(update={"quantization": keep,
+                                            "replicas": r.model_copy(update={"min": lo, "max": hi})}))
+    return args.model_copy(update={"models": out}), report
