@@ -18,7 +18,7 @@ from planner.config import DeployArgs, ModelEntry
 from planner.errors import InputError
 from planner.model.engines import speed_of
 from planner.model.estimate import KV_DTYPES, ReplicaEstimate
-from planner.model.quant import FLOAT_BYTES, resolve_quant
+from planner.model.quant import FLOAT_BYTES, QuantSpec, resolve_quant
 from planner.model.spec import ModelSpec
 from planner.model.speed import compute_dtype_of, decode_step, kernel_of, prefill, work_of
 from planner.placement.capacity import lookup_gpu
@@ -109,6 +109,24 @@ def traffic_of(entry: ModelEntry) -> Traffic:
     return out
 
 
+def speed_fns(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, gpu_type: str):
+    """(step(batch, context) -> s, prefill(tokens) -> s) of a replica sized as ``est`` on a ``gpu_type`` GPU."""
+    speed = speed_of(est.engine)
+    ks, _ = speed.kernel(kernel_of(quant))
+    dev = lookup_gpu(gpu_type).speed()
+    cd = compute_dtype_of(quant, est.dtype, dev)
+    work = work_of(spec, quant, est.dtype, KV_DTYPES["auto"] or FLOAT_BYTES[est.dtype])
+    eff = speed.compute_eff
+
+    def step(b: int, c: float) -> float:
+        return decode_step(work, dev, ks, eff, cd, batch=b, context=c).seconds
+
+    def pre(n: int) -> float:
+        return prefill(work, dev, ks, eff, cd, tokens=n).seconds
+
+    return step, pre
+
+
 def candidate_cluster(gpu_types: list[str]) -> Cluster:
     """One GPU of each type, on one node: what ``--fit-gpus`` sizes the traffic against (its slowest type)."""
     from planner.cluster.inventory import Gpu, Node
@@ -141,24 +159,13 @@ def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: 
     for q in entry.quantization:
         est: ReplicaEstimate = estimates[q]
         try:
-            speed = speed_of(est.engine)
             quant = resolve_quant(spec, q)
-            ks, note = speed.kernel(kernel_of(quant))
+            note = speed_of(est.engine).kernel(kernel_of(quant))[1]
             if note:
                 notes.append(note)
-            work = work_of(spec, quant, est.dtype, KV_DTYPES["auto"] or FLOAT_BYTES[est.dtype])
             per_type, worst = {}, None
             for t in types:
-                dev = lookup_gpu(t).speed()
-                cd = compute_dtype_of(quant, est.dtype, dev)
-
-                # every name bound now: these outlive the loop (ModelTraffic.predicted calls them later)
-                def step(b, c, w=work, dev=dev, ks=ks, eff=speed.compute_eff, cd=cd):
-                    return decode_step(w, dev, ks, eff, cd, batch=b, context=c).seconds
-
-                def pre(n, w=work, dev=dev, ks=ks, eff=speed.compute_eff, cd=cd):
-                    return prefill(w, dev, ks, eff, cd, tokens=n).seconds
-
+                step, pre = speed_fns(spec, quant, est, t)
                 cap = replica_capacity(traffic, slo, step, pre, entry.max_num_seqs, model=entry.name)
                 per_type[t] = cap.requests_per_s
                 if worst is None or cap.requests_per_s < worst[1].requests_per_s:

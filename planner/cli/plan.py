@@ -26,6 +26,65 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="stable JSON instead of the picture")
     p.add_argument("--svg", default=None, metavar="FILE", help="also draw the plan as an SVG file")
     add_render_command(sub)  # `gpuplan render kuberay ...` (planner/output/kuberay.py)
+    add_simulate_command(sub)  # `gpuplan simulate ...` (planner/simulate.py)
+
+
+def add_simulate_command(sub) -> None:
+    s = sub.add_parser("simulate", help="replay a request trace against the plan in simulated time (speed model, "
+                                        "batching, routing and scaling as planned; no Ray, no engine)")
+    s.add_argument("deploy", help="Ray Serve config file (deploy.yaml) or a bare args mapping")
+    s.add_argument("--trace", required=True, help="CSV of TIMESTAMP, ContextTokens, GeneratedTokens (the Azure LLM "
+                                                  "trace shape); each model replays it at its traffic's rate")
+    s.add_argument("--speedup", type=float, default=1.0, help="compress the trace's clock K times (K x the rate)")
+    s.add_argument("--duration", type=float, default=None, help="simulate at most this many seconds of traffic")
+    s.add_argument("--start-s", type=float, default=60.0,
+                   help="seconds a replica the policy starts takes before it serves (default 60; an input, not a "
+                        "measurement: set what your engine and model take)")
+    s.add_argument("--seed", type=int, default=0, help="routing's random draws")
+    s.add_argument("--cluster", default=None, help="cluster declaration YAML (default: the config's `cluster:`)")
+    s.add_argument("--app", default=None, help="application name in the config (default: the gpuplan one)")
+    s.add_argument("--engines", default=None, metavar="LIST", help="as for `gpuplan plan`")
+    s.add_argument("--json", action="store_true", help="stable JSON instead of the table")
+
+
+def cmd_simulate(args) -> int:
+    import time
+
+    from planner.config import load_deploy_file
+    from planner.demand import traffic_of
+    from planner.planning import make_plan
+    from planner.simulate import arrivals_from_trace, sim_models, simulate
+    from planner.traffic import read_trace
+
+    t0 = time.perf_counter()
+    parsed, _ = load_deploy_file(args.deploy, app=args.app)
+    result = make_plan(parsed, _cluster_for(args, parsed), _engines(args.engines), strict=False)
+    models = sim_models(result)
+    entries = {m.name: m for m in result.args.models}
+    rows = read_trace(args.trace)
+    shapes = [(m.name, traffic_of(entries[m.name]) if entries[m.name].traffic else None) for m in models]
+    arrivals = arrivals_from_trace(rows, shapes, speedup=args.speedup, duration_s=args.duration)
+    res = simulate(models, arrivals, start_s=args.start_s, seed=args.seed)
+    wall = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(dict(res.to_json(), wall_s=round(wall, 3)), indent=2))
+        return 0
+    print(f"simulated {res.duration_s:.0f} s of traffic ({sum(m.requests for m in res.models)} requests, "
+          f"{res.events} events) in {wall:.2f} s")
+    head = ("model", "requests", "done", "refused", "TTFT p50/p95 ms", "TPOT p50/p95 ms", "in SLO", "max queue",
+            "replicas", "replica-s")
+    rows_out = []
+    for m in res.models:
+        f = lambda x: "-" if x is None else f"{x:g}"  # noqa: E731
+        rows_out.append((m.model, str(m.requests), str(m.completed), str(m.refused_too_long + m.refused_queue_full),
+                         f"{f(m.ttft_p50_ms)} / {f(m.ttft_p95_ms)}", f"{f(m.tpot_p50_ms)} / {f(m.tpot_p95_ms)}",
+                         "-" if m.within_slo is None else f"{m.within_slo:.1%}", str(m.max_router_queue),
+                         f"{m.replicas_min}..{m.replicas_max_seen}", f"{m.replica_seconds:.0f}"))
+    widths = [max(len(h), *(len(r[i]) for r in rows_out)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows_out:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return 0
 
 
 def _cluster_for(args, parsed):
@@ -273,4 +332,4 @@ def cmd_render(args) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan, "render": cmd_render}
+COMMANDS = {"plan": cmd_plan, "render": cmd_render, "simulate": cmd_simulate}
