@@ -21,7 +21,7 @@ from planner.model.estimate import KV_DTYPES, ReplicaEstimate
 from planner.model.quant import FLOAT_BYTES, QuantSpec, resolve_quant
 from planner.model.spec import ModelSpec
 from planner.model.speed import compute_dtype_of, decode_step, kernel_of, prefill, work_of
-from planner.placement.capacity import lookup_gpu
+from planner.placement.capacity import CPU_DEVICE, device_speed, lookup_gpu
 from planner.traffic import (Capacity, Slo, Traffic, load_point, read_trace, replica_capacity, replicas_needed,
                              traffic_of_trace)
 
@@ -109,11 +109,12 @@ def traffic_of(entry: ModelEntry) -> Traffic:
     return out
 
 
-def speed_fns(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, gpu_type: str):
-    """(step(batch, context) -> s, prefill(tokens) -> s) of a replica sized as ``est`` on a ``gpu_type`` GPU."""
-    speed = speed_of(est.engine)
+def speed_fns(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, device: str):
+    """(step(batch, context) -> s, prefill(tokens) -> s) of a replica sized as ``est`` on ``device`` (a GPU type, or
+    ``cpu``)."""
+    dev = device_speed(device)
+    speed = speed_of(est.engine, dev.kind)
     ks, _ = speed.kernel(kernel_of(quant))
-    dev = lookup_gpu(gpu_type).speed()
     cd = compute_dtype_of(quant, est.dtype, dev)
     work = work_of(spec, quant, est.dtype, KV_DTYPES["auto"] or FLOAT_BYTES[est.dtype])
     eff = speed.compute_eff
@@ -140,13 +141,12 @@ def candidate_cluster(gpu_types: list[str]) -> Cluster:
 
 
 def _gpu_types(entry: ModelEntry, cluster: Cluster) -> list[str]:
+    """The devices the entry's replicas may run on: the cluster's GPU types (its pin, if any), or ``cpu`` for a
+    cluster without GPUs (the CPU catalog's device)."""
     types = sorted({g.gpu_type for g in cluster.gpus})
     if entry.gpu_type:
         types = [t for t in types if t.upper() == entry.gpu_type.upper()] or [entry.gpu_type]
-    if not types:
-        raise InputError(f"models[{entry.name}].traffic: the cluster has no GPU, and the speed model knows GPUs only "
-                         "(a CPU replica's speed is not modeled yet); declare the cluster's GPUs, or drop traffic/slo")
-    return types
+    return types or [CPU_DEVICE]
 
 
 def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: Cluster) -> ModelTraffic:
@@ -160,9 +160,8 @@ def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: 
         est: ReplicaEstimate = estimates[q]
         try:
             quant = resolve_quant(spec, q)
-            note = speed_of(est.engine).kernel(kernel_of(quant))[1]
-            if note:
-                notes.append(note)
+            sp = speed_of(est.engine, device_speed(types[0]).kind)
+            notes += [n for n in (sp.kernel(kernel_of(quant))[1], sp.caveat) if n]
             per_type, worst = {}, None
             for t in types:
                 step, pre = speed_fns(spec, quant, est, t)

@@ -1,7 +1,7 @@
 """Replay a trace against a plan in simulated time: no Ray, no engine, the speed model's clock.
 
 Every planned replica slot of a model (the rollout's fill order) is a simulated engine on the GPU type the plan put it
-on: continuous batching up to ``max_num_seqs`` with the planned KV budget (a request is admitted when its prompt +
+on (a CPU replica: the CPU catalog's device): continuous batching up to ``max_num_seqs`` with the planned KV budget (a request is admitted when its prompt +
 output tokens fit the tokens left), one prefill per admitted request, decode steps timed by the speed model at the
 running batch and its mean context. Requests are routed as the ingress does (``pick_deployment`` over the model's
 deployments, then the replica with fewer requests of two, as Serve's router), wait at the router when every replica
@@ -401,6 +401,7 @@ def sim_models(result) -> list[SimModel]:
     """The simulator's view of a planned deploy file (a planner.planning.PlanningResult)."""
     from planner.demand import speed_fns
     from planner.model.quant import resolve_quant
+    from planner.placement.capacity import CPU_DEVICE
 
     out = []
     ro = result.rollout
@@ -414,11 +415,13 @@ def sim_models(result) -> list[SimModel]:
         slots = []
         for dname in ro.slots(entry.name):
             d = ro.deployment(dname)
-            if d.kind != "gpu" or not d.gpu_type:
-                raise InputError(f"model {entry.name}: its deployment {dname} is a {d.kind} replica; the simulator "
-                                 "times GPU replicas only (the speed model knows no CPU yet): plan on a cluster "
-                                 "with GPUs")
-            slots.append((dname, d.gpu_type))
+            if d.kind == "cpu":
+                slots.append((dname, CPU_DEVICE))
+            elif d.kind == "gpu" and d.gpu_type:
+                slots.append((dname, d.gpu_type))
+            else:
+                raise InputError(f"model {entry.name}: its deployment {dname} is an {d.kind} replica (part on the GPU, "
+                                 "part on the CPU); the simulator has no speed for a split replica")
         fns = {t: speed_fns(spec, quant, est, t) for t in {t for _, t in slots}}
         kv = (est.detail.get("kv_cache") or {}).get("tokens") or entry.max_num_seqs * entry.max_model_len
         out.append(SimModel(

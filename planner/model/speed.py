@@ -35,14 +35,17 @@ class DeviceSpeed:
     bandwidth_bytes_per_s: float
     dense_tflops: dict  # compute dtype ("bf16", "fp16", "fp8", "int8") -> dense TFLOPs (no sparsity)
     source: str = ""
+    kind: str = "gpu"  # "gpu" | "cpu": which of an engine's speed tables applies
 
     def flops_per_s(self, dtype: str) -> float:
         tf = self.dense_tflops.get(dtype)
         if not tf:
             have = ", ".join(sorted(self.dense_tflops)) or "none"
-            raise InputError(f"GPU {self.name}: no dense TFLOPs for {dtype} in the GPU catalog (it has: {have}); add "
-                             f"dense_tflops.{dtype} to its entry in planner/catalog/gpus.json (the datasheet's "
-                             "figure without sparsity), or plan a dtype it has (--dtype / dtype: {have})")
+            where = "planner/catalog/cpus.json" if self.kind == "cpu" else "planner/catalog/gpus.json"
+            raise InputError(f"{self.kind.upper()} {self.name}: no dense TFLOPs for {dtype} in its catalog entry (it "
+                             f"has: {have}); add dense_tflops.{dtype} to its entry in {where} (the datasheet's "
+                             f"figure without sparsity, or the measured one for a CPU), or plan a dtype it has "
+                             f"(--dtype / dtype: {have})")
         return float(tf) * 1e12
 
     def to_json(self) -> dict:
@@ -58,6 +61,7 @@ class KernelSpeed:
     layer_s: float  # fixed cost per layer per step
     bandwidth_eff: float  # share of the datasheet bandwidth its decode reaches
     source: str  # what it was fitted on
+    seq_s: float = 0.0  # cost per sequence per step (scheduling, sampling, detokenizing); 0 where not measured
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class EngineSpeed:
     source: str
     # the kernel whose numbers stand in for one without its own (with a note saying so)
     fallback: str = "float"
+    caveat: str | None = None  # what the numbers do not cover, said with every estimate made from them
 
     def kernel(self, name: str) -> tuple[KernelSpeed, str | None]:
         if name in self.kernels:
@@ -188,7 +193,7 @@ def decode_step(work: Work, dev: DeviceSpeed, ks: KernelSpeed, compute_eff: floa
     kv_b, attn_f = _ctx(work, context)
     nbytes = work.weight_bytes + work.expert_bytes * experts_touched(work, batch) + batch * kv_b
     flops = batch * (work.matmul_flops + attn_f)
-    return _step(work, dev, ks, compute_eff, compute_dtype, nbytes, flops)
+    return _step(work, dev, ks, compute_eff, compute_dtype, nbytes, flops, batch)
 
 
 def prefill(work: Work, dev: DeviceSpeed, ks: KernelSpeed, compute_eff: float, compute_dtype: str, *,
@@ -197,11 +202,11 @@ def prefill(work: Work, dev: DeviceSpeed, ks: KernelSpeed, compute_eff: float, c
     _, attn_f = _ctx(work, tokens / 2)
     nbytes = work.weight_bytes + work.expert_bytes * experts_touched(work, tokens)
     flops = tokens * (work.matmul_flops + attn_f)
-    return _step(work, dev, ks, compute_eff, compute_dtype, nbytes, flops)
+    return _step(work, dev, ks, compute_eff, compute_dtype, nbytes, flops, 1)
 
 
-def _step(work, dev, ks, compute_eff, compute_dtype, nbytes, flops) -> StepTime:
-    fixed = ks.step_s + work.layers * ks.layer_s
+def _step(work, dev, ks, compute_eff, compute_dtype, nbytes, flops, seqs) -> StepTime:
+    fixed = ks.step_s + work.layers * ks.layer_s + seqs * ks.seq_s
     mem = nbytes / (dev.bandwidth_bytes_per_s * ks.bandwidth_eff)
     comp = flops / (dev.flops_per_s(compute_dtype) * compute_eff)
     return StepTime(fixed + max(mem, comp), fixed, mem, comp, nbytes, flops)
@@ -212,6 +217,8 @@ def compute_dtype_of(q: QuantSpec, dtype: str, dev: DeviceSpeed) -> str:
     dtype (weight-only schemes dequantize to it)."""
     if q.scheme == "fp8" and dev.dense_tflops.get("fp8"):
         return "fp8"
+    if dev.kind == "cpu" and dtype not in dev.dense_tflops:
+        return "fp32"  # a CPU without fast half-precision units computes in fp32 (llama.cpp's f16 too)
     return dtype
 
 
@@ -265,11 +272,12 @@ def estimate_speed(spec: ModelSpec, q: QuantSpec, dtype: str, kv_bytes: int, spe
                              "compute_s": step.compute_s, "bytes": int(step.bytes), "flops": int(step.flops)},
              "prefill": {"seconds": pre.seconds, "fixed_s": pre.fixed_s, "memory_s": pre.memory_s,
                          "compute_s": pre.compute_s, "flops": int(pre.flops)},
-             "engine": {"step_s": ks.step_s, "layer_s": ks.layer_s, "bandwidth_eff": ks.bandwidth_eff,
+             "engine": {"step_s": ks.step_s, "layer_s": ks.layer_s, "seq_s": ks.seq_s,
+                        "bandwidth_eff": ks.bandwidth_eff,
                         "compute_eff": speed.compute_eff, "source": ks.source},
              "device": dev.to_json()}
     return SpeedEstimate(engine=speed.engine, kernel=kernel, device=dev.name, input_tokens=input_tokens,
                          output_tokens=output_tokens, batch=batch, ttft_s=pre.seconds, tpot_s=step.seconds,
                          prefill_tokens_per_s=input_tokens / pre.seconds, decode_tokens_per_s=1.0 / step.seconds,
                          tokens_per_s=batch * output_tokens / busy if busy > 0 else math.inf, bound=step.bound,
-                         terms=terms, notes=(note,) if note else ())
+                         terms=terms, notes=tuple(n for n in (note, speed.caveat) if n))

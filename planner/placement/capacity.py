@@ -130,6 +130,29 @@ def _load(path: str) -> tuple[GpuSpec, ...]:
     return tuple(out)
 
 
+CPU_CATALOG_PATH = Path(__file__).resolve().parent.parent / "catalog" / "cpus.json"
+CPU_DEVICE = "cpu"  # the name a CPU replica's device goes by in plans (the catalog's default entry)
+
+
+@lru_cache(maxsize=4)
+def _cpus(path: str) -> tuple[DeviceSpeed, ...]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return tuple(DeviceSpeed(str(e["name"]), float(e["memory_bandwidth_gb_per_s"]) * 1e9,
+                                 {str(k): float(v) for k, v in e["dense_tflops"].items()}, str(e.get("source", "")),
+                                 kind="cpu") for e in data["cpus"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"CPU catalog {path}: cannot read it ({exc}); restore planner/catalog/cpus.json") from None
+
+
+def device_speed(name: str) -> DeviceSpeed:
+    """The speed model's device by name: a GPU of the catalog (GpuSpec.speed), or ``cpu`` (the CPU catalog's first
+    entry, measured on this project's CI machine; planner/catalog/cpus.json says how to measure yours)."""
+    if name.lower() == CPU_DEVICE:
+        return _cpus(str(CPU_CATALOG_PATH))[0]
+    return lookup_gpu(name).speed()
+
+
 def lookup_gpu(name: str | GpuSpec, catalog: Sequence[GpuSpec] | None = None) -> GpuSpec:
     """A catalog GPU by name or alias ("a10g", "NVIDIA A100-SXM4-80GB", "rtx 4090"), or a custom one written
     ``NAME:MEMORY[:PRICE]`` ("MI300X:192GiB:3.5"). Unknown name -> InputError listing the known names."""

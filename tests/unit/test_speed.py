@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 import subprocess
 import sys
 
@@ -145,7 +146,7 @@ def test_refusals_name_the_fix():
         lookup_gpu("MyGPU:24GiB").speed()
     with pytest.raises(InputError, match="dense_tflops.bf16"):
         replica_speed(spec, q, est, lookup_gpu("T4").speed(), input_tokens=10, output_tokens=10, batch=1)
-    with pytest.raises(InputError, match="no speed numbers yet"):
+    with pytest.raises(InputError, match="no speed numbers on a GPU yet"):
         speed_of("llamacpp")
 
 
@@ -175,3 +176,20 @@ def test_cli_estimate_speed_json():
     bad = subprocess.run([sys.executable, "-m", "planner", "estimate", "Qwen/Qwen2.5-7B-Instruct", "--gpu", "T4"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "dense_tflops.bf16" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cpu_numbers_are_the_fit_of_the_saved_run():
+    """SPEED_CPU in the engine modules is benchmarks/cpu_speed.py's fit of the run saved beside it (TPOT at 1 and 16
+    streams), and it predicts the held-out 8-stream TPOT within 15%."""
+    from benchmarks.cpu_speed import fit
+
+    run = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "data" /
+                      "cpu_speed-2026-12-06.json").read_text())
+    fitted = fit(run)
+    for case in run["cases"]:
+        ks = speed_of(case["engine"], "cpu").kernels[case["kernel"]]
+        f = fitted[case["name"]]
+        assert ks.step_s == pytest.approx(f["step_s"], rel=1e-3, abs=1e-7)
+        assert ks.seq_s == pytest.approx(f["seq_s"], rel=1e-3)
+        eight = next(x for x in case["levels"] if x["clients"] == 8)["tpot_ms"] / 1e3
+        assert ks.step_s + 8 * ks.seq_s == pytest.approx(eight, rel=0.15)

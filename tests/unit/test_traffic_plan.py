@@ -72,9 +72,20 @@ def test_unreachable_ttft_is_refused():
                                                       "output_tokens": 100}, slo={"ttft_p95_ms": 5})])
 
 
-def test_traffic_needs_a_gpu_cluster_and_an_slo():
-    with pytest.raises(InputError, match="the cluster has no GPU"):
-        _plan([_model()], cluster={"nodes": [{"name": "cpu", "cpu_memory": "64GiB"}]})
+def test_a_cpu_cluster_plans_on_the_cpu_device():
+    """Without GPUs the replicas' device is the CPU catalog's (planner/catalog/cpus.json), timed by each engine's
+    SPEED_CPU, and the estimate says what those numbers do not cover."""
+    r = _plan([_model(name="tiny", source="./models/tiny-chat", quantization=["int4"], engine="transformers",
+                      max_model_len=256, max_num_seqs=8, replicas={"max": 2},
+                      traffic={"requests_per_s": 4, "prompt_tokens": 60, "output_tokens": 40},
+                      slo={"ttft_p95_ms": 500, "tpot_p95_ms": 50})],
+              cluster={"nodes": [{"name": "cpu", "cpu_memory": "16GiB"}]})
+    mt = r.traffic["tiny"]
+    assert mt.options["int4"].gpu_type == "cpu" and mt.replicas_needed >= 1
+    assert any("4-layer tiny model only" in n for n in mt.notes)
+
+
+def test_traffic_needs_an_slo_and_room():
     with pytest.raises(InputError, match="traffic needs an slo"):
         parse_deploy_args({"models": [_model(slo=None)]})
     with pytest.raises(InputError, match="does not fit max_model_len 1024"):

@@ -125,13 +125,16 @@ def estimate_replica(
     return unit.estimate(req)
 
 
-def speed_of(name: str) -> EngineSpeed:
-    """The speed numbers of engine ``name`` (its module's ``SPEED``); InputError where it has none."""
-    sp = getattr(engine(name), "SPEED", None)
+def speed_of(name: str, kind: str = "gpu") -> EngineSpeed:
+    """The speed numbers of engine ``name`` on a ``kind`` device ("gpu": its module's ``SPEED``; "cpu":
+    ``SPEED_CPU``); InputError where it has none."""
+    attr = "SPEED_CPU" if kind == "cpu" else "SPEED"
+    sp = getattr(engine(name), attr, None)
     if sp is None:
-        raise InputError(f"engine {name}: no speed numbers yet (nothing measured or published was fitted for it), so "
-                         "its speed cannot be predicted; plan it for memory only, or fit its numbers "
-                         "(benchmarks/speed_fit.py) and set SPEED in planner/model/engines/" + name + ".py")
+        raise InputError(f"engine {name}: no speed numbers on a {kind.upper()} yet (nothing measured or published "
+                         "was fitted for it), so its speed cannot be predicted; plan it for memory only, or fit its "
+                         f"numbers (benchmarks/speed_fit.py, benchmarks/cpu_speed.py) and set {attr} in "
+                         f"planner/model/engines/{name}.py")
     return sp
 
 
@@ -147,7 +150,8 @@ def replica_speed(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, devic
         raise InputError(f"{input_tokens} input + {output_tokens} output tokens do not fit max_model_len "
                          f"{est.max_model_len}; raise max_model_len to at least {input_tokens + output_tokens}")
     kv_bytes = KV_DTYPES[kv_dtype] or FLOAT_BYTES[est.dtype]
-    return estimate_speed(spec, quant, est.dtype, kv_bytes, speed_of(est.engine), device, input_tokens=input_tokens,
+    return estimate_speed(spec, quant, est.dtype, kv_bytes, speed_of(est.engine, device.kind), device,
+                          input_tokens=input_tokens,
                           output_tokens=output_tokens, batch=batch, mla_latent=mla_latent_cache)
 
 

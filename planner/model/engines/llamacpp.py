@@ -28,6 +28,7 @@ from planner.errors import InfeasiblePlanError, InputError
 from planner.model.estimate import (CPU_PROCESS_BYTES, CUDA_CONTEXT_BYTES, DeploymentTarget, ReplicaEstimate,
                                     ReplicaRequest)
 from planner.model.spec import ModelSpec
+from planner.model.speed import EngineSpeed, KernelSpeed
 from planner.units import format_bytes
 
 NAME = "llamacpp"
@@ -55,9 +56,18 @@ F16_BYTES = 2
 F32_BYTES = 4
 
 
-# NOTE: no speed numbers for llama.cpp yet (no published table fitted, no run measured): the speed model refuses it
-# and says so (planner/model/engines/__init__.py speed_of).
+# NOTE: no GPU speed numbers for llama.cpp yet (no published table fitted, no GPU run measured): the speed model
+# refuses it on a GPU and says so (planner/model/engines/__init__.py speed_of).
 SPEED = None
+
+# NOTE: llama.cpp on this machine's CPU (planner/catalog/cpus.json), fitted on TPOT at 1 and 16 streams of the shipped
+# Q8_0 file through the API (this repo's batched slots; benchmarks/cpu_speed.py); 8 streams, held out, within 12%
+# (docs/speed-model.md).
+_CPU_FIT = "the shipped tiny model (4 layers) through gpuplan's API on this project's 2-core CI machine, 1 and 16 streams; benchmarks/cpu_speed.py, run in benchmarks/data/cpu_speed-2026-12-06.json"
+SPEED_CPU = EngineSpeed(NAME, {
+    "gguf": KernelSpeed(step_s=3.784e-05, layer_s=0.0, bandwidth_eff=1.0, seq_s=2.777e-04, source=_CPU_FIT),
+}, compute_eff=1.0, source=_CPU_FIT, fallback="gguf",
+    caveat="CPU numbers fitted on the 4-layer tiny model only (a fixed cost per step and per sequence): how a larger model's layers, bytes and flops add on a CPU is not measured")
 
 
 def n_ctx_seq(max_model_len: int) -> int:

