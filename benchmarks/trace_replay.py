@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ready-timeout", type=float, default=600.0)
     a = ap.parse_args(argv)
     from planner.config import parse_deploy_args
-    from planner.simulate import arrivals_from_trace, sim_models, simulate
+    from planner.demand import sim_models
+    from planner.simulate import arrivals_from_trace, simulate
     from planner.traffic import Traffic, read_trace
 
     rows = arrivals_from_trace(read_trace(a.trace), [("tiny", Traffic(a.rate, a.prompt_tokens, a.output_tokens))],

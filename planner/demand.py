@@ -22,8 +22,16 @@ from planner.model.quant import FLOAT_BYTES, QuantSpec, resolve_quant
 from planner.model.spec import ModelSpec
 from planner.model.speed import compute_dtype_of, decode_step, kernel_of, prefill, work_of
 from planner.placement.capacity import CPU_DEVICE, device_speed, lookup_gpu
+from planner.rollout import ModelRule
+from planner.simulate import SimModel, arrivals_from_trace, simulate
 from planner.traffic import (Capacity, Slo, Traffic, load_point, read_trace, replica_capacity, replicas_needed,
                              traffic_of_trace)
+
+# sizing by simulation (a model whose traffic is a trace): the most replicas tried above the closed form's answer, and
+# the requests of the replay the search simulates (the first ones; an hour of the shipped trace is 19,366) before the
+# answer is checked on the whole trace (and raised until it holds there): a plan of ten such models takes seconds
+SIM_SIZING_MAX_FACTOR = 4
+SIM_SIZING_REQUESTS = 4000
 
 
 @dataclass(frozen=True)
@@ -38,10 +46,13 @@ class OptionDemand:
     replica_bytes: int
     capacity: Capacity
     per_gpu_type: dict  # gpu type -> requests/s one replica holds there
+    closed_form: int = 0  # replicas the queueing formulas ask for (== replicas unless sized by simulation)
+    simulated: dict | None = None  # sized by simulating the model's trace: the p95s with `replicas`, and why
 
     def to_json(self) -> dict:
         return {"quantization": self.quantization, "engine": self.engine, "kernel": self.kernel,
                 "gpu_type": self.gpu_type, "replicas_needed": self.replicas, "replica_bytes": self.replica_bytes,
+                "closed_form_replicas": self.closed_form, "simulated": self.simulated,
                 "per_replica_requests_per_s": round(self.capacity.requests_per_s, 4),
                 "per_gpu_type": {k: round(v, 4) for k, v in self.per_gpu_type.items()},
                 "limited_by": self.capacity.limited_by, "why": self.capacity.why}
@@ -77,6 +88,18 @@ class ModelTraffic:
         p = self.predicted(quantization, replicas)
         got = (f"predicted TTFT p95 {p['ttft_p95_ms']:g} ms, TPOT p95 {p['tpot_p95_ms']:g} ms"
                if not p["saturated"] else f"saturated: {p['saturated']}")
+        if o.simulated and not o.simulated["meets_slo"]:
+            return (f"{self.traffic.requests_per_s:.3g} req/s of {self.traffic.prompt_tokens} in / "
+                    f"{self.traffic.output_tokens} out (a trace); one replica ({quantization} on {o.gpu_type}) holds "
+                    f"{o.capacity.requests_per_s:.3g} req/s of steady traffic within {targets}: needs {o.replicas}; "
+                    f"but {o.simulated['why']}")
+        if o.simulated:
+            sim = o.simulated
+            return (f"{self.traffic.requests_per_s:.3g} req/s of {self.traffic.prompt_tokens} in / "
+                    f"{self.traffic.output_tokens} out (a trace); one replica ({quantization} on {o.gpu_type}) holds "
+                    f"{o.capacity.requests_per_s:.3g} req/s of steady traffic within {targets}, so {o.closed_form}; "
+                    f"the trace's bursts need {o.replicas} (simulated: TTFT p95 {sim['ttft_p95_ms']} ms, TPOT p95 "
+                    f"{sim['tpot_p95_ms']} ms); with {replicas}: {got if replicas != o.replicas else 'as simulated'}")
         return (f"{self.traffic.requests_per_s:.3g} req/s of {self.traffic.prompt_tokens} in / "
                 f"{self.traffic.output_tokens} out; one replica ({quantization} on {o.gpu_type}) holds "
                 f"{o.capacity.requests_per_s:.3g} req/s within {targets}: needs {o.replicas}; with {replicas}: {got}")
@@ -174,8 +197,12 @@ def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: 
             continue
         t, cap, step, pre = worst
         nbytes = entry.replica_memory if entry.replica_memory is not None else est.total
-        options[q] = OptionDemand(q, est.engine, kernel_of(quant), t, replicas_needed(traffic, cap), nbytes, cap,
-                                  per_type)
+        n = replicas_needed(traffic, cap)
+        sim = None
+        if entry.traffic.trace:  # the trace's bursts and spread, which the formulas leave out
+            sim = size_by_simulation(entry, traffic, slo, est, t, step, pre, n)
+        options[q] = OptionDemand(q, est.engine, kernel_of(quant), t, sim["replicas"] if sim else n, nbytes, cap,
+                                  per_type, closed_form=n, simulated=sim)
         steps[q] = (step, pre)
     if not options:
         raise InputError(f"models[{entry.name}]: no allowed quantization serves its traffic within its slo: "
@@ -185,6 +212,60 @@ def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: 
     chosen = min(order, key=lambda q: (options[q].replicas * options[q].replica_bytes, order.index(q)))
     return ModelTraffic(entry.name, traffic, slo, options[chosen].replicas, chosen, options, entry.max_num_seqs,
                         steps, tuple(dict.fromkeys(notes)))
+
+
+def size_by_simulation(entry: ModelEntry, traffic: Traffic, slo: Slo, est: ReplicaEstimate, device: str, step, pre,
+                       start: int) -> dict:
+    """The fewest replicas whose simulated p95s on the entry's trace (replayed at its traffic's rate and token means;
+    fixed replicas, no scaling, on ``device``, the slowest the model may get) meet ``slo``: the closed form's
+    ``start`` if it does, else a bisection up to SIM_SIZING_MAX_FACTOR times it. When even that many miss the SLO
+    (a target below the prefill of the trace's longer prompts), ``start`` stays and the answer says so."""
+    every = arrivals_from_trace(read_trace(entry.traffic.trace), [(entry.name, traffic)])[entry.name]
+    window = every[:SIM_SIZING_REQUESTS]
+    kv = (est.detail.get("kv_cache") or {}).get("tokens") or entry.max_num_seqs * entry.max_model_len
+    runs: dict[int, dict] = {}
+    whole: dict[int, dict] = {}
+
+    def run(n: int, rows=None) -> dict:
+        cache = whole if rows is every else runs
+        rows = window if rows is None else rows
+        if n not in cache:
+            m = SimModel(entry.name, tuple((f"{entry.name}#{i}", device) for i in range(n)), {device: step},
+                         {device: pre}, entry.max_num_seqs, int(kv), entry.max_model_len, entry.max_ongoing_requests,
+                         entry.max_queued_requests, ModelRule(entry.name, n, n), entry.autoscaling.metrics_interval_s,
+                         slo)
+            r = simulate([m], {entry.name: rows}, start_s=0.0).models[0]
+            ok = bool(r.completed) and r.refused_queue_full == 0 and \
+                (slo.ttft_p95_ms is None or r.ttft_p95_ms <= slo.ttft_p95_ms) and \
+                (slo.tpot_p95_ms is None or r.tpot_p95_ms <= slo.tpot_p95_ms)
+            cache[n] = {"replicas": n, "ttft_p95_ms": r.ttft_p95_ms, "tpot_p95_ms": r.tpot_p95_ms,
+                        "within_slo": r.within_slo, "requests": r.requests,
+                        "refused": r.refused_too_long + r.refused_queue_full, "meets_slo": ok}
+        return cache[n]
+
+    start = max(1, start)
+    if run(start)["meets_slo"]:
+        n = start
+    else:
+        top = start * SIM_SIZING_MAX_FACTOR
+        if not run(top)["meets_slo"]:
+            out = dict(run(start), tried=top)
+            out["why"] = (f"the trace misses the SLO even with {top} replicas (TTFT p95 {runs[top]['ttft_p95_ms']} "
+                          f"ms, TPOT p95 {runs[top]['tpot_p95_ms']} ms): a target below what its longer requests take "
+                          f"alone; planned with the formulas' {start}")
+            return out
+        lo, hi = start, top
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if run(mid)["meets_slo"] else (mid, hi)
+        n = hi
+    while not run(n, every)["meets_slo"] and n < start * SIM_SIZING_MAX_FACTOR:  # the whole trace has more bursts
+        n += 1
+    out = dict(whole[n])
+    out["why"] = (f"sized by simulating the trace ({out['requests']} requests at {traffic.requests_per_s:.3g} req/s): "
+                  f"{n} replicas give TTFT p95 {out['ttft_p95_ms']:g} ms, TPOT p95 {out['tpot_p95_ms']:g} ms (the "
+                  f"formulas, which assume steady arrivals, said {start})")
+    return out
 
 
 def apply_traffic(args: DeployArgs, specs: dict, estimates: dict, cluster: Cluster) -> tuple[DeployArgs, dict]:
@@ -212,3 +293,36 @@ def apply_traffic(args: DeployArgs, specs: dict, estimates: dict, cluster: Clust
         out.append(entry.model_copy(update={"quantization": keep,
                                             "replicas": r.model_copy(update={"min": lo, "max": hi})}))
     return args.model_copy(update={"models": out}), report
+
+
+def sim_models(result) -> list[SimModel]:
+    """The simulator's view of a planned deploy file (a planner.planning.PlanningResult)."""
+    out = []
+    ro = result.rollout
+    for entry in result.args.models:
+        pm = result.plan.model(entry.name)
+        if pm.placed_replicas == 0:
+            continue
+        est = result.estimates[entry.name][pm.quantization]
+        spec = result.specs[entry.name]
+        quant = resolve_quant(spec, pm.quantization)
+        slots = []
+        for dname in ro.slots(entry.name):
+            d = ro.deployment(dname)
+            if d.kind == "cpu":
+                slots.append((dname, CPU_DEVICE))
+            elif d.kind == "gpu" and d.gpu_type:
+                slots.append((dname, d.gpu_type))
+            else:
+                raise InputError(f"model {entry.name}: its deployment {dname} is an {d.kind} replica (part on the GPU, "
+                                 "part on the CPU); the simulator has no speed for a split replica")
+        fns = {t: speed_fns(spec, quant, est, t) for t in {t for _, t in slots}}
+        kv = (est.detail.get("kv_cache") or {}).get("tokens") or entry.max_num_seqs * entry.max_model_len
+        out.append(SimModel(
+            name=entry.name, slots=tuple(slots), step={t: f[0] for t, f in fns.items()},
+            prefill={t: f[1] for t, f in fns.items()}, max_num_seqs=entry.max_num_seqs, kv_tokens=int(kv),
+            max_model_len=entry.max_model_len, max_ongoing=entry.max_ongoing_requests,
+            max_queued=entry.max_queued_requests, rule=ro.rule(entry.name),
+            metrics_interval_s=entry.autoscaling.metrics_interval_s,
+            slo=Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms) if entry.slo else None))
+    return out

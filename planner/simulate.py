@@ -397,43 +397,6 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
 # ------------------------------------------------------------------------------------------------ from a plan
 
 
-def sim_models(result) -> list[SimModel]:
-    """The simulator's view of a planned deploy file (a planner.planning.PlanningResult)."""
-    from planner.demand import speed_fns
-    from planner.model.quant import resolve_quant
-    from planner.placement.capacity import CPU_DEVICE
-
-    out = []
-    ro = result.rollout
-    for entry in result.args.models:
-        pm = result.plan.model(entry.name)
-        if pm.placed_replicas == 0:
-            continue
-        est = result.estimates[entry.name][pm.quantization]
-        spec = result.specs[entry.name]
-        quant = resolve_quant(spec, pm.quantization)
-        slots = []
-        for dname in ro.slots(entry.name):
-            d = ro.deployment(dname)
-            if d.kind == "cpu":
-                slots.append((dname, CPU_DEVICE))
-            elif d.kind == "gpu" and d.gpu_type:
-                slots.append((dname, d.gpu_type))
-            else:
-                raise InputError(f"model {entry.name}: its deployment {dname} is an {d.kind} replica (part on the GPU, "
-                                 "part on the CPU); the simulator has no speed for a split replica")
-        fns = {t: speed_fns(spec, quant, est, t) for t in {t for _, t in slots}}
-        kv = (est.detail.get("kv_cache") or {}).get("tokens") or entry.max_num_seqs * entry.max_model_len
-        out.append(SimModel(
-            name=entry.name, slots=tuple(slots), step={t: f[0] for t, f in fns.items()},
-            prefill={t: f[1] for t, f in fns.items()}, max_num_seqs=entry.max_num_seqs, kv_tokens=int(kv),
-            max_model_len=entry.max_model_len, max_ongoing=entry.max_ongoing_requests,
-            max_queued=entry.max_queued_requests, rule=ro.rule(entry.name),
-            metrics_interval_s=entry.autoscaling.metrics_interval_s,
-            slo=Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms) if entry.slo else None))
-    return out
-
-
 def arrivals_from_trace(rows, models: list, *, speedup: float = 1.0, duration_s: float | None = None) -> dict:
     """Each model's arrivals from one trace (``rows``: planner.traffic.read_trace). ``models``: (name, Traffic or
     None) each. Model ``i`` of ``n`` replays the trace shifted by i/n of its span (cyclically, so the models' bursts do

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 from planner.errors import InputError
@@ -272,6 +273,7 @@ def replicas_needed(traffic: Traffic, cap: Capacity) -> int:
 # ------------------------------------------------------------------------------------------------ traces
 
 
+@lru_cache(maxsize=8)
 def read_trace(path: str) -> tuple[tuple[float, int, int], ...]:
     """(seconds since the first request, prompt tokens, output tokens) per request of a CSV trace with TIMESTAMP,
     ContextTokens and GeneratedTokens columns (the Azure LLM inference traces' shape), in arrival order."""

@@ -53,7 +53,8 @@ def cmd_simulate(args) -> int:
     from planner.config import load_deploy_file
     from planner.demand import traffic_of
     from planner.planning import make_plan
-    from planner.simulate import arrivals_from_trace, sim_models, simulate
+    from planner.demand import sim_models
+    from planner.simulate import arrivals_from_trace, simulate
     from planner.traffic import read_trace
 
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # stage ranks: a module may import modules of its own rank or lower. serve/ ranks above every planner stage.
-RANKS = [("planner.cli", 7), ("planner.output", 6), ("planner.planning", 5), ("planner.simulate", 5),
+RANKS = [("planner.cli", 7), ("planner.output", 6), ("planner.planning", 5), ("planner.simulate", 4),
          ("planner.rollout", 4), ("planner.demand", 4), ("planner.placement", 3), ("planner.decisions", 3),
          ("planner.cluster", 2), ("planner.config", 2), ("planner.traffic", 2),
          ("planner.model", 1), ("planner.errors", 0), ("planner.units", 0), ("planner.__main__", 7), ("planner", 0),

@@ -124,3 +124,42 @@ def test_cli_plan_json_and_fit(tmp_path):
     out = json.loads(f.stdout)
     # an L4 holds far less within 500 ms TTFT (a prefill there takes most of it): H100s alone are the smaller cluster
     assert out["counts"].get("L4", 0) == 0 and "traffic" in out
+
+
+def _bursty_trace(path, n=1500, seed=3):
+    """Requests in bursts: 10 of every 40 a twentieth of a second apart, the rest 1 s apart; prompts 200-2,000."""
+    import random
+
+    rng = random.Random(seed)
+    lines, t = ["TIMESTAMP,ContextTokens,GeneratedTokens"], 0.0
+    for i in range(n):
+        t += 0.05 if i % 40 < 10 else 1.0
+        s = 1_700_000_000 + t
+        stamp = f"2023-11-16 18:{int(s // 60) % 60:02d}:{int(s) % 60:02d}.{int((s % 1) * 1e6):06d}"
+        hour = 18 + int(t // 3600)
+        lines.append(f"2023-11-16 {hour}:{stamp[14:]},{rng.randint(200, 2000)},{rng.randint(50, 400)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_trace_is_sized_by_simulation(tmp_path):
+    f = tmp_path / "bursty.csv"
+    _bursty_trace(f)
+    r = _plan([_model(quantization=["awq"], traffic={"trace": str(f), "requests_per_s": 6, "prompt_tokens": 1000,
+                                                     "output_tokens": 200})])
+    o = r.traffic["qwen7b"].options["awq"]
+    assert o.simulated is not None and o.simulated["meets_slo"]
+    assert o.replicas > o.closed_form  # the bursts need more than steady arrivals of the same mean
+    assert o.simulated["ttft_p95_ms"] <= 500 and o.simulated["tpot_p95_ms"] <= 60
+    assert r.rollout.rule("qwen7b").min_replicas == o.replicas
+    assert "the trace's bursts need" in r.traffic["qwen7b"].line("awq", o.replicas)
+
+
+def test_a_target_the_trace_cannot_meet_is_said(tmp_path):
+    f = tmp_path / "bursty.csv"
+    _bursty_trace(f)
+    # 180 ms: one prefill of the mean prompt fits, the longer prompts' alone do not
+    r = _plan([_model(quantization=["awq"], traffic={"trace": str(f), "requests_per_s": 2, "prompt_tokens": 1000,
+                                                     "output_tokens": 200}, slo={"ttft_p95_ms": 180})])
+    o = r.traffic["qwen7b"].options["awq"]
+    assert not o.simulated["meets_slo"] and o.replicas == o.closed_form
+    assert "misses the SLO even with" in o.simulated["why"]
