@@ -12,6 +12,9 @@ Endpoints::
     POST /v1/chat/completions          chat (stream or not)
     POST /v1/completions               plain prompt (stream or not)
     GET  /healthz                      liveness: always 200 {"status": "ok"}
+    GET  /health                       vLLM's probe: 200 (empty) when ready, else 503
+    GET  /version                      {"version": gpuplan's}
+    GET  /metrics                      Prometheus text (serve/api/metrics.py)
     GET  /readyz                       200 if backend.readiness() says ready, else 503 (with the detail dict and
                                        ``app``: backend.identity(), which deploy answers)
     GET  /plan                         backend.plan()
@@ -19,7 +22,7 @@ Endpoints::
 
 Every error is in the OpenAI shape ``{"error": {"message", "type", "code", "param"}}`` (FastAPI's own 404/405/422
 and unexpected exceptions included). Status codes: 400 bad body or values, context too long; 401 bad or missing
-bearer key (when ``api_key`` is set; /healthz and /readyz are open); 404 unknown model or route; 405; 413 body over
+bearer key (when ``api_key`` is set; the probes and /metrics are open); 404 unknown model or route; 405; 413 body over
 ``max_body_bytes``; 415 Content-Type not application/json; 429 ``Overloaded`` (+ Retry-After); 503 ``Unavailable``
 (+ Retry-After), or ``ReplicaLost`` on every try; 504 no answer within ``ModelCard.request_timeout_s``; 500 unexpected
 backend failure (traceback logged, short message returned).
@@ -75,7 +78,8 @@ from serve.api.serving import DEFAULT_MAX_TOKENS, MAX_BODY_BYTES, OWNED_BY, Open
 
 log = logging.getLogger("gpuplan.api")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # no bearer key needed (probes)
+# no bearer key needed: the probes (and /metrics, as vLLM's server leaves it open for Prometheus)
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/health", "/version", "/metrics"})
 
 
 class _Guard:
@@ -140,7 +144,7 @@ def create_app(
 ) -> FastAPI:
     """The OpenAI-compatible FastAPI app around ``backend`` (see the module docstring).
 
-    ``api_key``: when set (non-empty), every endpoint except /healthz and /readyz needs
+    ``api_key``: when set (non-empty), every endpoint except the probes and /metrics needs
     ``Authorization: Bearer <api_key>``; None or "" turns the check off.
     ``tokenizers``: model name -> tokenizer, to skip ``AutoTokenizer.from_pretrained(card.source)``.
     ``default_max_tokens``: cap on the max_tokens default when a request omits it (None: the whole remaining

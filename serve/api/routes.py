@@ -18,6 +18,10 @@ def _body_schema(model_cls: type[BaseModel]) -> dict:
 def register(app: FastAPI, serving: OpenAIServing) -> None:
     app.add_api_route("/healthz", serving.healthz, methods=["GET"], tags=["probes"])
     app.add_api_route("/readyz", serving.readyz, methods=["GET"], tags=["probes"])
+    # the probes vLLM's OpenAI server answers, for tools built for it
+    app.add_api_route("/health", serving.health, methods=["GET"], tags=["probes"])
+    app.add_api_route("/version", serving.version, methods=["GET"], tags=["probes"])
+    app.add_api_route("/metrics", serving.prometheus, methods=["GET"], tags=["probes"])
     app.add_api_route("/plan", serving.plan, methods=["GET"], tags=["gpuplan"])
     app.add_api_route("/admin/drain", serving.drain, methods=["POST"], tags=["gpuplan"])
     app.add_api_route("/v1/models", serving.list_models, methods=["GET"], tags=["openai"])

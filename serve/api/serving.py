@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from serve import trace
 from serve.api import sse
+from serve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ApiMetrics
 from serve.api.errors import RETRY_LIMIT, ApiError, _backend_error, _short, _validation_error, error_body
 from serve.api.protocol import (Backend, ChatCompletionRequest, CompletionRequest, _GenerationBody, _maybe_await,
                                 _reject_constant)
@@ -95,6 +96,7 @@ class OpenAIServing:
         self.default_max_tokens = default_max_tokens
         self.max_body_bytes = max_body_bytes
         self.started_at = int(time.time())
+        self.metrics = ApiMetrics()
 
     async def read_body(self, request: Request, model_cls: type[BaseModel]) -> Any:
         ctype = request.headers.get("content-type", "")
@@ -179,6 +181,7 @@ class OpenAIServing:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         tally = _Tally(len(ids), max_tokens)
+        timer = self.metrics.request(card.name)  # TTFT, inter-token latency, e2e (GET /metrics)
 
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout else None
@@ -196,7 +199,9 @@ class OpenAIServing:
                 it = await self.open_generation(card.name, ids, params)
                 try:
                     async for chunk in it:
+                        before = t.completion_tokens
                         t.add(chunk)
+                        timer.token(t.completion_tokens - before, time.monotonic())
                         if chunk.finish_reason:
                             break
                 finally:
@@ -215,6 +220,7 @@ class OpenAIServing:
                         raise _backend_error(exc, card.name, timeout, streaming=False) from None
                 except Exception as exc:
                     raise _backend_error(exc, card.name, timeout, streaming=False) from None
+            timer.done(tally.finish_reason(), time.monotonic())
             text = "".join(tally.parts)
             if kind == "chat":
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -246,12 +252,13 @@ class OpenAIServing:
                     await _aclose(it)
                 raise _backend_error(exc, card.name, timeout, streaming=False) from None
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = self.stream_events(kind, rid, created, card.name, first, it, timeout, tally, include_usage)
+        body = self.stream_events(kind, rid, created, card.name, first, it, timeout, tally, include_usage, timer)
         return StreamingResponse(body, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
     async def stream_events(self, kind: str, rid: str, created: int, model: str, first: GenerationChunk | None,
                             it: Any,
-                            timeout: float | None, tally: _Tally, include_usage: bool) -> AsyncIterator[bytes]:
+                            timeout: float | None, tally: _Tally, include_usage: bool,
+                            timer=None) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def event(choices: list[dict], usage: dict | None = None) -> bytes:
@@ -271,13 +278,18 @@ class OpenAIServing:
                 yield event([choice(role=True)])
             chunk = first
             while chunk is not None:
+                before = tally.completion_tokens
                 tally.add(chunk)
+                if timer is not None:
+                    timer.token(tally.completion_tokens - before, time.monotonic())
                 if chunk.text:
                     yield event([choice(text=chunk.text)])
                 if chunk.finish_reason:
                     break
                 chunk = await _next(it, timeout)
             yield event([choice(finish=tally.finish_reason())])
+            if timer is not None:
+                timer.done(tally.finish_reason(), time.monotonic())
             if include_usage:
                 yield event([], tally.usage())
         except Exception as exc:  # headers are gone: report in-band, then end the stream normally
@@ -289,6 +301,31 @@ class OpenAIServing:
     async def healthz(self) -> dict:
         """Liveness: 200 while the process serves HTTP."""
         return {"status": "ok"}
+
+    async def health(self) -> Response:
+        """vLLM's probe: 200 with an empty body while the server can serve (every model has its minimum replicas
+        running), else 503, so that load and eval tools built for vLLM's server wait for it."""
+        try:
+            ok, _ = await _maybe_await(self.backend.readiness())
+        except Exception:
+            ok = False
+        return Response(status_code=200 if ok else 503)
+
+    async def version(self) -> dict:
+        """vLLM's /version: the server's version (gpuplan's)."""
+        return {"version": _version()}
+
+    async def prometheus(self) -> Response:
+        """Prometheus text (serve/api/metrics.py): the API's request histograms, each replica's latest report and
+        the scaling policy's latest decision (``backend.metrics_source()``, when it has one)."""
+        replicas, scaling = [], None
+        source = getattr(self.backend, "metrics_source", None)
+        if source is not None:
+            try:
+                replicas, scaling = await _maybe_await(source())
+            except Exception:
+                log.warning("metrics: the replicas' reports could not be read", exc_info=True)
+        return Response(self.metrics.render(replicas, scaling), media_type=METRICS_CONTENT_TYPE)
 
     async def readyz(self) -> Response:
         """Readiness: 200 when self.backend.readiness() is true, else 503; both carry the self.backend's detail dict."""
@@ -363,6 +400,15 @@ class OpenAIServing:
             raise ApiError(400, "prompt is empty (0 tokens)", code="invalid_value", param="prompt")
         limit = self.resolve_max_tokens(req.max_tokens, "max_tokens", len(ids), card, "prompt")
         return await self.run("text", req, card, ids, limit, _trace_id(request))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpuplan")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _trace_id(request: Request) -> str | None:

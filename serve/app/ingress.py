@@ -239,6 +239,18 @@ class Ingress:
             ok = False
         return ok, detail
 
+    async def metrics_source(self) -> tuple[list[dict], dict | None]:
+        """(each running replica's latest report, the scaling policy's latest decision) for GET /metrics."""
+        reg = ray.get_actor(REGISTRY)
+        rows = [r for r in await reg.all.remote() if r.get("app") == self.app_name]
+        try:
+            from serve.app.scale_board import fetch_decision
+
+            decision = await asyncio.to_thread(fetch_decision, self.rollout.plan_id)
+        except Exception:
+            decision = None
+        return rows, decision
+
     async def plan(self) -> dict:
         out = dict(self._plan)
         out["rollout"] = self.rollout.to_json()

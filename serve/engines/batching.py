@@ -176,6 +176,7 @@ class BatchedEngine:
             waiting = sum(1 for s in self._waiting if not s.cancelled)
             batch = self._batch
             running = sum(1 for s in batch.seqs if not s.done) if batch is not None else 0
+            cached = sum(s.n_cached for s in batch.seqs if not s.done) if batch is not None else 0
             while self._tps and self._tps[0][0] < now - _TPS_WINDOW_S:
                 self._tps.popleft()
             recent = sum(n for _, n in self._tps)
@@ -189,6 +190,9 @@ class BatchedEngine:
             "generated_tokens": self.generated_tokens,
             "prompt_tokens": self.prompt_tokens,
             "tokens_per_s": round(recent / span, 2),
+            # tokens the running sequences hold in the KV cache over the budget the plan sized (max_num_seqs full
+            # sequences of max_model_len)
+            "kv_cache_usage": round(cached / (self.max_num_seqs * self.max_model_len), 4),
             "forward_passes": self.forward_passes,
             "prefill_passes": self.prefill_passes,
             "decode_steps": self.decode_steps,

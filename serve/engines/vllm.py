@@ -44,6 +44,9 @@ def _scheduler_counts(box: dict):
                 box["running"] = int(scheduler_stats.num_running_reqs)
                 box["waiting"] = int(scheduler_stats.num_waiting_reqs) + int(
                     getattr(scheduler_stats, "num_skipped_waiting_reqs", 0) or 0)
+                usage = getattr(scheduler_stats, "kv_cache_usage", None)
+                if usage is not None:
+                    box["kv_cache_usage"] = float(usage)
 
         def log_engine_initialized(self):
             pass
@@ -145,9 +148,12 @@ class VllmEngine:
         cap = int(self.settings.get("max_num_seqs") or self.inflight)
         running = min(self._sched.get("running", min(self.inflight, cap)), self.inflight)
         waiting = min(self._sched.get("waiting", self.inflight - running), self.inflight - running)
-        return {"waiting": waiting, "running": running, "completed": self.completed, "cancelled": self.cancelled,
-                "errors": self.errors, "generated_tokens": self.generated_tokens,
-                "tokens_per_s": round(sum(k for _, k in self._tps) / span, 1)}
+        out = {"waiting": waiting, "running": running, "completed": self.completed, "cancelled": self.cancelled,
+               "errors": self.errors, "generated_tokens": self.generated_tokens,
+               "tokens_per_s": round(sum(k for _, k in self._tps) / span, 1)}
+        if "kv_cache_usage" in self._sched:  # vLLM's scheduler's share of KV blocks in use, as of its last step
+            out["kv_cache_usage"] = self._sched["kv_cache_usage"] if self.inflight else 0.0
+        return out
 
     def check_health(self) -> None:
         """Raise when vLLM's engine core is dead (Serve's health check then replaces the replica)."""

@@ -139,6 +139,20 @@ def test_16_concurrent_clients_none_lost(server):
     assert sum(code == 200 for code, _, _ in results) >= 8
 
 
+def test_vllm_probes_and_metrics(server):
+    """What tools built for vLLM's server probe (/health, /version) and what Prometheus scrapes (/metrics): the
+    requests above in the histograms, every replica's report in the gauges, every engine's KV use."""
+    base = server["base"]
+    assert requests.get(base + "/health", timeout=10).status_code == 200
+    assert requests.get(base + "/version", timeout=10).json()["version"]
+    text = requests.get(base + "/metrics", timeout=30).text
+    for model in ("tiny-int8", "tiny-int4", "tiny-gguf"):
+        assert f'vllm:time_to_first_token_seconds_count{{model_name="{model}"}}' in text, model
+        assert f'vllm:num_requests_running{{model_name="{model}",deployment="{model}@' in text, model
+        assert f'vllm:kv_cache_usage_perc{{model_name="{model}"' in text, model
+        assert f'gpuplan:planned_bytes{{model_name="{model}"' in text, model
+
+
 def test_one_sigterm_drains_then_stops_everything(server):
     """A stream running when SIGTERM arrives completes; a request sent while draining gets 503 + Retry-After; then
     nothing of Ray is left."""

@@ -75,4 +75,6 @@ def test_requests_waiting_inside_vllm_are_counted(tmp_path):
     assert r["max_running"] <= 2 and r["max_waiting"] >= 1, r  # 6 requests, 2 slots: some wait in vLLM's queue
     assert r.get("max_waiting_reported", 0) >= 1, r  # and vLLM's own scheduler said so
     assert r["after"]["waiting"] == 0 and r["after"]["running"] == 0
-    assert set(r["vllm_reported"]) == {"running", "waiting"}, r  # the counts came from vLLM's scheduler
+    # the counts came from vLLM's scheduler, and so does its KV cache use (GET /metrics: vllm:kv_cache_usage_perc)
+    assert set(r["vllm_reported"]) == {"running", "waiting", "kv_cache_usage"}, r
+    assert 0.0 <= r["vllm_reported"]["kv_cache_usage"] <= 1.0, r

@@ -913,3 +913,46 @@ def test_drain_is_asked_of_the_backend_and_needs_the_key_when_one_is_set(make_cl
     keyed = make_client(Drains(backend.cards()), api_key="sekrit")
     assert keyed.post("/admin/drain").status_code == 401
     assert keyed.post("/admin/drain", headers={"Authorization": "Bearer sekrit"}).status_code == 200
+
+
+# ---- the probes vLLM's server answers, and /metrics
+
+
+def test_health_version_and_metrics(make_client, backend):
+    c = make_client(backend, api_key="k")  # the probes and /metrics need no key, as on vLLM's server
+    assert c.get("/health").status_code == 200 and c.get("/health").content == b""
+    assert c.get("/version").json()["version"]
+    r = c.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                                             "max_tokens": 8}, headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200
+    s = c.post("/v1/completions", json={"model": "chat", "prompt": "hi", "max_tokens": 8, "stream": True},
+               headers={"Authorization": "Bearer k"})
+    assert s.status_code == 200
+    m = c.get("/metrics")
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    text = m.text
+    assert 'vllm:time_to_first_token_seconds_count{model_name="chat"} 2.0' in text
+    assert 'vllm:e2e_request_latency_seconds_count{model_name="chat"} 2.0' in text
+    # three chunks ("Hel", "lo", " world"): the first token, then two intervals per request
+    assert 'vllm:inter_token_latency_seconds_count{model_name="chat"} 4.0' in text
+    assert 'vllm:request_success_total{finished_reason=' in text
+    backend.ready = (False, {"chat": {"running_replicas": 0}})
+    assert c.get("/health").status_code == 503
+
+
+def test_metrics_render_the_replicas_and_the_policy():
+    from serve.api.metrics import ApiMetrics
+
+    rows = [{"model": "chat", "deployment": "chat@n0", "replica_id": "r1", "planned_bytes": 1024,
+             "resident_weight_bytes": 512, "stats": {"running": 3, "waiting": 1, "kv_cache_usage": 0.25,
+                                                     "generated_tokens": 99}}]
+    scaling = {"models": [{"model": "chat", "load": 4.0, "want": 2, "goal": 2, "placed": 1, "why": "x"}]}
+    text = ApiMetrics().render(rows, scaling).decode()
+    labels = 'model_name="chat",deployment="chat@n0",replica="r1"'
+    for line in (f"vllm:num_requests_running{{{labels}}} 3.0", f"vllm:num_requests_waiting{{{labels}}} 1.0",
+                 f"vllm:kv_cache_usage_perc{{{labels}}} 0.25", f"gpuplan:planned_bytes{{{labels}}} 1024.0",
+                 f"gpuplan:resident_weight_bytes{{{labels}}} 512.0",
+                 f"gpuplan:generation_tokens_total{{{labels}}} 99.0",
+                 'gpuplan:scaling_goal{model_name="chat"} 2.0', 'gpuplan:scaling_load{model_name="chat"} 4.0'):
+        assert line in text, line
+    assert "# TYPE vllm:num_requests_running gauge" in text
