@@ -117,6 +117,25 @@ class ModelTraffic:
                 "options": {k: v.to_json() for k, v in self.options.items()}, "notes": list(self.notes)}
 
 
+@dataclass(frozen=True)
+class UnsizedTraffic:
+    """A model whose traffic could not be sized: a device it may run on has no speed numbers (a GPU without a
+    bandwidth in the catalog). Its replicas stay as declared, and the plan says why and what to add."""
+
+    model: str
+    why: str
+    chosen: str | None = None
+    replicas_needed: int = 0
+    options: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def line(self, quantization: str | None = None, replicas: int | None = None) -> str:
+        return f"traffic not sized ({self.why}); replicas as declared"
+
+    def to_json(self, quantization: str | None = None, replicas: int | None = None) -> dict:
+        return {"sized": False, "why": self.why}
+
+
 def traffic_of(entry: ModelEntry) -> Traffic:
     """The entry's traffic as means: declared, or taken from its trace (declared values override the trace's)."""
     t = entry.traffic
@@ -271,12 +290,23 @@ def size_by_simulation(entry: ModelEntry, traffic: Traffic, slo: Slo, est: Repli
 def apply_traffic(args: DeployArgs, specs: dict, estimates: dict, cluster: Cluster) -> tuple[DeployArgs, dict]:
     """``args`` with each traffic entry's replicas raised to what its traffic needs and its quantizations limited
     to those that serve it with that many; and {model: ModelTraffic}. A replicas.max set below the need is an
-    InputError with the fix."""
+    InputError with the fix. A model that may land on a device without speed numbers keeps its declared replicas
+    (UnsizedTraffic says why): a deploy file with traffic still plans, and serves, on hardware the catalog lacks."""
     if not any(m.traffic is not None for m in args.models):
         return args, {}
     out, report = [], {}
     for entry in args.models:
         if entry.traffic is None:
+            out.append(entry)
+            continue
+        unknown = []
+        for t in _gpu_types(entry, cluster):
+            try:
+                device_speed(t)
+            except InputError as exc:
+                unknown.append(str(exc))
+        if unknown:  # a replica may land where nothing says how fast it runs: plan it for memory, and say so
+            report[entry.name] = UnsizedTraffic(entry.name, "; ".join(unknown))
             out.append(entry)
             continue
         mt = model_traffic(entry, specs[entry.name], estimates[entry.name], cluster)

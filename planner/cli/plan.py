@@ -191,6 +191,8 @@ def traffic_text(result) -> str:
     for name, mt in result.traffic.items():
         pm = result.plan.model(name)
         lines.append(f"  {name}: {mt.line(pm.quantization, pm.placed_replicas)}")
+        if not mt.options:
+            continue
         others = [f"{q} needs {o.replicas}" for q, o in mt.options.items() if q != pm.quantization]
         if others:
             lines.append(f"    other quantizations: {', '.join(others)}")

@@ -150,7 +150,13 @@ def device_speed(name: str) -> DeviceSpeed:
     entry, measured on this project's CI machine; planner/catalog/cpus.json says how to measure yours)."""
     if name.lower() == CPU_DEVICE:
         return _cpus(str(CPU_CATALOG_PATH))[0]
-    return lookup_gpu(name).speed()
+    try:
+        gpu = lookup_gpu(name)
+    except InputError:
+        raise InputError(f"GPU {name}: not in the GPU catalog, so its speed is unknown; add it to "
+                         "planner/catalog/gpus.json with memory_bytes, memory_bandwidth_gb_per_s and dense_tflops "
+                         "from its datasheet") from None
+    return gpu.speed()
 
 
 def lookup_gpu(name: str | GpuSpec, catalog: Sequence[GpuSpec] | None = None) -> GpuSpec:

@@ -163,3 +163,13 @@ def test_a_target_the_trace_cannot_meet_is_said(tmp_path):
     o = r.traffic["qwen7b"].options["awq"]
     assert not o.simulated["meets_slo"] and o.replicas == o.closed_form
     assert "misses the SLO even with" in o.simulated["why"]
+
+
+def test_a_gpu_without_speed_numbers_plans_for_memory_and_says_why():
+    """A GPU the catalog has no bandwidth for (a custom NAME:MEMORY here, an unknown card under `cluster: auto`):
+    the model keeps its declared replicas, and the plan names the field to add."""
+    cluster = {"nodes": [{"name": "n", "gpus": [{"name": "MyGPU", "memory": "80GiB", "count": 2}]}]}
+    r = _plan([_model(quantization=["bf16"], replicas={"min": 1, "max": 2})], cluster=cluster)
+    mt = r.traffic["qwen7b"]
+    assert mt.to_json()["sized"] is False and "memory_bandwidth_gb_per_s" in mt.why
+    assert r.rollout.rule("qwen7b").min_replicas == 1
