@@ -105,16 +105,46 @@ def _run_group(a, cases) -> list[dict]:
     return done
 
 
+PROMPT_TOKENS = 30  # the chat prompt above with the tiny model's template, about (only the KV term depends on it)
+
+
+def roofline(case: dict, batch: int, max_tokens: int) -> float:
+    """The speed model's memory-or-compute term of one decode step of the case on the CPU device (the tiny model's
+    bytes over the measured bandwidth; small next to the fixed costs, but part of what the model predicts)."""
+    from planner.model.estimate import KV_DTYPES
+    from planner.model.quant import FLOAT_BYTES, resolve_quant
+    from planner.model.spec import load_spec
+    from planner.model.speed import KernelSpeed, compute_dtype_of, decode_step, work_of
+    from planner.placement.capacity import device_speed
+
+    src = GGUF if case["engine"] == "llamacpp" else MODEL
+    spec = load_spec(src)
+    q = resolve_quant(spec, case["quantization"])
+    dev = device_speed("cpu")
+    dtype = "bf16" if q.scheme != "gguf" else "fp16"
+    work = work_of(spec, q, dtype, KV_DTYPES["auto"] or FLOAT_BYTES[dtype])
+    st = decode_step(work, dev, KernelSpeed(0.0, 0.0, 1.0, ""), 1.0, compute_dtype_of(q, dtype, dev), batch=batch,
+                     context=PROMPT_TOKENS + (max_tokens - 1) / 2)
+    return st.seconds
+
+
 def fit(run_json: dict) -> dict:
-    """Per case: TPOT(B) = step_s + B x seq_s through the 1- and 16-stream levels; the 8-stream level is predicted."""
+    """Per case: TPOT(B) = step_s + B x seq_s + the model's roofline term, through the 1- and 16-stream levels; the
+    8-stream level is predicted."""
     out = {}
+    n = run_json["max_tokens"]
     for c in run_json["cases"]:
         lv = {x["clients"]: x for x in c["levels"]}
-        t1, t16 = lv[1]["tpot_ms"] / 1e3, lv[16]["tpot_ms"] / 1e3
+        t1 = lv[1]["tpot_ms"] / 1e3 - roofline(c, 1, n)
+        t16 = lv[16]["tpot_ms"] / 1e3 - roofline(c, 16, n)
         seq = max(0.0, (t16 - t1) / 15)
         step = max(0.0, t1 - seq)
         out[c["name"]] = {"engine": c["engine"], "kernel": c["kernel"], "step_s": step, "seq_s": seq}
     return out
+
+
+def predicted_tpot(case: dict, f: dict, batch: int, max_tokens: int) -> float:
+    return f["step_s"] + batch * f["seq_s"] + roofline(case, batch, max_tokens)
 
 
 def table(run_json: dict, fitted: dict) -> str:
@@ -125,7 +155,7 @@ def table(run_json: dict, fitted: dict) -> str:
         f = fitted[c["name"]]
         for x in c["levels"]:
             b = x["clients"]
-            tpot = f["step_s"] + b * f["seq_s"]
+            tpot = predicted_tpot(c, f, b, n)
             # a stream's request: TTFT (measured at 1 stream: the path and the prefill) then n - 1 steps; b of them
             ttft1 = next(y for y in c["levels"] if y["clients"] == 1)["ttft_ms"] / 1e3
             tps = b * n / (ttft1 + (n - 1) * tpot)

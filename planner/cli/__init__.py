@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scheme with the engines found here: llama.cpp for a GGUF file, vLLM where it is installed "
                         "and runs the scheme, transformers otherwise)")
     e.add_argument("--gpu", default=None,
-                   help="also predict the replica's speed on this GPU (a name of `gpuplan plan --gpus`' catalog, e.g. "
-                        "A100-80GB): TTFT, TPOT, tokens/s (planner/model/speed.py, docs/speed-model.md)")
+                   help="also predict the replica's speed on this GPU (a name of the GPU catalog, e.g. A100-80GB), or "
+                        "`cpu` (this machine's, planner/catalog/cpus.json): TTFT, TPOT, tokens/s "
+                        "(planner/model/speed.py, docs/speed-model.md)")
     e.add_argument("--input-tokens", type=_positive_int("--input-tokens"), default=512,
                    help="--gpu: prompt tokens per request (default 512)")
     e.add_argument("--output-tokens", type=_positive_int("--output-tokens"), default=256,
@@ -118,11 +119,13 @@ def cmd_estimate(args) -> int:
     found = installed_engines()
     device = None
     if args.gpu:
-        from planner.placement.capacity import lookup_gpu
+        from planner.placement.capacity import CPU_DEVICE, device_speed
 
-        if args.device == "cpu":
-            raise InputError("--gpu predicts the speed on a GPU; drop --device cpu")
-        device = lookup_gpu(args.gpu).speed()
+        device = device_speed(args.gpu)  # a GPU of the catalog, or `cpu` (planner/catalog/cpus.json)
+        if args.gpu.lower() == CPU_DEVICE:
+            args.device = "cpu"
+        elif args.device == "cpu":
+            raise InputError(f"--gpu {args.gpu} predicts the speed on a GPU; drop --device cpu (or use --gpu cpu)")
         if args.max_model_len is None:  # room for the request asked about
             args.max_model_len = args.input_tokens + args.output_tokens
         if args.batch is not None and args.max_num_seqs == 1:
