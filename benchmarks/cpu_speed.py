@@ -108,6 +108,21 @@ def _run_group(a, cases) -> list[dict]:
 PROMPT_TOKENS = 30  # the chat prompt above with the tiny model's template, about (only the KV term depends on it)
 
 
+def _model(case: dict):
+    """(work, device, compute dtype) of the case as the speed model sees it on the CPU device."""
+    from planner.model.estimate import KV_DTYPES
+    from planner.model.quant import FLOAT_BYTES, resolve_quant
+    from planner.model.spec import load_spec
+    from planner.model.speed import compute_dtype_of, work_of
+    from planner.placement.capacity import device_speed
+
+    spec = load_spec(GGUF if case["engine"] == "llamacpp" else MODEL)
+    q = resolve_quant(spec, case["quantization"])
+    dev = device_speed("cpu")
+    dtype = "bf16" if q.scheme != "gguf" else "fp16"
+    return work_of(spec, q, dtype, KV_DTYPES["auto"] or FLOAT_BYTES[dtype]), dev, compute_dtype_of(q, dtype, dev)
+
+
 def roofline(case: dict, batch: int, max_tokens: int) -> float:
     """The speed model's memory-or-compute term of one decode step of the case on the CPU device (the tiny model's
     bytes over the measured bandwidth; small next to the fixed costs, but part of what the model predicts)."""
@@ -129,8 +144,11 @@ def roofline(case: dict, batch: int, max_tokens: int) -> float:
 
 
 def fit(run_json: dict) -> dict:
-    """Per case: TPOT(B) = step_s + B x seq_s + the model's roofline term, through the 1- and 16-stream levels; the
-    8-stream level is predicted."""
+    """Per case: TPOT(B) = step_s + B x seq_s + the model's roofline term, through the 1- and 16-stream levels (the
+    8-stream level is predicted); request_s = TTFT at 1 stream less the model's prefill of the prompt: the serving
+    path's latency before the first token (the API, the ingress, the hand-off to the engine)."""
+    from planner.model.speed import KernelSpeed, prefill
+
     out = {}
     n = run_json["max_tokens"]
     for c in run_json["cases"]:
@@ -139,7 +157,11 @@ def fit(run_json: dict) -> dict:
         t16 = lv[16]["tpot_ms"] / 1e3 - roofline(c, 16, n)
         seq = max(0.0, (t16 - t1) / 15)
         step = max(0.0, t1 - seq)
-        out[c["name"]] = {"engine": c["engine"], "kernel": c["kernel"], "step_s": step, "seq_s": seq}
+        work, dev, cd = _model(c)
+        pre = prefill(work, dev, KernelSpeed(step, 0.0, 1.0, "", seq_s=seq), 1.0, cd, tokens=PROMPT_TOKENS).seconds
+        request = max(0.0, lv[1]["ttft_ms"] / 1e3 - pre)
+        out[c["name"]] = {"engine": c["engine"], "kernel": c["kernel"], "step_s": step, "seq_s": seq,
+                          "request_s": request}
     return out
 
 

@@ -74,8 +74,9 @@ class ModelTraffic:
 
     def predicted(self, quantization: str, replicas: int) -> dict:
         """TTFT/TPOT p95 with ``replicas`` replicas at ``quantization`` sharing the traffic evenly (slowest GPU)."""
-        step, pre = self.steps[quantization]
-        lp = load_point(self.traffic.requests_per_s / max(1, replicas), self.traffic, step, pre, self.max_num_seqs)
+        step, pre, path = self.steps[quantization]
+        lp = load_point(self.traffic.requests_per_s / max(1, replicas), self.traffic, step, pre, self.max_num_seqs,
+                        path)
         return {"ttft_p95_ms": None if lp.saturated else round(lp.ttft_p95_s * 1e3, 1),
                 "tpot_p95_ms": None if lp.saturated else round(lp.tpot_p95_s * 1e3, 2),
                 "saturated": lp.saturated}
@@ -152,8 +153,8 @@ def traffic_of(entry: ModelEntry) -> Traffic:
 
 
 def speed_fns(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, device: str):
-    """(step(batch, context) -> s, prefill(tokens) -> s) of a replica sized as ``est`` on ``device`` (a GPU type, or
-    ``cpu``)."""
+    """(step(batch, context) -> s, prefill(tokens) -> s, the serving path's latency before a first token in s) of a
+    replica sized as ``est`` on ``device`` (a GPU type, or ``cpu``)."""
     dev = device_speed(device)
     speed = speed_of(est.engine, dev.kind)
     ks, _ = speed.kernel(kernel_of(quant))
@@ -167,7 +168,7 @@ def speed_fns(spec: ModelSpec, quant: QuantSpec, est: ReplicaEstimate, device: s
     def pre(n: int) -> float:
         return prefill(work, dev, ks, eff, cd, tokens=n).seconds
 
-    return step, pre
+    return step, pre, ks.request_s
 
 
 def candidate_cluster(gpu_types: list[str]) -> Cluster:
@@ -206,23 +207,23 @@ def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: 
             notes += [n for n in (sp.kernel(kernel_of(quant))[1], sp.caveat) if n]
             per_type, worst = {}, None
             for t in types:
-                step, pre = speed_fns(spec, quant, est, t)
-                cap = replica_capacity(traffic, slo, step, pre, entry.max_num_seqs, model=entry.name)
+                step, pre, path = speed_fns(spec, quant, est, t)
+                cap = replica_capacity(traffic, slo, step, pre, entry.max_num_seqs, model=entry.name, path_s=path)
                 per_type[t] = cap.requests_per_s
                 if worst is None or cap.requests_per_s < worst[1].requests_per_s:
-                    worst = (t, cap, step, pre)
+                    worst = (t, cap, step, pre, path)
         except InputError as exc:
             errors.append(f"{q}: {exc}")
             continue
-        t, cap, step, pre = worst
+        t, cap, step, pre, path = worst
         nbytes = entry.replica_memory if entry.replica_memory is not None else est.total
         n = replicas_needed(traffic, cap)
         sim = None
         if entry.traffic.trace:  # the trace's bursts and spread, which the formulas leave out
-            sim = size_by_simulation(entry, traffic, slo, est, t, step, pre, n)
+            sim = size_by_simulation(entry, traffic, slo, est, t, step, pre, n, path)
         options[q] = OptionDemand(q, est.engine, kernel_of(quant), t, sim["replicas"] if sim else n, nbytes, cap,
                                   per_type, closed_form=n, simulated=sim)
-        steps[q] = (step, pre)
+        steps[q] = (step, pre, path)
     if not options:
         raise InputError(f"models[{entry.name}]: no allowed quantization serves its traffic within its slo: "
                          + "; ".join(errors))
@@ -234,7 +235,7 @@ def model_traffic(entry: ModelEntry, spec: ModelSpec, estimates: dict, cluster: 
 
 
 def size_by_simulation(entry: ModelEntry, traffic: Traffic, slo: Slo, est: ReplicaEstimate, device: str, step, pre,
-                       start: int) -> dict:
+                       start: int, path_s: float = 0.0) -> dict:
     """The fewest replicas whose simulated p95s on the entry's trace (replayed at its traffic's rate and token means;
     fixed replicas, no scaling, on ``device``, the slowest the model may get) meet ``slo``: the closed form's
     ``start`` if it does, else a bisection up to SIM_SIZING_MAX_FACTOR times it. When even that many miss the SLO
@@ -252,7 +253,7 @@ def size_by_simulation(entry: ModelEntry, traffic: Traffic, slo: Slo, est: Repli
             m = SimModel(entry.name, tuple((f"{entry.name}#{i}", device) for i in range(n)), {device: step},
                          {device: pre}, entry.max_num_seqs, int(kv), entry.max_model_len, entry.max_ongoing_requests,
                          entry.max_queued_requests, ModelRule(entry.name, n, n), entry.autoscaling.metrics_interval_s,
-                         slo)
+                         slo, path_s)
             r = simulate([m], {entry.name: rows}, start_s=0.0).models[0]
             ok = bool(r.completed) and r.refused_queue_full == 0 and \
                 (slo.ttft_p95_ms is None or r.ttft_p95_ms <= slo.ttft_p95_ms) and \
@@ -347,6 +348,8 @@ def sim_models(result) -> list[SimModel]:
                 raise InputError(f"model {entry.name}: its deployment {dname} is an {d.kind} replica (part on the GPU, "
                                  "part on the CPU); the simulator has no speed for a split replica")
         fns = {t: speed_fns(spec, quant, est, t) for t in {t for _, t in slots}}
+        # the serving path's latency: the same engine's on every device it has numbers for; the slowest taken
+        path = max(f[2] for f in fns.values())
         kv = (est.detail.get("kv_cache") or {}).get("tokens") or entry.max_num_seqs * entry.max_model_len
         out.append(SimModel(
             name=entry.name, slots=tuple(slots), step={t: f[0] for t, f in fns.items()},
@@ -354,5 +357,5 @@ def sim_models(result) -> list[SimModel]:
             max_model_len=entry.max_model_len, max_ongoing=entry.max_ongoing_requests,
             max_queued=entry.max_queued_requests, rule=ro.rule(entry.name),
             metrics_interval_s=entry.autoscaling.metrics_interval_s,
-            slo=Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms) if entry.slo else None))
+            slo=Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms) if entry.slo else None, path_s=path))
     return out

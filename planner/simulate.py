@@ -136,7 +136,7 @@ class SimModel:
     rule: object  # planner.rollout.ModelRule
     metrics_interval_s: float
     slo: Slo | None
-
+    path_s: float = 0.0  # the serving path's latency before a request's first token, outside the engine
 
 def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, seed: int = 0,
              until: float | None = None) -> SimResult:
@@ -372,13 +372,13 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
             if r.state != "off":
                 r.busy_s += max(0.0, stop - r.since)
         done = [q for q in reqs[m.name] if q.done >= 0]
-        ttft = [(q.first - q.t) * 1e3 for q in done]
+        ttft = [(q.first - q.t + m.path_s) * 1e3 for q in done]
         tpot = [(q.done - q.first) / (q.output - 1) * 1e3 for q in done if q.output > 1]
         within = None
         if m.slo is not None and done:
             ok = 0
             for q in done:
-                t1 = (q.first - q.t) * 1e3
+                t1 = (q.first - q.t + m.path_s) * 1e3
                 t2 = (q.done - q.first) / (q.output - 1) * 1e3 if q.output > 1 else 0.0
                 if (m.slo.ttft_p95_ms is None or t1 <= m.slo.ttft_p95_ms) and \
                         (m.slo.tpot_p95_ms is None or t2 <= m.slo.tpot_p95_ms):

@@ -166,8 +166,10 @@ class LoadPoint:
         return out
 
 
-def load_point(rate: float, traffic: Traffic, step: StepFn, prefill_fn: PrefillFn, max_num_seqs: int) -> LoadPoint:
-    """TTFT and TPOT percentiles of one replica at ``rate`` requests/s of ``traffic``'s shape."""
+def load_point(rate: float, traffic: Traffic, step: StepFn, prefill_fn: PrefillFn, max_num_seqs: int,
+               path_s: float = 0.0) -> LoadPoint:
+    """TTFT and TPOT percentiles of one replica at ``rate`` requests/s of ``traffic``'s shape; ``path_s``: the serving
+    path's latency before the first token, outside the engine."""
     d = prefill_fn(traffic.prompt_tokens)
     ctx = traffic.prompt_tokens + (traffic.output_tokens - 1) / 2
     rho_p = rate * d
@@ -196,7 +198,7 @@ def load_point(rate: float, traffic: Traffic, step: StepFn, prefill_fn: PrefillF
     b95 = max(1, min(max_num_seqs, poisson_quantile(n, 0.95)))
     b50 = max(1, min(max_num_seqs, poisson_quantile(n, 0.5)))
     pw = md1_wait_quantile(rate, d, 0.95)
-    return LoadPoint(rate, d, rho_p, n, b95, slot_wait, pw, d + pw + slot_wait, step(b50, ctx) * stretch,
+    return LoadPoint(rate, d, rho_p, n, b95, slot_wait, pw, path_s + d + pw + slot_wait, step(b50, ctx) * stretch,
                      step(b95, ctx) * stretch, None)
 
 
@@ -226,14 +228,15 @@ def _meets(lp: LoadPoint, slo: Slo) -> str | None:
 
 
 def replica_capacity(traffic: Traffic, slo: Slo, step: StepFn, prefill_fn: PrefillFn, max_num_seqs: int,
-                     model: str = "") -> Capacity:
+                     model: str = "", path_s: float = 0.0) -> Capacity:
     """The largest arrival rate one replica serves within ``slo``. InputError when no rate does (a TTFT target below
     one prefill, a TPOT target below one decode step), with the numbers and the fix."""
     where = f"models[{model}]: " if model else ""
-    idle = load_point(1e-9, traffic, step, prefill_fn, max_num_seqs)
+    idle = load_point(1e-9, traffic, step, prefill_fn, max_num_seqs, path_s)
     if slo.ttft_p95_ms is not None and idle.ttft_p95_s * 1e3 > slo.ttft_p95_ms:
         raise InputError(f"{where}slo.ttft_p95_ms {slo.ttft_p95_ms:g} is below one prefill of "
-                         f"{traffic.prompt_tokens} prompt tokens ({idle.ttft_p95_s * 1e3:.1f} ms on an idle replica): "
+                         f"{traffic.prompt_tokens} prompt tokens ({idle.ttft_p95_s * 1e3:.1f} ms on an idle replica, the "
+                         "serving path's latency included): "
                          "no number of replicas meets it; raise the target, shorten the prompts, or plan a faster "
                          "GPU or quantization")
     if slo.tpot_p95_ms is not None and idle.tpot_p95_s * 1e3 > slo.tpot_p95_ms:
@@ -241,18 +244,18 @@ def replica_capacity(traffic: Traffic, slo: Slo, step: StepFn, prefill_fn: Prefi
                          f"({idle.tpot_p95_s * 1e3:.2f} ms with a single sequence): no number of replicas meets it; "
                          "raise the target, or plan a faster GPU or quantization")
     lo, hi = 0.0, 1.0
-    while _meets(load_point(hi, traffic, step, prefill_fn, max_num_seqs), slo) is None:
+    while _meets(load_point(hi, traffic, step, prefill_fn, max_num_seqs, path_s), slo) is None:
         lo, hi = hi, hi * 2
         if hi > 1e7:
             break
     for _ in range(50):
         mid = (lo + hi) / 2
-        if _meets(load_point(mid, traffic, step, prefill_fn, max_num_seqs), slo) is None:
+        if _meets(load_point(mid, traffic, step, prefill_fn, max_num_seqs, path_s), slo) is None:
             lo = mid
         else:
             hi = mid
-    at = load_point(lo, traffic, step, prefill_fn, max_num_seqs)
-    limit = _meets(load_point(hi, traffic, step, prefill_fn, max_num_seqs), slo) or "throughput"
+    at = load_point(lo, traffic, step, prefill_fn, max_num_seqs, path_s)
+    limit = _meets(load_point(hi, traffic, step, prefill_fn, max_num_seqs, path_s), slo) or "throughput"
     targets = ", ".join(f"{k} {v:g} ms" for k, v in (("TTFT p95", slo.ttft_p95_ms), ("TPOT p95", slo.tpot_p95_ms))
                         if v is not None) or "no latency target"
     breaks = {"ttft": "the TTFT target", "tpot": "the TPOT target", "throughput": "its throughput"}[limit]

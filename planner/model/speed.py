@@ -62,6 +62,9 @@ class KernelSpeed:
     bandwidth_eff: float  # share of the datasheet bandwidth its decode reaches
     source: str  # what it was fitted on
     seq_s: float = 0.0  # cost per sequence per step (scheduling, sampling, detokenizing); 0 where not measured
+    # a request's latency before its first token outside the engine's steps (the API, the ingress, the hand-off to the
+    # replica's engine): added to TTFT, it takes no engine time; 0 where not measured
+    request_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class SpeedEstimate:
     input_tokens: int
     output_tokens: int
     batch: int
-    ttft_s: float  # the prefill of one request's input (its first token)
+    ttft_s: float  # the serving path's latency and the prefill of one request's input (its first token)
     tpot_s: float  # one decode step at the batch, at the mean context of the output
     prefill_tokens_per_s: float
     decode_tokens_per_s: float  # one sequence's
@@ -272,12 +275,12 @@ def estimate_speed(spec: ModelSpec, q: QuantSpec, dtype: str, kv_bytes: int, spe
                              "compute_s": step.compute_s, "bytes": int(step.bytes), "flops": int(step.flops)},
              "prefill": {"seconds": pre.seconds, "fixed_s": pre.fixed_s, "memory_s": pre.memory_s,
                          "compute_s": pre.compute_s, "flops": int(pre.flops)},
-             "engine": {"step_s": ks.step_s, "layer_s": ks.layer_s, "seq_s": ks.seq_s,
+             "engine": {"step_s": ks.step_s, "layer_s": ks.layer_s, "seq_s": ks.seq_s, "request_s": ks.request_s,
                         "bandwidth_eff": ks.bandwidth_eff,
                         "compute_eff": speed.compute_eff, "source": ks.source},
              "device": dev.to_json()}
     return SpeedEstimate(engine=speed.engine, kernel=kernel, device=dev.name, input_tokens=input_tokens,
-                         output_tokens=output_tokens, batch=batch, ttft_s=pre.seconds, tpot_s=step.seconds,
+                         output_tokens=output_tokens, batch=batch, ttft_s=ks.request_s + pre.seconds, tpot_s=step.seconds,
                          prefill_tokens_per_s=input_tokens / pre.seconds, decode_tokens_per_s=1.0 / step.seconds,
                          tokens_per_s=batch * output_tokens / busy if busy > 0 else math.inf, bound=step.bound,
                          terms=terms, notes=tuple(n for n in (note, speed.caveat) if n))

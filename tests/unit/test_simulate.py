@@ -30,6 +30,14 @@ def test_one_request_alone_is_the_speed_model_exactly():
     assert r.tpot_p50_ms == pytest.approx(step(1, 500 + 100 / 2) * 1e3, rel=1e-9)
 
 
+def test_the_serving_path_adds_to_ttft_only():
+    import dataclasses
+
+    m = dataclasses.replace(_model(), path_s=0.015)
+    r = simulate([m], {"m": [(0.0, 500, 101)]}).models[0]
+    assert r.ttft_p50_ms == pytest.approx(515.0) and r.tpot_p50_ms == pytest.approx(10.0)
+
+
 def test_requests_together_share_the_steps():
     r = simulate([_model()], {"m": [(0.0, 100, 11), (0.0, 100, 11)]}).models[0]
     # both admitted at once: one prefill of 200 tokens (0.2 s), then 10 steps of 10 ms together

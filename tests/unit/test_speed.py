@@ -192,6 +192,7 @@ def test_cpu_numbers_are_the_fit_of_the_saved_run():
         f = fitted[case["name"]]
         assert ks.step_s == pytest.approx(f["step_s"], rel=1e-3, abs=1e-7)
         assert ks.seq_s == pytest.approx(f["seq_s"], rel=1e-3)
+        assert ks.request_s == pytest.approx(f["request_s"], rel=1e-3)
         eight = next(x for x in case["levels"] if x["clients"] == 8)["tpot_ms"] / 1e3
         model = predicted_tpot(case, {"step_s": ks.step_s, "seq_s": ks.seq_s}, 8, run["max_tokens"])
         assert model == pytest.approx(eight, rel=0.20), case["name"]

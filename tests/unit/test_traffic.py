@@ -56,6 +56,8 @@ def test_load_point_obeys_littles_law():
     assert lp.running_mean == pytest.approx(2.0 * (0.1 + md1_mean_wait(2.0, 0.1) + 100 * 0.02 * stretch))
     assert lp.ttft_p95_s == pytest.approx(0.1 + md1_wait_quantile(2.0, 0.1, 0.95))
     assert load_point(10.0, tr, step, pre, 64).saturated  # prefills alone take all the time
+    with_path = load_point(2.0, tr, step, pre, 64, path_s=0.015)  # the serving path: TTFT only
+    assert with_path.ttft_p95_s == pytest.approx(lp.ttft_p95_s + 0.015) and with_path.tpot_p95_s == lp.tpot_p95_s
 
 
 def test_capacity_is_the_edge_of_the_slo():

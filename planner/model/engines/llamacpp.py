@@ -66,7 +66,8 @@ SPEED = None
 # 0.45 ms against 0.32 ms measured (+41%), at the held-out 8 streams +18% (docs/speed-model.md). No cache term yet.
 _CPU_FIT = "the shipped tiny model (4 layers) through gpuplan's API on this project's 2-core CI machine, 1 and 16 streams; benchmarks/cpu_speed.py, run in benchmarks/data/cpu_speed-2026-12-06.json"
 SPEED_CPU = EngineSpeed(NAME, {
-    "gguf": KernelSpeed(step_s=0.000e+00, layer_s=0.0, bandwidth_eff=1.0, seq_s=2.632e-04, source=_CPU_FIT),
+    "gguf": KernelSpeed(step_s=0.000e+00, layer_s=0.0, bandwidth_eff=1.0, seq_s=2.632e-04,
+                          request_s=9.879e-03, source=_CPU_FIT),
 }, compute_eff=1.0, source=_CPU_FIT, fallback="gguf",
     caveat="CPU numbers fitted on the 4-layer tiny model only (a fixed cost per step and per sequence): how a larger model's layers, bytes and flops add on a CPU is not measured")
 

@@ -54,9 +54,12 @@ SPEED = EngineSpeed(NAME, {
 # 1.0 of the measured host rates.
 _CPU_FIT = "the shipped tiny model (4 layers) through gpuplan's API on this project's 2-core CI machine, 1 and 16 streams; benchmarks/cpu_speed.py, run in benchmarks/data/cpu_speed-2026-12-06.json"
 SPEED_CPU = EngineSpeed(NAME, {
-    "float": KernelSpeed(step_s=4.106e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=6.506e-04, source=_CPU_FIT),
-    "bnb-int8": KernelSpeed(step_s=8.309e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=1.065e-03, source=_CPU_FIT),
-    "bnb-4bit": KernelSpeed(step_s=3.885e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=6.674e-04, source=_CPU_FIT),
+    "float": KernelSpeed(step_s=4.106e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=6.506e-04,
+                          request_s=1.505e-02, source=_CPU_FIT),
+    "bnb-int8": KernelSpeed(step_s=8.309e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=1.065e-03,
+                          request_s=1.682e-02, source=_CPU_FIT),
+    "bnb-4bit": KernelSpeed(step_s=3.885e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=6.674e-04,
+                          request_s=1.676e-02, source=_CPU_FIT),
 }, compute_eff=1.0, source=_CPU_FIT,
     caveat="CPU numbers fitted on the 4-layer tiny model only (a fixed cost per step and per sequence): how a larger model's layers, bytes and flops add on a CPU is not measured")
 

@@ -58,7 +58,8 @@ SPEED = EngineSpeed(NAME, {
 # model through the API (benchmarks/cpu_speed.py); 8 streams, held out, within 7% (docs/speed-model.md).
 _CPU_FIT = "the shipped tiny model (4 layers) through gpuplan's API on this project's 2-core CI machine, 1 and 16 streams; benchmarks/cpu_speed.py, run in benchmarks/data/cpu_speed-2026-12-06.json"
 SPEED_CPU = EngineSpeed(NAME, {
-    "float": KernelSpeed(step_s=2.522e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=1.397e-04, source=_CPU_FIT),
+    "float": KernelSpeed(step_s=2.522e-03, layer_s=0.0, bandwidth_eff=1.0, seq_s=1.397e-04,
+                          request_s=1.763e-02, source=_CPU_FIT),
 }, compute_eff=1.0, source=_CPU_FIT,
     caveat="CPU numbers fitted on the 4-layer tiny model only (a fixed cost per step and per sequence): how a larger model's layers, bytes and flops add on a CPU is not measured")
 
