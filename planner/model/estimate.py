@@ -209,6 +209,8 @@ class DeploymentTarget:
     device_total_bytes: int  # the GPU's total bytes (the node's smallest GPU), or the node's RAM for CPU replicas
     offload_cpu_bytes: int = 0  # offload.cpu_memory of the model
     dtype: str | None = None  # the deploy file's dtype of the model (None: the engine's default)
+    device_name: str | None = None  # the GPU type the plan put the deployment on, or "cpu"
+    device_speed: object = None  # its planner.model.speed.DeviceSpeed (None: the catalog has no speed for it)
 
 
 def replica_estimate(req: ReplicaRequest, w: WeightBytes, *, kv: int, act: int, overhead: int, detail: dict,

@@ -361,8 +361,11 @@ class OpenAIServing:
         return JSONResponse(jsonable_encoder(await _maybe_await(fn())))
 
     def model_object(self, card: ModelCard) -> dict:
-        return {"id": card.name, "object": "model", "created": self.started_at, "owned_by": OWNED_BY,
-                "max_model_len": card.max_model_len, "quantization": card.quantization}
+        obj = {"id": card.name, "object": "model", "created": self.started_at, "owned_by": OWNED_BY,
+               "max_model_len": card.max_model_len, "quantization": card.quantization}
+        if card.extra.get("simulated"):  # engine: sim, a test and benchmark engine: say so
+            obj["simulated"] = True
+        return obj
 
     async def list_models(self) -> dict:
         """The served models, with max_model_len and quantization."""

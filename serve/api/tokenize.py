@@ -4,6 +4,7 @@ encoding."""
 from __future__ import annotations
 
 import asyncio
+import zlib
 import logging
 import threading
 from typing import Any, Mapping
@@ -41,12 +42,39 @@ class _Tokenizers:
     def _load(self, card: ModelCard) -> Any:
         with self._lock:
             tok = self._by_source.get(card.source)
+            if tok is None and card.extra.get("simulated") and not _has_tokenizer(card.source):
+                tok = WordTokenizer()  # a simulated model planned from a config alone: words are tokens
+                self._by_source[card.source] = tok
             if tok is None:
                 from serve.engines.loader import load_tokenizer  # heavy import, only when a tokenizer is not injected
 
                 tok = load_tokenizer(card.source, trust_remote_code=bool(card.extra.get("trust_remote_code", False)))
                 self._by_source[card.source] = tok
             return tok
+
+
+def _has_tokenizer(source: str) -> bool:
+    """Whether ``source`` is a local model folder (or a file in one) with a tokenizer in it."""
+    import os
+
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    return any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model"))
+
+
+class WordTokenizer:
+    """The tokenizer of a simulated model that has none (its source is a config.json or a model id): one token per
+    whitespace-separated word, a chat rendered as ``role: content`` lines. A prompt of N words is N tokens, which is
+    what the trace replay needs of it."""
+
+    chat_template = "role: content lines"
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [zlib.crc32(w.encode()) % 32000 for w in text.split()] or [0]}
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = False):
+        text = "\n".join(f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in messages)
+        return text + ("\nassistant:" if add_generation_prompt else "")
 
 
 def _ids(encoded: Any) -> list[int]:

@@ -23,6 +23,7 @@ from planner.rollout import NodeBinding, RayNode, Rollout, bind_nodes, deploymen
 from planner.cluster.installed import installed_engines, vllm_python
 from planner.model.engines import DeploymentTarget, deployment_settings
 from planner.model.spec import load_spec
+from planner.placement.capacity import CPU_DEVICE, device_speed
 from serve.app.ingress import INGRESS_ACTOR, Ingress
 from serve.app.registry import REGISTRY, Registry
 from serve.app.replica import ModelReplica
@@ -57,7 +58,7 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
             model=entry.name, spec=specs.get(spec.model) or load_spec(entry.source),
             planned_bytes=int(mp.replica_bytes),
             device=result.device, device_total_bytes=_device_total(nodes.get(spec.node), result.device),
-            offload_cpu_bytes=offload, dtype=entry.dtype)
+            offload_cpu_bytes=offload, dtype=entry.dtype, **_device_of(spec))
         if est.engine == "vllm":
             py = vllm_python()
             if py and py != sys.executable:  # vLLM's own venv (`make vllm`): the replica runs its Python
@@ -76,6 +77,17 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
     return out
 
 
+def _device_of(spec) -> dict:
+    """The device a rollout deployment runs on, by name (its GPU type, or ``cpu``), and its speed from the catalogs
+    (None where they have none: only the simulated engine needs it, and says so)."""
+    name = spec.gpu_type if spec.kind == "gpu" and spec.gpu_type else CPU_DEVICE
+    try:
+        speed = device_speed(name)
+    except GpuplanError:
+        speed = None
+    return {"device_name": name, "device_speed": speed}
+
+
 def _device_total(node, device: str) -> int:
     """The bytes a vLLM share is of: the node's smallest GPU (the basis the plan used), or its RAM for CPU replicas
     (0 when unknown: the settings then take the planned bytes)."""
@@ -92,7 +104,8 @@ def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
                       quantization=plans[e.name].quantization, max_queued_requests=e.max_queued_requests,
                       request_timeout_s=e.request_timeout_s,
                       extra={"min_replicas": ro.rule(e.name).min_replicas,
-                             "placed_replicas": ro.rule(e.name).max_replicas})
+                             "placed_replicas": ro.rule(e.name).max_replicas,
+                             "simulated": result.estimates[e.name][plans[e.name].quantization].engine == "sim"})
             for e in args.models]
 
 

@@ -1,6 +1,6 @@
 """Every engine behind the same API (the shared Ray cluster with fake GPUs): a transformers model, a vLLM model
 (vLLM's CPU build in its own venv, `make vllm`, run by the replicas through Ray's runtime_env py_executable) and a
-GGUF model on llama.cpp (llama-cpp-python, `make venv`) on one declared L4.
+GGUF model on llama.cpp (llama-cpp-python, `make venv`) on one declared L4, and the simulated engine (engine: sim).
 
 - request semantics, checked once for every engine: max_tokens, a seed per request (same seed, same text, streamed
   or not), stop strings (cut before the stop, finish_reason "stop"), streaming ending in a finish reason and [DONE];
@@ -40,6 +40,8 @@ ARGS = {
         {"name": "g", "source": os.path.join(TINY, "tiny-chat-Q8_0.gguf"), "quantization": "gguf",
          "engine": "llamacpp", "max_model_len": 256, "max_num_seqs": 4, "replicas": {"min": 1, "max": 1},
          "stream_interval_s": 0},
+        {"name": "s", "source": TINY, "quantization": "bf16", "engine": "sim", "max_model_len": 256,
+         "max_num_seqs": 4, "replicas": {"min": 1, "max": 1}, "stream_interval_s": 0},
     ],
 }
 
@@ -80,7 +82,7 @@ def complete(base: str, model: str, stream: bool = False, **kw) -> tuple[str, st
     return text, reason, usage
 
 
-@pytest.mark.parametrize("model", ["t", "v", "g"])
+@pytest.mark.parametrize("model", ["t", "v", "g", "s"])
 def test_request_semantics_are_the_same_on_every_engine(app, model):
     text, reason, usage = complete(app, model)
     assert 1 <= usage["completion_tokens"] <= 12 and reason in ("length", "stop")

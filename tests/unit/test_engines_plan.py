@@ -40,7 +40,7 @@ def test_asking_vllm_for_bitsandbytes_or_without_vllm_says_why_and_the_fix():
         pick_engine("vllm", "nf4", BOTH, "m")
     with pytest.raises(InputError, match="make vllm"):
         pick_engine("vllm", "bf16", ONLY_T, "m")
-    with pytest.raises(InputError, match="use auto, transformers, vllm or llamacpp"):
+    with pytest.raises(InputError, match="use auto, transformers, vllm, llamacpp or sim"):
         pick_engine("tensorrt", "bf16", BOTH)
 
 

@@ -21,7 +21,9 @@ RANKS = [("planner.cli", 7), ("planner.output", 6), ("planner.planning", 5), ("p
 FORBIDDEN = [("serve.api", "serve.app"), ("serve.run", "serve.app"),
              ("serve.run", "serve.engines")]
 # the planner's model stage: engines and schemes are registries; a scheme family or an engine unit imports no other
-ALLOWED_SIBLINGS = {"planner.model.engines.llamacpp": {"planner.model.engines.llamacpp_offload"}}
+ALLOWED_SIBLINGS = {"planner.model.engines.llamacpp": {"planner.model.engines.llamacpp_offload"},
+                    # the simulated engine takes vLLM's bytes and speed numbers: it imitates vLLM
+                    "planner.model.engines.sim": {"planner.model.engines.vllm"}}
 
 
 def rank(module: str) -> int:

@@ -1,6 +1,6 @@
 """The engines a replica can run, as units: one module each, one registry (this file).
 
-Each engine module (transformers.py, vllm.py, llamacpp.py) owns, for its engine:
+Each engine module (transformers.py, vllm.py, llamacpp.py; sim.py, the simulated engine) owns, for its engine:
 
 - ``NAME``: its name in deploy files and plans;
 - ``estimate(req: ReplicaRequest) -> ReplicaEstimate``: what one replica allocates, term by term;
@@ -9,7 +9,8 @@ Each engine module (transformers.py, vllm.py, llamacpp.py) owns, for its engine:
   (serve/engines/<name>.py ``start``);
 - ``describe(est) -> str``: what a replica is given, in a few words, for ``gpuplan plan``;
 - the words ``pick_engine`` uses: ``LABEL``, ``INSTALL_HINT`` (None when always installed), ``AUTO_MISSING``,
-  ``auto_takes(scheme)``, ``cannot_run(scheme)``.
+  ``auto_takes(scheme)``, ``cannot_run(scheme)``;
+- ``IMITATES`` (optional): the engine whose schemes it runs (the simulated engine runs what vLLM runs).
 
 Which schemes an engine runs is the scheme registry's (planner/model/quant/: each scheme lists its engines). Adding
 an engine is its module here, its module in serve/engines/ (found by name), and one line in ``ENGINES`` below
@@ -19,14 +20,14 @@ an engine is its module here, its module in serve/engines/ (found by name), and 
 from __future__ import annotations
 
 from planner.errors import InputError
-from planner.model.engines import llamacpp, transformers, vllm
+from planner.model.engines import llamacpp, sim, transformers, vllm
 from planner.model.estimate import KV_DTYPES, DeploymentTarget, ReplicaEstimate, ReplicaRequest
 from planner.model.quant import FLOAT_BYTES, SCHEMES, QuantSpec, resolve_quant
 from planner.model.spec import ModelSpec
 from planner.model.speed import DeviceSpeed, EngineSpeed, SpeedEstimate, estimate_speed
 
 # the registry: name -> module. The order is the order engines are listed in messages.
-ENGINES = {m.NAME: m for m in (transformers, vllm, llamacpp)}
+ENGINES = {m.NAME: m for m in (transformers, vllm, llamacpp, sim)}
 ENGINE_NAMES = tuple(ENGINES)
 
 
@@ -56,7 +57,7 @@ def pick_engine(requested: str, scheme: str, available, model: str = "", *, stri
     runs = SCHEMES[scheme].engines if scheme in SCHEMES else ENGINE_NAMES
     if requested != "auto":
         unit = ENGINES[requested]
-        if requested not in runs:
+        if getattr(unit, "IMITATES", requested) not in runs:  # sim runs what the engine it imitates runs
             raise InputError(where + unit.cannot_run(scheme))
         if requested not in available and unit.INSTALL_HINT:
             if not strict:
@@ -116,7 +117,7 @@ def estimate_replica(
         raise InputError(f"device {device!r}: use cuda or cpu")
     unit = ENGINES.get(engine)
     if unit is None:
-        raise InputError(f"engine {engine!r}: use transformers, vllm or llamacpp")
+        raise InputError(f"engine {engine!r}: use {', '.join(ENGINE_NAMES[:-1])} or {ENGINE_NAMES[-1]}")
     req = ReplicaRequest(spec=spec, quant=q, dtype=dtype, device=device,
                          kv_bytes=KV_DTYPES[kv_dtype] or FLOAT_BYTES[dtype], max_model_len=max_model_len,
                          max_num_seqs=max_num_seqs,
