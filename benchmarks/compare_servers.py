@@ -61,13 +61,15 @@ def planned_vllm(device: str = "cpu") -> dict:
                          quantization=None).to_json()
 
 
-def gpuplan_config(engine: str, port: int, path: Path, via: str = "front", fronts: int = 2) -> None:
+def gpuplan_config(engine: str, port: int, path: Path, via: str = "front", fronts: int = 2,
+                   direct: bool = True) -> None:
     """deploy.yaml's shape: the API on ``port`` from gpuplan's own front (serve/api/front.py) and Ray Serve's proxy on
-    another port, or (``via="proxy"``) only the proxy, on ``port``."""
+    another port, or (``via="proxy"``) only the proxy, on ``port``; ``direct``: args.http.direct."""
     front = via == "front"
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": pick_port() if front else port},
            "applications": [{"name": "llm", "route_prefix": "/", "import_path": "serve.app:build_app", "args": {
-               **({"http": {"host": "127.0.0.1", "port": port, "replicas": fronts}} if front else {}),
+               "http": {**({"host": "127.0.0.1", "port": port, "replicas": fronts} if front else {}),
+                        "direct": direct},
                "cluster": "auto", "models": [{
                    "name": SERVED, "source": MODEL, "quantization": "bf16", "engine": engine,
                    "max_model_len": MAX_MODEL_LEN, "max_num_seqs": MAX_NUM_SEQS,
@@ -95,7 +97,8 @@ def start(kind: str, port: int, log: Path, via: str = "front", fronts: int = 2) 
                "--block-size", str(s["block_size"]), "--enforce-eager", "--disable-log-stats"]
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True), "/health"
     cfg = log.with_suffix(".yaml")
-    gpuplan_config(kind.split("-", 1)[1], port, cfg, via, fronts)
+    # gpuplan-<engine>[-handle]: -handle sends every request through Serve's handle (args.http.direct false)
+    gpuplan_config(kind.split("-")[1], port, cfg, via, fronts, direct=not kind.endswith("-handle"))
     out.close()
     return start_gpuplan(cfg, log), "/readyz"
 
@@ -254,7 +257,11 @@ def verdicts(rows: list[dict], server: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--servers", nargs="+", default=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"],
-                    choices=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers"])
+                    choices=["vllm", "rayserve-llm", "gpuplan-vllm", "gpuplan-transformers", "gpuplan-sim",
+                             "gpuplan-vllm-handle", "gpuplan-sim-handle"],
+                    help="gpuplan-sim: gpuplan with the simulated engine, which takes almost no CPU: what the "
+                         "serving path itself costs per request; -handle: every request through Serve's handle "
+                         "(args.http.direct false), as before the direct stream")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 32])
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1,

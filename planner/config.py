@@ -252,6 +252,11 @@ class HttpOptions(_Edge):
     by (waiting on a file lock, no CPU) and the next takes the port within milliseconds when the serving one dies or
     is replaced, while Serve starts a new standby. 1 saves a process; the port then refuses
     connections while Serve restarts its only ingress."""
+    direct: bool = True
+    """The ingress streams each request from its replica over a socket of its own (serve/app/direct.py) rather than
+    through Ray Serve's router and Ray's streaming: about half the path's CPU per request. Serve still places, scales
+    and health-checks the replicas, and takes any request a replica cannot (full, unreachable). false: every request
+    through Serve's handle."""
 
 
 class DeployArgs(_Edge):

@@ -24,6 +24,7 @@ from planner.cluster.installed import installed_engines, vllm_python
 from planner.model.engines import DeploymentTarget, deployment_settings
 from planner.model.spec import load_spec
 from planner.placement.capacity import CPU_DEVICE, device_speed
+from serve.app.direct import new_secret
 from serve.app.ingress import INGRESS_ACTOR, Ingress
 from serve.app.registry import REGISTRY, Registry
 from serve.app.replica import ModelReplica
@@ -38,7 +39,7 @@ class PlanFailed(RuntimeError):
 
 
 def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout | None = None,
-                    bindings: tuple[NodeBinding, ...] = ()) -> dict[str, dict]:
+                    bindings: tuple[NodeBinding, ...] = (), direct_secret: str | None = None) -> dict[str, dict]:
     """Per rollout deployment: the ReplicaConfig its replicas start with (the engine's typed settings from the plan,
     planner.model.engines) and its Serve options (pure)."""
     rollout = rollout or result.rollout or realize(result.plan, model_rules(args))
@@ -71,7 +72,8 @@ def replica_configs(result: PlanningResult, args: DeployArgs, rollout: Rollout |
                 planned_bytes=int(mp.replica_bytes), weights_bytes=est.weights, offload_cpu_bytes=offload,
                 trust_remote_code=entry.trust_remote_code, num_gpus=spec.num_gpus,
                 num_cpus=opts["ray_actor_options"]["num_cpus"], registry=REGISTRY,
-                stream_interval_s=entry.stream_interval_s),
+                stream_interval_s=entry.stream_interval_s, direct_secret=direct_secret,
+                max_ongoing_requests=entry.max_ongoing_requests),
             "options": opts,
         }
     return out
@@ -105,6 +107,7 @@ def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
                       request_timeout_s=e.request_timeout_s,
                       extra={"min_replicas": ro.rule(e.name).min_replicas,
                              "placed_replicas": ro.rule(e.name).max_replicas,
+                             "max_ongoing_requests": e.max_ongoing_requests,
                              "simulated": result.estimates[e.name][plans[e.name].quantization].engine == "sim"})
             for e in args.models]
 
@@ -154,7 +157,8 @@ def build_app(args: dict) -> serve.Application:
         log.warning("gpuplan: %s", n)
     publish(rollout)
     Registry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
-    cfgs = replica_configs(result, parsed, rollout, bindings)
+    secret = new_secret() if parsed.http.direct else None  # the direct stream's (serve/app/direct.py)
+    cfgs = replica_configs(result, parsed, rollout, bindings, secret)
     # test hook: GPUPLAN_FAULTS={"<model>": {"cuda": {"total": bytes, "free": bytes}, "fail": ["gpu", ...]}} makes
     # that model's replicas see a GPU that is not there and fail their loads in those modes (tests/integration)
     faults = json.loads(os.environ.get("GPUPLAN_FAULTS") or "{}")
@@ -175,4 +179,4 @@ def build_app(args: dict) -> serve.Application:
         ingress = Ingress.options(num_replicas=parsed.http.replicas,
                                   ray_actor_options={**INGRESS_ACTOR, "resources": {"node:__internal_head__": 0.001}})
     return ingress.bind(handles, model_cards(result, parsed), result.to_json(), rollout.to_json(),
-                        [b.to_json() for b in bindings], parsed.http.api_key_env, built, front)
+                        [b.to_json() for b in bindings], parsed.http.api_key_env, built, front, secret)

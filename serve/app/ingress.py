@@ -1,7 +1,9 @@
 """The HTTP ingress (the Backend of serve/api/app.py): routes each request for a model to one of the model's
-deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two),
-answers /readyz and /plan from Serve's status and the registry, drains on shutdown, and, with args.http.port, serves
-the API from its own process too (serve/api/front.py)."""
+deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two), then streams it
+from one of the deployment's replicas over the direct stream (serve/app/direct.py; the less loaded of two) or, when no
+replica can take it that way, through Serve's handle; answers /readyz and /plan from Serve's status and the
+registry, drains on shutdown, and, with args.http.port, serves the API from its own process too
+(serve/api/front.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ray.exceptions import RayActorError
 
 from planner.rollout import NodeBinding, ReplicaReport, Rollout, pick_deployment, placements
 from serve import trace
+from serve.app.direct import DirectBusy, DirectLost, DirectRoutes, direct_stream
 from serve.app.registry import REGISTRY
 from serve.types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
@@ -41,7 +44,8 @@ class Ingress:
     deployments (planner.rollout.pick_deployment: fewest requests in flight per running replica, of two)."""
 
     def __init__(self, handles: dict, cards: list[ModelCard], plan_json: dict, rollout_json: dict,
-                 bindings_json: list, api_key_env: str, built: dict | None = None, front: dict | None = None):
+                 bindings_json: list, api_key_env: str, built: dict | None = None, front: dict | None = None,
+                 direct_secret: str | None = None):
         self.built = dict(built or {})  # {"run_id", "built_at"}: which start of `make run` deployed this app
         self.handles = {model: [(name, h) for name, h in pairs] for model, pairs in handles.items()}
         self._cards = cards
@@ -61,6 +65,9 @@ class Ingress:
         self.draining: float | None = None  # when draining began
         self._status: tuple[float, dict] | None = None
         self._logged: set[str] = set()
+        # the replicas this ingress streams from directly (serve/app/direct.py), learnt from the registry each second
+        self.routes = DirectRoutes(direct_secret) if direct_secret else None
+        self.max_ongoing = {c.name: int(c.extra.get("max_ongoing_requests") or 0) or None for c in cards}
         self.front = None
         if front and front.get("port"):  # args.http.port: serve the API from this process too (serve/api/front.py)
             from serve.api.app import create_app
@@ -132,9 +139,36 @@ class Ingress:
             running = await self._running()
             name = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
                                    random.random) or pairs[0][0]
-        handle = dict(pairs)[name].options(stream=True)
         self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
+            route = self.routes.pick(name, random.random, max_ongoing=self.max_ongoing.get(model)) \
+                if self.routes is not None else None
+            if route is not None:
+                rid, addr = route
+                self.routes.inflight[rid] = self.routes.inflight.get(rid, 0) + 1
+                sent = False
+                try:
+                    trace.mark("ingress.call", params.trace_id)
+                    async for chunk in direct_stream(addr, self.routes.secret, prompt_ids, params):
+                        if not sent:
+                            trace.mark("ingress.first", params.trace_id)
+                            sent = True
+                        if chunk.finish_reason:
+                            trace.mark("ingress.last", params.trace_id)
+                        yield chunk
+                    return
+                except DirectBusy:
+                    pass  # the replica is full: Serve's router queues the request
+                except DirectLost as exc:
+                    self.routes.failed(rid, exc)
+                    if sent:  # part of the answer is out
+                        self._lost[name] = time.time()
+                        raise ReplicaLost(f"a replica of {name} died or could not be reached ({exc})",
+                                          retry_after_s=2.0) from None
+                    # nothing was sent back: Serve's handle takes it (it knows which replicas are alive)
+                finally:
+                    self.routes.inflight[rid] -= 1
+            handle = dict(pairs)[name].options(stream=True)
             trace.mark("ingress.call", params.trace_id)
             gen = handle.generate.remote(prompt_ids, params)
             first = True
@@ -194,6 +228,8 @@ class Ingress:
                 self.draining = since
                 log.warning("gpuplan: draining (asked of another ingress replica): %d request(s) in flight finish, "
                             "new ones get 503", sum(self.inflight.values()))
+            if self.routes is not None:
+                self.routes.update(await reg.routes.remote(self.app_name))
             if time.time() - self._pruned_at >= PRUNE_EVERY_S:
                 self._pruned_at = time.time()
                 live = await asyncio.to_thread(self._live_replica_ids)

@@ -70,6 +70,11 @@ class ReplicaBook:
     def all(self) -> list[dict]:
         return list(self.replicas.values())
 
+    def routes(self, app: str | None) -> list[dict]:
+        """The running replicas of ``app`` that take direct streams (serve/app/direct.py): what the ingress needs."""
+        return [{k: r.get(k) for k in ("replica_id", "deployment", "state", "direct")}
+                for r in self.replicas.values() if r.get("direct") and (app is None or r.get("app") == app)]
+
 
     # ---- the ingress replicas of one build share the API port; a drain reaches one of them and holds for all
     def drain(self, build: str) -> float:

@@ -4,6 +4,7 @@ registry (/plan, /readyz), and serve streamed generation. A replica of ``engine:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -13,10 +14,11 @@ import ray
 from ray import serve
 
 from planner.decisions import backoff_s
-from planner.rollout import GPUPLAN_NODE_LABEL
+from planner.rollout import GPUPLAN_NODE_LABEL, GRACEFUL_SHUTDOWN_S
 
 from serve import engines, trace
-from serve.app.scale_board import GPU_METRIC
+from serve.app.direct import DirectServer
+from serve.app.scale_board import DIRECT_METRIC, GPU_METRIC
 from serve.engines.base import ReplicaConfig
 from serve.engines.batching import coalesce
 from serve.types import SamplingParams
@@ -80,8 +82,26 @@ class Replica:
         self.engine, self.decision, self.resident = started.engine, started.decision, started.resident
         self.load_s = round(time.time() - t0, 2)
         self.started = time.time()
+        self.serve_inflight = 0  # requests through Serve's handle (the direct stream's are its own count)
+        self.direct = self._start_direct()
         self._metrics()
         self._report()
+
+    def _start_direct(self) -> DirectServer | None:
+        """The direct stream's server (serve/app/direct.py) on this replica's event loop, where Serve runs its
+        requests and the engine streams: the constructor runs on that loop. None when off or when it cannot start."""
+        if not self.cfg.direct_secret:
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+            srv = DirectServer(self._generate, self.cfg.direct_secret, max_ongoing=self.cfg.max_ongoing_requests,
+                               busy=lambda: self.serve_inflight, host=ray.util.get_node_ip_address())
+            loop.create_task(srv.start())
+            return srv
+        except Exception as exc:  # the Serve path still serves every request
+            log.warning("gpuplan replica %s: no direct stream (%s: %s); requests go through Serve", self.name,
+                        type(exc).__name__, exc)
+            return None
 
     def _registry(self):
         return ray.get_actor(self.cfg.registry, namespace=self.cfg.registry_namespace)
@@ -159,6 +179,8 @@ class Replica:
             "engine": getattr(self.engine, "name", self.cfg.engine),
             "engine_report": self.engine.report() if self.engine is not None and hasattr(self.engine, "report")
             else None,
+            "direct": list(self.direct.address) if getattr(self, "direct", None) is not None else None,
+            "direct_served": self.direct.served if getattr(self, "direct", None) is not None else 0,
         }
 
     def _report(self, loading: bool = False) -> dict | None:
@@ -173,9 +195,19 @@ class Replica:
         """Custom autoscaling metric: the GPU Ray gave this replica (-1: none), so that gpuplan's policy knows what
         each GPU holds (serve/app/scale_board.py)."""
         ids = ray.get_gpu_ids()
-        return {GPU_METRIC: float(ids[0]) if ids else -1.0}
+        return {GPU_METRIC: float(ids[0]) if ids else -1.0,
+                DIRECT_METRIC: float(self.direct.inflight) if self.direct is not None else 0.0}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
+        """Serve's way in (the direct stream's is ``_generate``, on the same event loop)."""
+        self.serve_inflight += 1
+        try:
+            async for chunk in self._generate(prompt_ids, params):
+                yield chunk
+        finally:
+            self.serve_inflight -= 1
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams):
         """Stream chunks; after the first, steps produced within ``stream_interval_s`` go out as one message
         (each message costs two Ray hops and an SSE event; vLLM's --stream-interval makes the same trade)."""
         n, first = 0, True
@@ -209,6 +241,10 @@ class Replica:
             self._registry().stopped.remote(getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)))
         except Exception:
             pass
+        if getattr(self, "direct", None) is not None:  # Serve waited for its own requests, not for these
+            left = await self.direct.stop(GRACEFUL_SHUTDOWN_S * 0.8)
+            if left:
+                log.warning("gpuplan replica %s: stopping with %d direct request(s) still running", self.name, left)
         try:
             await self.engine.close()
         except Exception:

@@ -20,6 +20,8 @@ from planner.rollout import DeploymentObs, Rollout, ScaleMemory, applied, decide
 log = logging.getLogger("ray.serve")
 
 GPU_METRIC = "gpuplan_gpu"  # replicas report the GPU Ray gave them (record_autoscaling_stats); -1 = none
+# replicas report the requests they hold through the direct stream (serve/app/direct.py), which Serve does not count
+DIRECT_METRIC = "gpuplan_direct_requests"
 KV_NAMESPACE = "gpuplan"
 DECIDE_EVERY_S = 0.5
 PUBLISH_EVERY_S = 5.0  # how often the latest decision is written for GET /plan when nothing changed
@@ -130,9 +132,11 @@ def board(plan_id: str, app: str, now: float) -> Board:
 
 def obs_from_context(ctx) -> DeploymentObs:
     """planner's view of a Serve AutoscalingContext: target, running replicas with the GPU each reported, load."""
-    metrics = {}
+    metrics, direct = {}, 0.0
     try:
         metrics = (ctx.aggregated_metrics or {}).get(GPU_METRIC, {}) or {}
+        # requests that reached replicas through the direct stream (Serve's count has only its own)
+        direct = sum(float(v) for v in ((ctx.aggregated_metrics or {}).get(DIRECT_METRIC, {}) or {}).values())
     except Exception:  # metrics are optional: a replica that has not reported yet just has no known GPU
         metrics = {}
     by_id = {getattr(r, "unique_id", str(r)): v for r, v in metrics.items()}
@@ -142,7 +146,7 @@ def obs_from_context(ctx) -> DeploymentObs:
         v = by_id.get(rid)
         running.append((rid, int(round(v)) if v is not None and v >= 0 else None))
     return DeploymentObs(target=int(ctx.target_num_replicas), running=tuple(sorted(running)),
-                         load=float(ctx.total_num_requests or 0.0))
+                         load=float(ctx.total_num_requests or 0.0) + direct)
 
 
 def decide(plan_id: str, ctx) -> tuple[int, dict]:

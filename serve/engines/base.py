@@ -57,6 +57,8 @@ class ReplicaConfig:
     registry: str = "gpuplan-registry"  # the ReplicaBook actor's name
     registry_namespace: str | None = None
     stream_interval_s: float = 0.0
+    direct_secret: str | None = None  # the build's secret of the direct stream (serve/app/direct.py); None: off
+    max_ongoing_requests: int = 64  # the deployment's: the direct stream refuses beyond it (Serve then queues)
     # test hook (GPUPLAN_FAULTS): {"cuda": {"total", "free"}} stands in for a GPU; "fail": load modes that fail
     faults: dict = field(default_factory=dict)
 

@@ -137,6 +137,17 @@ def test_16_concurrent_clients_none_lost(server):
         else:
             assert body["choices"][0]["finish_reason"] in ("stop", "length")
     assert sum(code == 200 for code, _, _ in results) >= 8
+    # they went over the direct stream (serve/app/direct.py), not Serve's router: each replica counts what it served
+    # (replicas report at their health checks: wait for one)
+    deadline = time.time() + 40
+    while True:
+        replicas = requests.get(server["base"] + "/plan", timeout=30).json()["replicas"]
+        served = sum(r["direct_served"] for r in replicas)
+        if served >= sum(code == 200 for code, _, _ in results) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert all(r["direct"] for r in replicas), replicas
+    assert served >= sum(code == 200 for code, _, _ in results), replicas
 
 
 def test_vllm_probes_and_metrics(server):

@@ -1,0 +1,114 @@
+"""The direct stream between the ingress and a replica (serve/app/direct.py), in one process: chunks and request
+semantics cross it unchanged, a peer without the secret gets nothing, a full replica says busy, a broken connection
+is DirectLost, a stopped server lets its requests finish, and the ingress picks the less loaded of two routes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from serve.app.direct import DirectBusy, DirectLost, DirectRoutes, DirectServer, direct_stream, new_secret
+from serve.engines.sim import SimEngine
+from serve.types import GenerationChunk, SamplingParams
+
+
+def _engine():
+    return SimEngine(step_s=lambda b, c: 0.002, prefill_s=lambda n: 0.001, max_num_seqs=4, max_model_len=256,
+                     kv_tokens=4096, emit_s=0.01)
+
+
+async def _collect(addr, secret, n=10, **kw):
+    out = []
+    async for c in direct_stream(addr, secret, list(range(8)), SamplingParams(max_tokens=n, seed=3, **kw)):
+        out.append(c)
+    return out
+
+
+def test_chunks_cross_unchanged():
+    async def go():
+        eng, secret = _engine(), new_secret()
+        srv = await DirectServer(eng.generate, secret, max_ongoing=8).start()
+        got = await _collect(srv.address, secret, n=12)
+        local = [c async for c in eng.generate(list(range(8)), SamplingParams(max_tokens=12, seed=3))]
+        stopped = await _collect(srv.address, secret, n=12, stop=(local[-1].text.split()[-1],))
+        await srv.stop(1)
+        return got, local, stopped, srv.served
+
+    got, local, stopped, served = asyncio.run(go())
+    assert "".join(c.text for c in got) == "".join(c.text for c in local)
+    assert got[-1].finish_reason == "length" and got[-1].completion_tokens == 12 and got[-1].prompt_tokens == 8
+    assert stopped[-1].finish_reason == "stop"
+    assert served == 2
+
+
+def test_a_peer_without_the_secret_gets_nothing():
+    async def go():
+        srv = await DirectServer(_engine().generate, new_secret(), max_ongoing=8).start()
+        with pytest.raises(DirectLost):
+            await _collect(srv.address, new_secret())
+        await srv.stop(1)
+        return srv.served
+
+    assert asyncio.run(go()) == 0
+
+
+def test_a_full_replica_says_busy_and_an_engine_error_is_raised():
+    async def go():
+        secret = new_secret()
+        held = 1
+        srv = await DirectServer(_engine().generate, secret, max_ongoing=1, busy=lambda: held).start()
+        with pytest.raises(DirectBusy):
+            await _collect(srv.address, secret)
+        held = 0
+        with pytest.raises(RuntimeError, match="exceeds max_model_len"):
+            await _collect(srv.address, secret, n=500)
+        await srv.stop(1)
+
+    asyncio.run(go())
+
+
+def test_a_broken_connection_is_lost_and_stop_waits_for_requests_in_flight():
+    async def dies(ids, params):
+        yield GenerationChunk(text="a", completion_tokens=1)
+        raise ConnectionResetError("gone")
+
+    async def go():
+        secret = new_secret()
+        srv = await DirectServer(dies, secret, max_ongoing=4).start()
+        got = []
+        with pytest.raises(DirectLost):
+            async for c in direct_stream(srv.address, secret, [1], SamplingParams(max_tokens=5)):
+                got.append(c)
+        await srv.stop(1)
+        # a stopped server: new connections are refused
+        with pytest.raises(DirectLost, match="cannot connect"):
+            await _collect(srv.address, secret)
+        # stop() waits for what runs
+        srv2 = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
+        task = asyncio.create_task(_collect(srv2.address, secret, n=60))
+        await asyncio.sleep(0.03)
+        left = await srv2.stop(5)
+        return got, left, await task
+
+    got, left, finished = asyncio.run(go())
+    assert [c.text for c in got] == ["a"]
+    assert left == 0 and finished[-1].completion_tokens == 60
+
+
+def test_routes_pick_the_less_loaded_of_two_and_pass_over_failed_ones():
+    r = DirectRoutes(new_secret())
+    r.update([{"replica_id": "a", "deployment": "m@n", "state": "running", "direct": ["127.0.0.1", 1]},
+              {"replica_id": "b", "deployment": "m@n", "state": "running", "direct": ["127.0.0.1", 2]},
+              {"replica_id": "c", "deployment": "m@n", "state": "loading", "direct": ["127.0.0.1", 3]}])
+    r.inflight = {"a": 5, "b": 1}
+    rng = random.Random(0)
+    assert {r.pick("m@n", rng.random)[0] for _ in range(20)} == {"b"}
+    r.failed("b", DirectLost("refused"), now=100.0)
+    assert r.pick("m@n", rng.random, now=101.0)[0] == "a"
+    assert r.pick("m@n", rng.random, now=101.0, max_ongoing=5) is None
+    assert {r.pick("m@n", rng.random, now=106.0)[0] for _ in range(20)} == {"b"}  # back after avoid_s
+    r.failed("b", DirectLost("timed out", unreachable=True), now=200.0)
+    assert {r.pick("m@n", rng.random, now=400.0)[0] for _ in range(20)} == {"a"}  # minutes after a timeout
+    assert r.pick("other", rng.random) is None
