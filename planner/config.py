@@ -115,8 +115,13 @@ class Offload(_Edge):
 
 
 class Autoscaling(_Edge):
+    policy: Literal["gpuplan", "requests"] = "gpuplan"
+    """gpuplan: scale on the model's slo (TTFT/TPOT p95 its replicas measure) and on saturation (more requests than
+    the engines' batches hold, a KV cache 95% full), down when one replica fewer keeps the load within the plan's
+    capacity per replica (planner/rollout/policy.py signal_want); without slo, on saturation alone. requests: Ray
+    Serve's rule, ceil(ongoing requests / target_ongoing_requests)."""
     target_ongoing_requests: float = Field(2.0, gt=0)
-    """Ray Serve autoscaling target: ongoing requests per replica before it adds a replica."""
+    """Ray Serve autoscaling target (policy requests): ongoing requests per replica before it adds a replica."""
     upscale_delay_s: float = Field(10.0, ge=0)
     """Seconds the load must stay above target before scaling up."""
     downscale_delay_s: float = Field(60.0, ge=0)

@@ -208,14 +208,28 @@ def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_E
     p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
              suggest=_suggester(args, specs, device, estimates), fraction_basis="usable")
     return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
-                          rollout=realize(p, model_rules(args)), specs=specs, args=args, engine_why=why,
+                          rollout=realize(p, model_rules(args, traffic, {m.name: m.quantization for m in p.models})), specs=specs, args=args, engine_why=why,
                           traffic=traffic)
 
 
-def model_rules(args: DeployArgs) -> dict[str, ModelRule]:
-    """Each model's scaling knobs from deploy.yaml, for planner.rollout."""
-    return {m.name: ModelRule(m.name, m.replicas.min, m.replicas.max, m.autoscaling.target_ongoing_requests,
-                              m.autoscaling.upscale_delay_s, m.autoscaling.downscale_delay_s) for m in args.models}
+def model_rules(args: DeployArgs, traffic: dict | None = None, quantizations: dict | None = None
+                ) -> dict[str, ModelRule]:
+    """Each model's scaling knobs from deploy.yaml, for planner.rollout; ``traffic`` (model -> ModelTraffic) gives
+    the capacity of one replica within the SLO at the plan's quantization (``quantizations``: model -> scheme), which
+    gpuplan's policy scales by."""
+    out = {}
+    for m in args.models:
+        t = (traffic or {}).get(m.name)
+        opts = getattr(t, "options", None) or {}
+        q = (quantizations or {}).get(m.name) or getattr(t, "chosen", None)
+        opt = opts.get(q)
+        out[m.name] = ModelRule(
+            m.name, m.replicas.min, m.replicas.max, m.autoscaling.target_ongoing_requests, m.autoscaling.upscale_delay_s,
+            m.autoscaling.downscale_delay_s, policy=m.autoscaling.policy, max_num_seqs=m.max_num_seqs,
+            slo_ttft_p95_s=m.slo.ttft_p95_ms / 1e3 if m.slo and m.slo.ttft_p95_ms else None,
+            slo_tpot_p95_s=m.slo.tpot_p95_ms / 1e3 if m.slo and m.slo.tpot_p95_ms else None,
+            capacity_rps=round(opt.capacity.requests_per_s, 6) if opt is not None else None)
+    return out
 
 
 def describe_cluster(cluster: Cluster) -> str:

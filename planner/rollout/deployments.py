@@ -74,6 +74,12 @@ class ModelRule:
     target_ongoing_requests: float = 2.0
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
+    # "requests": Ray Serve's rule on ongoing requests; "gpuplan": on the SLO and saturation (policy.py signal_want)
+    policy: str = "requests"
+    max_num_seqs: int = 1  # what one replica's engine runs at once (saturation: more requests than the engines run)
+    slo_ttft_p95_s: float | None = None
+    slo_tpot_p95_s: float | None = None
+    capacity_rps: float | None = None  # requests/s one replica serves within the SLO (the plan's traffic sizing)
 
 
 @dataclass(frozen=True)

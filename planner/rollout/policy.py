@@ -5,6 +5,7 @@ state; decide_scale (scale.py) calls them. New signals (latency, queue, KV cache
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from planner.rollout.deployments import ModelRule
 
@@ -39,3 +40,110 @@ def move_goal(rule: ModelRule, want: int, now: float, goal: dict, up: dict, down
             why = f"wants {want}, waiting {delay - (now - t0):.1f}s more ({word}scale_delay_s)"
     goal[m] = g
     return why
+
+
+# NOTE: the thresholds of gpuplan's policy. Up when a p95 passes 90% of its target (react before the target is
+# broken: replicas take seconds to start); down only when one replica fewer keeps the load within 70% of what they
+# serve and every p95 within 70% of its target (a gap between the two thresholds, so that a steady load does not make
+# the count flap). A KV cache 95% full, or more requests than the engines' batches hold, is saturation.
+UP_AT = 0.9
+DOWN_BELOW = 0.7
+KV_FULL = 0.95
+
+
+@dataclass(frozen=True)
+class ModelSignals:
+    """What a model's replicas measured over the last window (their autoscaling metrics): summed over replicas, or the
+    worst replica's where a sum means nothing (KV use, latency percentiles)."""
+
+    replicas: int = 0  # replicas that reported
+    load: float = 0.0  # requests in flight or queued (Serve's count and the direct stream's)
+    waiting: float = 0.0  # sequences waiting inside the engines
+    kv_usage: float = 0.0  # the fullest replica's share of its planned KV cache
+    ttft_p95_s: float | None = None  # the worst replica's p95 over its window; None: no request finished
+    tpot_p95_s: float | None = None
+    requests_per_s: float = 0.0  # requests finished per second
+
+
+def signal_want(rule: ModelRule, sig: ModelSignals, current: int) -> tuple[int, str]:
+    """gpuplan's rule: the replicas a model wants now, from ``current`` (the replicas it has been given), and why.
+
+    Up (by one, or at once to the replicas whose batches hold the load, ``ceil(load / max_num_seqs)``, or to
+    ``ceil(rate / capacity)`` when the plan knows a replica's capacity) when a p95 passes ``UP_AT`` of its target, or
+    the replicas saturate (more requests than ``current x max_num_seqs``, or a KV cache ``KV_FULL``). Down by one when, with one replica fewer, the load stays within ``DOWN_BELOW`` of what they serve
+    (the plan's capacity per replica with an SLO, else their batch slots) and every p95 within ``DOWN_BELOW`` of its
+    target. Without an SLO only saturation moves it. Always within [min_replicas, max_replicas]."""
+    n = max(int(current), 0)
+    lo, hi = rule.min_replicas, rule.max_replicas
+
+    def clamp(w: int) -> int:
+        return max(lo, min(hi, w))
+
+    if n == 0:
+        return (clamp(1), "a request arrived for a model with no replica") if sig.load > 0 else (clamp(0), "idle")
+    slots = n * max(1, rule.max_num_seqs)
+    over = []
+    for name, seen, target in (("TTFT", sig.ttft_p95_s, rule.slo_ttft_p95_s),
+                               ("TPOT", sig.tpot_p95_s, rule.slo_tpot_p95_s)):
+        if target and seen is not None and seen > UP_AT * target:
+            over.append(f"{name} p95 {seen * 1e3:.0f} ms > {UP_AT:.0%} of its {target * 1e3:.0f} ms target")
+    fill = math.ceil(sig.load / max(1, rule.max_num_seqs) - 1e-9)  # replicas whose batches hold the load
+    if sig.load > slots:
+        over.append(f"{sig.load:.1f} requests for {slots} batch slots")
+    if sig.kv_usage >= KV_FULL:
+        over.append(f"KV cache {sig.kv_usage:.0%} full")
+    need = math.ceil(sig.requests_per_s / rule.capacity_rps - 1e-9) if rule.capacity_rps else 0
+    if need > n:
+        over.append(f"{sig.requests_per_s:.2f} req/s needs {need} replicas at {rule.capacity_rps:.2f} req/s each")
+    if over:
+        return clamp(max(n + 1, need, fill)), "up: " + "; ".join(over)
+    if n > lo:
+        m = n - 1
+        if rule.capacity_rps:
+            fits = sig.requests_per_s <= DOWN_BELOW * rule.capacity_rps * m
+            room = f"{sig.requests_per_s:.2f} req/s within {DOWN_BELOW:.0%} of {m} x {rule.capacity_rps:.2f}"
+        else:
+            fits = sig.load <= DOWN_BELOW * m * max(1, rule.max_num_seqs)
+            room = f"{sig.load:.1f} requests within {DOWN_BELOW:.0%} of {m} x {rule.max_num_seqs} batch slots"
+        calm = all(seen is None or not target or seen <= DOWN_BELOW * target
+                   for seen, target in ((sig.ttft_p95_s, rule.slo_ttft_p95_s), (sig.tpot_p95_s, rule.slo_tpot_p95_s)))
+        if fits and calm and sig.kv_usage < DOWN_BELOW:
+            return clamp(m), f"down: {room}"
+    return clamp(n), "within target"
+
+
+class LatencyWindow:
+    """A replica's finished requests of the last ``window_s`` seconds: TTFT, TPOT, tokens; their p95s and rate (the
+    signals it reports with its autoscaling metrics). Clock injected."""
+
+    def __init__(self, window_s: float = 30.0):
+        from collections import deque
+
+        self.window_s = float(window_s)
+        self._rows = deque()  # (finished at, ttft_s, tpot_s or None)
+
+    def add(self, now: float, ttft_s: float, tpot_s: float | None) -> None:
+        self._rows.append((now, ttft_s, tpot_s))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._rows and self._rows[0][0] < now - self.window_s:
+            self._rows.popleft()
+
+    def summary(self, now: float, started: float | None = None) -> dict:
+        """p95 TTFT and TPOT in seconds (-1 when none), and requests finished per second over the window (or since
+        ``started`` when that is shorter)."""
+        self._trim(now)
+        ttft = sorted(r[1] for r in self._rows)
+        tpot = sorted(r[2] for r in self._rows if r[2] is not None)
+        span = self.window_s if started is None else max(1.0, min(self.window_s, now - started))
+        return {"ttft_p95_s": _p95(ttft), "tpot_p95_s": _p95(tpot), "requests_per_s": len(self._rows) / span}
+
+
+def _p95(xs: list) -> float:
+    if not xs:
+        return -1.0
+    k = (len(xs) - 1) * 0.95
+    i = int(k)
+    j = min(i + 1, len(xs) - 1)
+    return xs[i] + (xs[j] - xs[i]) * (k - i)

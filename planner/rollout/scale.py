@@ -11,7 +11,7 @@ from planner.placement.packing import RAY_GPU_UNITS
 from planner.rollout.deployments import DeploymentSpec, ModelRule, NodeLayout, Rollout
 from planner.rollout.gate import (DECISION_BUDGET, GHOST_S, _Budget, _plus, _TooBig, completion_order, no_regret,
                                   node_gate)
-from planner.rollout.policy import desired_replicas, move_goal
+from planner.rollout.policy import ModelSignals, desired_replicas, move_goal, signal_want
 
 # Tests set this: decide_scale then recounts, at every gate, what it keeps incrementally (replicas asked for per
 # model, models below their minimum) and raises if the two differ, so the incremental bookkeeping is shown to give
@@ -25,7 +25,27 @@ class DeploymentObs:
 
     target: int  # Serve's current target replicas
     running: tuple[tuple[str, int | None], ...] = ()  # (replica id, GPU index Ray gave it; None until reported)
-    load: float = 0.0  # ongoing requests, Serve's total_num_requests
+    load: float = 0.0  # ongoing requests: Serve's total_num_requests and the direct stream's
+    # what the replicas measured (their autoscaling metrics; policy.py ModelSignals says how they combine)
+    waiting: float = 0.0
+    kv_usage: float = 0.0
+    ttft_p95_s: float | None = None
+    tpot_p95_s: float | None = None
+    requests_per_s: float = 0.0
+
+
+def model_signals(deployments: list[DeploymentObs]) -> ModelSignals:
+    """One model's signals from its deployments' observations: sums, and the worst of the per-replica figures."""
+    def worst(xs):
+        xs = [x for x in xs if x is not None]
+        return max(xs) if xs else None
+
+    return ModelSignals(replicas=sum(len(o.running) for o in deployments), load=sum(o.load for o in deployments),
+                        waiting=sum(o.waiting for o in deployments),
+                        kv_usage=max((o.kv_usage for o in deployments), default=0.0),
+                        ttft_p95_s=worst(o.ttft_p95_s for o in deployments),
+                        tpot_p95_s=worst(o.tpot_p95_s for o in deployments),
+                        requests_per_s=sum(o.requests_per_s for o in deployments))
 
 
 @dataclass(frozen=True)
@@ -338,10 +358,16 @@ def decide_scale(rollout: Rollout, obs: Mapping[str, DeploymentObs], memory: Sca
     dec = _Decision(rollout, baseline, _node_states(rollout, obs, memory, baseline, ghosts))
     scales = {}  # the policy (policy.py): per model its load, the replicas it wants, and the goal after the delays
     for r in dec.models:
-        load = sum(obs[d.name].load for d in rollout.of_model(r.name) if d.name in obs)
-        want = desired_replicas(r, load)
-        why = move_goal(r, want, now, goal, up, down, sum(baseline[d.name] for d in rollout.of_model(r.name)))
-        scales[r.name] = [load, want, why]
+        seen = [obs[d.name] for d in rollout.of_model(r.name) if d.name in obs]
+        load = sum(o.load for o in seen)
+        running = sum(baseline[d.name] for d in rollout.of_model(r.name))
+        if r.policy == "requests":
+            want, said = desired_replicas(r, load), ""
+        else:  # gpuplan's: the SLO and saturation, from the replicas' signals
+            current = max(goal.get(r.name, min(running, r.max_replicas)), r.min_replicas)
+            want, said = signal_want(r, model_signals(seen), current)
+        why = move_goal(r, want, now, goal, up, down, running)
+        scales[r.name] = [load, want, f"{why} ({said})" if said and said != "within target" else why]
     dec.keep_scaffold(memory, now)
     dec.recount()
     for r in dec.models:  # every model's minimum, keeping every node completable

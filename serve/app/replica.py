@@ -15,6 +15,7 @@ from ray import serve
 
 from planner.decisions import backoff_s
 from planner.rollout import GPUPLAN_NODE_LABEL, GRACEFUL_SHUTDOWN_S
+from planner.rollout.policy import LatencyWindow
 
 from serve import engines, trace
 from serve.app.direct import DirectServer
@@ -24,6 +25,7 @@ from serve.engines.batching import coalesce
 from serve.types import SamplingParams
 
 log = logging.getLogger("gpuplan")
+LATENCY_WINDOW_S = 30.0  # the window of the TTFT/TPOT p95s a replica reports (Serve's look_back_period_s default)
 
 
 def _cuda_state(fake: dict | None = None) -> tuple[bool, int | None, int | None, int | None, str]:
@@ -82,7 +84,9 @@ class Replica:
         self.engine, self.decision, self.resident = started.engine, started.decision, started.resident
         self.load_s = round(time.time() - t0, 2)
         self.started = time.time()
+        self.started_mono = time.monotonic()
         self.serve_inflight = 0  # requests through Serve's handle (the direct stream's are its own count)
+        self.latency = LatencyWindow(LATENCY_WINDOW_S)
         self.direct = self._start_direct()
         self._metrics()
         self._report()
@@ -192,11 +196,20 @@ class Replica:
             return None
 
     def record_autoscaling_stats(self) -> dict:
-        """Custom autoscaling metric: the GPU Ray gave this replica (-1: none), so that gpuplan's policy knows what
-        each GPU holds (serve/app/scale_board.py)."""
+        """Custom autoscaling metrics (Serve averages each over its look-back window): the GPU Ray gave this replica
+        (-1: none), so that gpuplan's policy knows what each GPU holds (serve/app/scale_board.py); the requests it
+        holds through the direct stream (Serve counts only its own); and the policy's signals: sequences waiting in
+        the engine, its KV cache use, TTFT/TPOT p95 and requests finished per second over the last 30 s."""
         ids = ray.get_gpu_ids()
+        s = self.engine.stats()
+        lat = self.latency.summary(time.monotonic(), self.started_mono)
         return {GPU_METRIC: float(ids[0]) if ids else -1.0,
-                DIRECT_METRIC: float(self.direct.inflight) if self.direct is not None else 0.0}
+                DIRECT_METRIC: float(self.direct.inflight) if self.direct is not None else 0.0,
+                # gpuplan's policy (planner/rollout/policy.py signal_want): saturation and latency; no request
+                # finished in the window reads 0 (Serve averages the samples: a -1 would drag a real p95 down)
+                "gpuplan_waiting": float(s.get("waiting", 0)), "gpuplan_kv_usage": float(s.get("kv_cache_usage", 0.0)),
+                "gpuplan_ttft_p95_s": max(0.0, lat["ttft_p95_s"]), "gpuplan_tpot_p95_s": max(0.0, lat["tpot_p95_s"]),
+                "gpuplan_requests_per_s": lat["requests_per_s"]}
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams):
         """Serve's way in (the direct stream's is ``_generate``, on the same event loop)."""
@@ -211,17 +224,23 @@ class Replica:
         """Stream chunks; after the first, steps produced within ``stream_interval_s`` go out as one message
         (each message costs two Ray hops and an SSE event; vLLM's --stream-interval makes the same trade)."""
         n, first = 0, True
+        t0, t_first, n_first = time.monotonic(), None, 0
         trace.mark("replica.enter", params.trace_id)
         stream = self.engine.generate(prompt_ids, params)
         async for chunk in coalesce(stream, float(self.cfg.stream_interval_s)):
             if first:
                 trace.mark("replica.first", params.trace_id)
                 first = False
-            if chunk.finish_reason:
-                trace.mark("replica.last", params.trace_id)
             if chunk.completion_tokens > n:
+                if t_first is None:
+                    t_first, n_first = time.monotonic(), chunk.completion_tokens
                 self._m_tokens.inc(chunk.completion_tokens - n)
                 n = chunk.completion_tokens
+            if chunk.finish_reason:
+                trace.mark("replica.last", params.trace_id)
+                now = time.monotonic()
+                if t_first is not None:  # the policy's latency signals (record_autoscaling_stats)
+                    self.latency.add(now, t_first - t0, (now - t_first) / (n - n_first) if n > n_first else None)
             yield chunk
 
     def check_health(self) -> None:

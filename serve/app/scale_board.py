@@ -132,11 +132,13 @@ def board(plan_id: str, app: str, now: float) -> Board:
 
 def obs_from_context(ctx) -> DeploymentObs:
     """planner's view of a Serve AutoscalingContext: target, running replicas with the GPU each reported, load."""
-    metrics, direct = {}, 0.0
+    metrics, direct, sig = {}, 0.0, {}
     try:
-        metrics = (ctx.aggregated_metrics or {}).get(GPU_METRIC, {}) or {}
+        agg = ctx.aggregated_metrics or {}
+        metrics = agg.get(GPU_METRIC, {}) or {}
         # requests that reached replicas through the direct stream (Serve's count has only its own)
-        direct = sum(float(v) for v in ((ctx.aggregated_metrics or {}).get(DIRECT_METRIC, {}) or {}).values())
+        direct = sum(float(v) for v in (agg.get(DIRECT_METRIC, {}) or {}).values())
+        sig = signals_of(agg)
     except Exception:  # metrics are optional: a replica that has not reported yet just has no known GPU
         metrics = {}
     by_id = {getattr(r, "unique_id", str(r)): v for r, v in metrics.items()}
@@ -146,7 +148,23 @@ def obs_from_context(ctx) -> DeploymentObs:
         v = by_id.get(rid)
         running.append((rid, int(round(v)) if v is not None and v >= 0 else None))
     return DeploymentObs(target=int(ctx.target_num_replicas), running=tuple(sorted(running)),
-                         load=float(ctx.total_num_requests or 0.0) + direct)
+                         load=float(ctx.total_num_requests or 0.0) + direct, **sig)
+
+
+def signals_of(agg: dict) -> dict:
+    """The policy's signals of one deployment (planner.rollout.DeploymentObs fields) from Serve's aggregated custom
+    metrics ({metric: {replica: value averaged over the look-back window}}): sums, and the worst replica's figures
+    (a latency of 0: the replica finished no request in its window)."""
+    def vals(key):
+        return [float(v) for v in (agg.get(key) or {}).values()]
+
+    def worst(key):
+        xs = [v for v in vals(key) if v > 0]
+        return max(xs) if xs else None
+
+    return {"waiting": sum(vals("gpuplan_waiting")), "kv_usage": max(vals("gpuplan_kv_usage"), default=0.0),
+            "ttft_p95_s": worst("gpuplan_ttft_p95_s"), "tpot_p95_s": worst("gpuplan_tpot_p95_s"),
+            "requests_per_s": sum(vals("gpuplan_requests_per_s"))}
 
 
 def decide(plan_id: str, ctx) -> tuple[int, dict]:
