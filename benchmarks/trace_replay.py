@@ -50,10 +50,13 @@ def deploy(path: Path, port: int, engine: str, seqs: int) -> dict:
     return args
 
 
-async def one(client: httpx.AsyncClient, at: float, t0: float, prompt: int, output: int) -> dict:
+async def one(client: httpx.AsyncClient, at: float, t0: float, prompt: int, output: int, model: str = "tiny",
+              text: str | None = None) -> dict:
+    """One streamed completion sent at ``t0 + at``: its status, tokens, TTFT and TPOT at the client. The prompt is
+    ``text``, or prompt - 1 times "a" (one token of the tiny model's tokenizer; its BOS makes the prompt's length)."""
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-    # "a" is one token of the tiny model's tokenizer: prompt - 1 of them and its BOS make the prompt's length
-    body = {"model": "tiny", "prompt": " ".join(["a"] * max(1, prompt - 1)), "max_tokens": output,
+    body = {"model": model, "prompt": text if text is not None else " ".join(["a"] * max(1, prompt - 1)),
+            "max_tokens": output,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.8}
     start = time.perf_counter()
     first = last = None

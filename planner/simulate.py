@@ -6,8 +6,10 @@ output tokens fit the tokens left), one prefill per admitted request, decode ste
 running batch and its mean context. Requests are routed as the ingress does (``pick_deployment`` over the model's
 deployments, then the replica with fewer requests of two, as Serve's router), wait at the router when every replica
 holds ``max_ongoing_requests``, and are refused (429) beyond ``max_queued_requests``; a request longer than
-``max_model_len`` is refused (400). Replicas scale as the plan's policy does (``desired_replicas`` over the mean
-requests in flight of each ``metrics_interval_s``, ``move_goal`` with the upscale and downscale delays), within
+``max_model_len`` is refused (400). Replicas scale as the model's policy does every ``metrics_interval_s``
+(``autoscaling.policy``: gpuplan's ``signal_want`` on the signals the replicas would report, i.e. the mean requests in
+flight, sequences waiting, the fullest KV cache, TTFT/TPOT p95 and rate of the last 30 s; or Ray Serve's
+``desired_replicas`` on the mean requests in flight), ``move_goal`` with the upscale and downscale delays, within
 [min, placed]; a replica started takes ``start_s`` before it serves, and one scaled down finishes what it holds.
 
 Between events (an arrival, a batch's change) a replica's batch is fixed, so its decode steps are taken in one jump
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 
 from planner.errors import InputError
 from planner.rollout import pick_deployment
-from planner.rollout.policy import desired_replicas, move_goal
+from planner.rollout.policy import (SIGNAL_WINDOW_S, LatencyWindow, ModelSignals, desired_replicas, move_goal,
+                                    signal_want)
 from planner.traffic import Slo
 
 _ARRIVE, _WAKE, _POLICY, _READY, _KICK = 0, 1, 2, 3, 4
@@ -169,6 +172,7 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
     seen_max = {m.name: 0 for m in models}
     inflight_area = {m.name: 0.0 for m in models}  # integral of requests in flight over time, this interval
     inflight_now = {m.name: 0 for m in models}
+    windows = {m.name: LatencyWindow(SIGNAL_WINDOW_S) for m in models}  # what the replicas report (gpuplan's policy)
     last_t = {m.name: 0.0 for m in models}
     end = 0.0
     for name, rows in arrivals.items():
@@ -225,6 +229,7 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
             q.ctx += n
             if q.left <= 0:
                 q.done = r.chunk_t0 + r.pre_s + (n * r.step_s)
+                windows[r.model].add(q.done, q.first - q.t, (q.done - q.first) / (q.output - 1) if q.output > 1 else None)
                 r.kv_used -= q.prompt + q.output
                 track(r.model, now, -1)
             else:
@@ -276,6 +281,7 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
             m = by_name[model]
             q = _Req(model, now, p, o)
             reqs[model].append(q)
+            windows[model].start(now)
             if p + o > m.max_model_len or p + o > m.kv_tokens:
                 refused_long[model] += 1
                 continue
@@ -333,8 +339,19 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
             track(model, now, 0)
             load = inflight_area[model] / m.metrics_interval_s
             inflight_area[model] = 0.0
-            want = desired_replicas(m.rule, load)
             before = goal.get(model)
+            if m.rule.policy == "requests":
+                want = desired_replicas(m.rule, load)
+            else:  # gpuplan's: the signals the replicas would report
+                lat = windows[model].summary(now, 0.0)
+                live_reps = [r for r in reps[model] if r.state == "on"]
+                sig = ModelSignals(
+                    replicas=len(live_reps), load=load, waiting=sum(len(r.waiting) for r in live_reps),
+                    kv_usage=max((r.kv_used / r.kv_tokens for r in live_reps if r.kv_tokens), default=0.0),
+                    ttft_p95_s=lat["ttft_p95_s"] if lat["ttft_p95_s"] >= 0 else None,
+                    tpot_p95_s=lat["tpot_p95_s"] if lat["tpot_p95_s"] >= 0 else None,
+                    requests_per_s=lat["requests_per_s"])
+                want, _ = signal_want(m.rule, sig, goal.get(model, m.rule.min_replicas))
             move_goal(m.rule, want, now, goal, up, down)
             g = goal[model]
             if g != before:

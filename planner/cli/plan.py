@@ -41,6 +41,9 @@ def add_simulate_command(sub) -> None:
                    help="seconds a replica the policy starts takes before it serves (default 60; an input, not a "
                         "measurement: set what your engine and model take)")
     s.add_argument("--seed", type=int, default=0, help="routing's random draws")
+    s.add_argument("--policy", choices=["gpuplan", "requests", "fixed"], default=None,
+                   help="scale every model by this policy instead of its autoscaling.policy (fixed: every planned "
+                        "replica runs from the start, a fleet sized for the peak)")
     s.add_argument("--cluster", default=None, help="cluster declaration YAML (default: the config's `cluster:`)")
     s.add_argument("--app", default=None, help="application name in the config (default: the gpuplan one)")
     s.add_argument("--engines", default=None, metavar="LIST", help="as for `gpuplan plan`")
@@ -61,6 +64,8 @@ def cmd_simulate(args) -> int:
     parsed, _ = load_deploy_file(args.deploy, app=args.app)
     result = make_plan(parsed, _cluster_for(args, parsed), _engines(args.engines), strict=False)
     models = sim_models(result)
+    if args.policy:
+        models = [with_policy(m, args.policy) for m in models]
     entries = {m.name: m for m in result.args.models}
     rows = read_trace(args.trace)
     shapes = [(m.name, traffic_of(entries[m.name]) if entries[m.name].traffic else None) for m in models]
@@ -86,6 +91,16 @@ def cmd_simulate(args) -> int:
     for r in rows_out:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     return 0
+
+
+def with_policy(m, policy: str):
+    """A SimModel scaled by ``policy`` (gpuplan, requests; fixed: its min is every slot, so all run from the start)."""
+    import dataclasses
+
+    if policy == "fixed":
+        return dataclasses.replace(m, rule=dataclasses.replace(m.rule, min_replicas=len(m.slots),
+                                                               max_replicas=len(m.slots)))
+    return dataclasses.replace(m, rule=dataclasses.replace(m.rule, policy=policy))
 
 
 def _cluster_for(args, parsed):

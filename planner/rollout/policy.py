@@ -49,6 +49,7 @@ def move_goal(rule: ModelRule, want: int, now: float, goal: dict, up: dict, down
 UP_AT = 0.9
 DOWN_BELOW = 0.7
 KV_FULL = 0.95
+SIGNAL_WINDOW_S = 30.0  # the window of a replica's TTFT/TPOT p95s and rate (Serve's look_back_period_s default)
 
 
 @dataclass(frozen=True)
@@ -62,65 +63,74 @@ class ModelSignals:
     kv_usage: float = 0.0  # the fullest replica's share of its planned KV cache
     ttft_p95_s: float | None = None  # the worst replica's p95 over its window; None: no request finished
     tpot_p95_s: float | None = None
-    requests_per_s: float = 0.0  # requests finished per second
+    requests_per_s: float = 0.0  # requests started per second
 
 
 def signal_want(rule: ModelRule, sig: ModelSignals, current: int) -> tuple[int, str]:
     """gpuplan's rule: the replicas a model wants now, from ``current`` (the replicas it has been given), and why.
 
-    Up (by one, or at once to the replicas whose batches hold the load, ``ceil(load / max_num_seqs)``, or to
-    ``ceil(rate / capacity)`` when the plan knows a replica's capacity) when a p95 passes ``UP_AT`` of its target, or
-    the replicas saturate (more requests than ``current x max_num_seqs``, or a KV cache ``KV_FULL``). Down by one when, with one replica fewer, the load stays within ``DOWN_BELOW`` of what they serve
-    (the plan's capacity per replica with an SLO, else their batch slots) and every p95 within ``DOWN_BELOW`` of its
-    target. Without an SLO only saturation moves it. Always within [min_replicas, max_replicas]."""
+    Up when a p95 passes ``UP_AT`` of its target while requests press on the replicas (as many wait as there are
+    replicas, or more are in flight than there are replicas: a slow window after a burst has drained adds nothing), when more requests are in
+    flight than the batches hold (``current x max_num_seqs``), when a KV cache is ``KV_FULL``, or when requests
+    arrive faster than the replicas serve within the SLO (the plan's ``capacity_rps`` per replica): by one, or at
+    once to the replicas the load or the rate needs. Down, when nothing says up, at once to the fewest replicas that
+    keep the load within ``DOWN_BELOW`` of their batch slots and the rate within ``DOWN_BELOW`` of their capacity,
+    provided every p95 is within ``DOWN_BELOW`` of its target or nothing presses. Without an SLO, saturation alone.
+    Always within [min_replicas, max_replicas]."""
     n = max(int(current), 0)
     lo, hi = rule.min_replicas, rule.max_replicas
+    seqs = max(1, rule.max_num_seqs)
 
     def clamp(w: int) -> int:
         return max(lo, min(hi, w))
 
     if n == 0:
         return (clamp(1), "a request arrived for a model with no replica") if sig.load > 0 else (clamp(0), "idle")
-    slots = n * max(1, rule.max_num_seqs)
     over = []
+    pressed = sig.waiting >= n or sig.load > n
     for name, seen, target in (("TTFT", sig.ttft_p95_s, rule.slo_ttft_p95_s),
                                ("TPOT", sig.tpot_p95_s, rule.slo_tpot_p95_s)):
-        if target and seen is not None and seen > UP_AT * target:
+        if pressed and target and seen is not None and seen > UP_AT * target:
             over.append(f"{name} p95 {seen * 1e3:.0f} ms > {UP_AT:.0%} of its {target * 1e3:.0f} ms target")
-    fill = math.ceil(sig.load / max(1, rule.max_num_seqs) - 1e-9)  # replicas whose batches hold the load
-    if sig.load > slots:
-        over.append(f"{sig.load:.1f} requests for {slots} batch slots")
+    fill = math.ceil(sig.load / seqs - 1e-9)  # replicas whose batches hold the load
+    if sig.load > n * seqs:
+        over.append(f"{sig.load:.1f} requests for {n * seqs} batch slots")
     if sig.kv_usage >= KV_FULL:
         over.append(f"KV cache {sig.kv_usage:.0%} full")
     need = math.ceil(sig.requests_per_s / rule.capacity_rps - 1e-9) if rule.capacity_rps else 0
     if need > n:
         over.append(f"{sig.requests_per_s:.2f} req/s needs {need} replicas at {rule.capacity_rps:.2f} req/s each")
     if over:
-        return clamp(max(n + 1, need, fill)), "up: " + "; ".join(over)
-    if n > lo:
-        m = n - 1
-        if rule.capacity_rps:
-            fits = sig.requests_per_s <= DOWN_BELOW * rule.capacity_rps * m
-            room = f"{sig.requests_per_s:.2f} req/s within {DOWN_BELOW:.0%} of {m} x {rule.capacity_rps:.2f}"
-        else:
-            fits = sig.load <= DOWN_BELOW * m * max(1, rule.max_num_seqs)
-            room = f"{sig.load:.1f} requests within {DOWN_BELOW:.0%} of {m} x {rule.max_num_seqs} batch slots"
-        calm = all(seen is None or not target or seen <= DOWN_BELOW * target
-                   for seen, target in ((sig.ttft_p95_s, rule.slo_ttft_p95_s), (sig.tpot_p95_s, rule.slo_tpot_p95_s)))
-        if fits and calm and sig.kv_usage < DOWN_BELOW:
-            return clamp(m), f"down: {room}"
+        return clamp(max(n + 1, fill, need)), "up: " + "; ".join(over)
+    keep = math.ceil(sig.load / (DOWN_BELOW * seqs) - 1e-9)
+    room = f"{sig.load:.1f} requests within {DOWN_BELOW:.0%} of {{m}} x {seqs} batch slots"
+    if rule.capacity_rps:
+        by_rate = math.ceil(sig.requests_per_s / (DOWN_BELOW * rule.capacity_rps) - 1e-9)
+        if by_rate >= keep:
+            keep = by_rate
+            room = f"{sig.requests_per_s:.2f} req/s within {DOWN_BELOW:.0%} of {{m}} x {rule.capacity_rps:.2f}"
+    m = clamp(max(1, keep))
+    calm = not pressed or all(seen is None or not target or seen <= DOWN_BELOW * target
+                              for seen, target in ((sig.ttft_p95_s, rule.slo_ttft_p95_s),
+                                                   (sig.tpot_p95_s, rule.slo_tpot_p95_s)))
+    if m < n and calm and sig.kv_usage < DOWN_BELOW:
+        return m, "down: " + room.format(m=m)
     return clamp(n), "within target"
 
 
 class LatencyWindow:
-    """A replica's finished requests of the last ``window_s`` seconds: TTFT, TPOT, tokens; their p95s and rate (the
-    signals it reports with its autoscaling metrics). Clock injected."""
+    """A replica's requests of the last ``window_s`` seconds: when each started, and the TTFT and TPOT of those that
+    finished; their p95s and the arrival rate (the signals it reports with its autoscaling metrics). Clock injected."""
 
     def __init__(self, window_s: float = 30.0):
         from collections import deque
 
         self.window_s = float(window_s)
         self._rows = deque()  # (finished at, ttft_s, tpot_s or None)
+        self._starts = deque()  # when requests started
+
+    def start(self, now: float) -> None:
+        self._starts.append(now)
 
     def add(self, now: float, ttft_s: float, tpot_s: float | None) -> None:
         self._rows.append((now, ttft_s, tpot_s))
@@ -129,15 +139,17 @@ class LatencyWindow:
     def _trim(self, now: float) -> None:
         while self._rows and self._rows[0][0] < now - self.window_s:
             self._rows.popleft()
+        while self._starts and self._starts[0] < now - self.window_s:
+            self._starts.popleft()
 
     def summary(self, now: float, started: float | None = None) -> dict:
-        """p95 TTFT and TPOT in seconds (-1 when none), and requests finished per second over the window (or since
-        ``started`` when that is shorter)."""
+        """p95 TTFT and TPOT in seconds (-1 when none finished), and requests started per second over the window (or
+        since ``started`` when that is shorter)."""
         self._trim(now)
         ttft = sorted(r[1] for r in self._rows)
         tpot = sorted(r[2] for r in self._rows if r[2] is not None)
         span = self.window_s if started is None else max(1.0, min(self.window_s, now - started))
-        return {"ttft_p95_s": _p95(ttft), "tpot_p95_s": _p95(tpot), "requests_per_s": len(self._rows) / span}
+        return {"ttft_p95_s": _p95(ttft), "tpot_p95_s": _p95(tpot), "requests_per_s": len(self._starts) / span}
 
 
 def _p95(xs: list) -> float:

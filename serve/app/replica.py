@@ -15,7 +15,7 @@ from ray import serve
 
 from planner.decisions import backoff_s
 from planner.rollout import GPUPLAN_NODE_LABEL, GRACEFUL_SHUTDOWN_S
-from planner.rollout.policy import LatencyWindow
+from planner.rollout.policy import SIGNAL_WINDOW_S, LatencyWindow
 
 from serve import engines, trace
 from serve.app.direct import DirectServer
@@ -25,7 +25,6 @@ from serve.engines.batching import coalesce
 from serve.types import SamplingParams
 
 log = logging.getLogger("gpuplan")
-LATENCY_WINDOW_S = 30.0  # the window of the TTFT/TPOT p95s a replica reports (Serve's look_back_period_s default)
 
 
 def _cuda_state(fake: dict | None = None) -> tuple[bool, int | None, int | None, int | None, str]:
@@ -86,7 +85,7 @@ class Replica:
         self.started = time.time()
         self.started_mono = time.monotonic()
         self.serve_inflight = 0  # requests through Serve's handle (the direct stream's are its own count)
-        self.latency = LatencyWindow(LATENCY_WINDOW_S)
+        self.latency = LatencyWindow(SIGNAL_WINDOW_S)
         self.direct = self._start_direct()
         self._metrics()
         self._report()
@@ -225,6 +224,7 @@ class Replica:
         (each message costs two Ray hops and an SSE event; vLLM's --stream-interval makes the same trade)."""
         n, first = 0, True
         t0, t_first, n_first = time.monotonic(), None, 0
+        self.latency.start(t0)
         trace.mark("replica.enter", params.trace_id)
         stream = self.engine.generate(prompt_ids, params)
         async for chunk in coalesce(stream, float(self.cfg.stream_interval_s)):

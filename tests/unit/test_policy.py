@@ -41,15 +41,20 @@ def test_up_on_saturation_and_on_a_rate_above_capacity():
     assert signal_want(rule(hi=4, capacity_rps=1.5), ModelSignals(load=4, requests_per_s=7.0), 2)[0] == 4  # max
 
 
-def test_down_only_when_one_fewer_keeps_the_load_and_the_latency():
+def test_down_to_what_keeps_the_load_and_the_latency():
     calm = dict(ttft_p95_s=0.1, tpot_p95_s=0.02)
     # capacity known: 2.0 req/s on 3 replicas -> 2 replicas hold 2 x 1.5 x 0.7 = 2.1
     want, why = signal_want(rule(capacity_rps=1.5), ModelSignals(load=3, requests_per_s=2.0, **calm), 3)
-    assert want == 2 and why.startswith("down")
+    assert want == 2 and why == "down: 2.00 req/s within 70% of 2 x 1.50"
     assert signal_want(rule(capacity_rps=1.5), ModelSignals(load=3, requests_per_s=2.2, **calm), 3)[0] == 3
-    # a p95 above 70% of its target holds the count, whatever the load
-    hot = ModelSignals(load=1, requests_per_s=0.1, ttft_p95_s=0.4, tpot_p95_s=0.02)
+    # at once to what the load needs, not one by one
+    assert signal_want(rule(capacity_rps=1.5), ModelSignals(load=1, requests_per_s=0.5, **calm), 6)[0] == 1
+    # while requests press (more in flight than replicas), a p95 above 70% of its target holds the count
+    hot = ModelSignals(load=4, requests_per_s=0.1, ttft_p95_s=0.4, tpot_p95_s=0.02)
     assert signal_want(rule(capacity_rps=1.5), hot, 3) == (3, "within target")
+    # nothing presses: a slow window left by a burst that has drained neither holds nor adds replicas
+    after = ModelSignals(load=1, requests_per_s=0.1, ttft_p95_s=0.9, tpot_p95_s=0.02)
+    assert signal_want(rule(capacity_rps=1.5), after, 3)[0] == 1
     # no capacity (no traffic declared): the batch slots of one replica fewer
     assert signal_want(rule(), ModelSignals(load=11, **calm), 3)[0] == 2  # 11 <= 0.7 x 2 x 8
     assert signal_want(rule(), ModelSignals(load=12, **calm), 3)[0] == 3
@@ -89,6 +94,7 @@ def test_the_decision_over_time_with_the_delays():
 def test_latency_window_p95_and_rate():
     w = LatencyWindow(window_s=10.0)
     for i in range(20):
+        w.start(float(i))
         w.add(float(i), 0.1 * (i + 1), 0.01)
     s = w.summary(20.0)  # rows finished at 10..19 are in the window: TTFT 1.1 .. 2.0
     assert s["ttft_p95_s"] == pytest.approx(1.955) and s["tpot_p95_s"] == pytest.approx(0.01)

@@ -16,10 +16,13 @@ from planner.traffic import Slo, Traffic, load_point
 
 
 def _model(n=1, *, step=lambda b, c: 0.010, pre=lambda t: 0.001 * t, seqs=8, kv=10**6, mml=4096, ongoing=64,
-           queued=-1, lo=None, hi=None, slo=None, up=10.0, down=60.0, target=2.0):
-    rule = ModelRule("m", lo if lo is not None else n, hi if hi is not None else n, target, up, down)
+           queued=-1, lo=None, hi=None, slo=None, up=10.0, down=60.0, target=2.0, policy="requests", capacity=None,
+           interval=10.0):
+    rule = ModelRule("m", lo if lo is not None else n, hi if hi is not None else n, target, up, down, policy=policy,
+                     max_num_seqs=seqs, slo_ttft_p95_s=slo.ttft_p95_ms / 1e3 if slo and slo.ttft_p95_ms else None,
+                     slo_tpot_p95_s=slo.tpot_p95_ms / 1e3 if slo and slo.tpot_p95_ms else None, capacity_rps=capacity)
     return SimModel("m", tuple((f"m@node{i}", "X") for i in range(rule.max_replicas)), {"X": step}, {"X": pre}, seqs, kv, mml,
-                    ongoing, queued, rule, 10.0, slo)
+                    ongoing, queued, rule, interval, slo)
 
 
 def test_one_request_alone_is_the_speed_model_exactly():
@@ -87,6 +90,22 @@ def test_models_replay_one_trace_at_their_rates():
     assert all(o == 20 for _, _, o in arr["b"])
 
 
+def test_gpuplan_policy_scales_on_the_signals_through_a_burst_and_back():
+    """A burst (20 s at 10 req/s, ~5 req/s per replica at full batch), then a trickle for two minutes: gpuplan's
+    policy (the plan's capacity per replica given) scales up for the burst, meets the SLO about as Ray Serve's rule
+    does, and comes back down to one replica."""
+    burst = [(i * 0.1, 200, 100) for i in range(200)]
+    trickle = [(20.0 + i * 2.0, 200, 100) for i in range(60)]
+    arr = {"m": burst + trickle}
+    kw = dict(lo=1, hi=8, up=2.0, down=10.0, slo=Slo(2000, 100), step=lambda b, c: 0.008 + 0.001 * b,
+              pre=lambda t: 1e-4 * t, ongoing=8, interval=1.0, capacity=4.5)
+    req = simulate([_model(1, policy="requests", **kw)], arr, start_s=2.0).models[0]
+    gp = simulate([_model(1, policy="gpuplan", **kw)], arr, start_s=2.0).models[0]
+    assert req.completed == gp.completed == 260
+    assert gp.replicas_max_seen >= 3 and gp.within_slo >= 0.95 and gp.within_slo >= req.within_slo - 0.02
+    assert gp.replica_seconds < 0.4 * 8 * 140  # not 8 replicas for the whole run: it came back down
+
+
 def test_cli_simulate(tmp_path):
     trace = tmp_path / "t.csv"
     rng = random.Random(1)
@@ -108,6 +127,15 @@ def test_cli_simulate(tmp_path):
     m = out["models"][0]
     assert m["requests"] == 400 and m["completed"] == 400 and 0 < m["within_slo"] <= 1
     assert m["ttft_p95_ms"] > 0 and m["tpot_p95_ms"] > 0 and m["replica_seconds"] > 0
+    # the same plan under each policy: a fixed fleet holds every planned replica the whole time
+    runs = {}
+    for policy in ("gpuplan", "requests", "fixed"):
+        q = subprocess.run([sys.executable, "-m", "planner", "simulate", str(deploy), "--trace", str(trace),
+                            "--engines", "vllm", "--policy", policy, "--json"], capture_output=True, text=True)
+        assert q.returncode == 0, q.stderr
+        runs[policy] = json.loads(q.stdout)["models"][0]
+    assert runs["fixed"]["replicas_min"] == 2 and runs["fixed"]["replica_seconds"] >= max(
+        r["replica_seconds"] for r in runs.values())
     bad = subprocess.run([sys.executable, "-m", "planner", "simulate", str(deploy), "--trace", str(tmp_path / "no"),
                           "--engines", "vllm"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

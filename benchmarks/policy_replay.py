@@ -1,0 +1,230 @@
+"""Scaling policies side by side on a served plan: a trace replayed against simulated replicas of four models on a
+declared 16-GPU cluster, under gpuplan's policy, Ray Serve's request rule and a fixed fleet sized for the peak; and
+what `gpuplan simulate` predicted for the same requests.
+
+    python -m benchmarks.policy_replay [--duration 300] [--policies gpuplan requests fixed] [--json FILE]
+
+The cluster is Ray's (ray.cluster_utils: one head and four nodes of four fake A100-80GB each, labelled as the
+declared nodes), on this machine; the models run `engine: sim` (serve/engines/sim.py: no model, tokens on the speed
+model's time for an A100), so dozens of replicas fit on a laptop's cores. Each model replays the shipped trace
+(examples/traces/) at its own rate, phase-shifted (planner.simulate.arrivals_from_trace, as `gpuplan simulate`
+does), prompts of the trace's length scaled to the model's mean (the sim models have no tokenizer: one word is one
+token) and answers forced to theirs (ignore_eos). Per policy the app is deployed afresh on the same cluster, the
+replay runs for --duration seconds, RUNNING replicas are counted every second (replica-seconds), and the same
+arrivals go through planner.simulate with the same policy. Prints one table: per policy and model, TTFT and TPOT
+p50/p95 at the client, the share of requests within the SLO, errors, replica-seconds, and simulate's p95s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common.machine import machine_line
+from benchmarks.common.stats import percentile
+from benchmarks.trace_replay import one
+from serve.api.front import pick_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACE = ROOT / "examples" / "traces" / "azure-llm-2023-conv.csv"
+NODES = [f"a100-{i}" for i in range(1, 5)]
+# (name, source, requests/s, prompt tokens, output tokens): the catalog's configs, no weights needed
+MODELS = [("qwen-7b", "Qwen/Qwen2.5-7B-Instruct", 6.0, 900, 160),
+          ("llama-8b", "meta-llama/Llama-3.1-8B-Instruct", 4.0, 1200, 200),
+          ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 8.0, 600, 120),
+          ("llama-3b", "meta-llama/Llama-3.2-3B-Instruct", 16.0, 500, 100)]
+SLO = {"ttft_p95_ms": 1500, "tpot_p95_ms": 60}
+AUTOSCALING = {"upscale_delay_s": 5, "downscale_delay_s": 30, "look_back_period_s": 10, "metrics_interval_s": 2}
+
+
+def deploy_args(policy: str, port: int, max_replicas: int) -> dict:
+    models = []
+    for name, src, rate, p, o in MODELS:
+        models.append({
+            "name": name, "source": src, "engine": "sim", "quantization": "bf16", "max_model_len": 4096,
+            "max_num_seqs": 16, "replicas": {"min": 1, "max": max_replicas}, "max_ongoing_requests": 16,
+            # a chunk a second: the client's TPOT is (last - first) / (tokens - 1) either way, and 2 cores carry
+            # fewer messages
+            "stream_interval_s": 1.0,
+            "max_queued_requests": -1, "traffic": {"requests_per_s": rate, "prompt_tokens": p, "output_tokens": o},
+            "slo": SLO, "autoscaling": {**AUTOSCALING, "policy": "requests" if policy == "requests" else "gpuplan"}})
+    return {"headroom": 0.1, "http": {"host": "127.0.0.1", "port": port, "replicas": 1},
+            "cluster": {"nodes": [{"name": n, "cpu_memory": "64GiB", "gpus": [{"name": "A100-80GB", "count": 4}]}
+                                  for n in NODES]},
+            "models": models}
+
+
+def fixed(args: dict, result) -> dict:
+    """A fleet sized for the peak: every placed replica runs from the start."""
+    out = json.loads(json.dumps(args))
+    for m in out["models"]:
+        n = result.plan.model(m["name"]).placed_replicas
+        m["replicas"] = {"min": n, "max": n}
+    return out
+
+
+def count_running(app: str, stop: threading.Event, out: dict) -> None:
+    """Every second: RUNNING replicas per model, integrated into replica-seconds."""
+    from ray import serve
+
+    last = time.time()
+    while not stop.is_set():
+        time.sleep(1.0)
+        now = time.time()
+        try:
+            st = serve.status().applications.get(app)
+        except Exception:
+            continue
+        if st is None:
+            continue
+        for name, d in st.deployments.items():
+            if "@" in name:
+                model = name.split("@")[0]
+                out[model] = out.get(model, 0.0) + (d.replica_states or {}).get("RUNNING", 0) * (now - last)
+        last = now
+
+
+async def replay(url: str, arrivals: dict) -> dict:
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0, connect=30.0)) as c:
+        t0 = time.perf_counter() + 1.0
+        jobs = {m: [one(c, t, t0, p, o, model=m, text=" ".join(["w"] * p)) for t, p, o in rows]
+                for m, rows in arrivals.items()}
+        flat = await asyncio.gather(*(j for js in jobs.values() for j in js))
+    out, i = {}, 0
+    for m, js in jobs.items():
+        out[m] = flat[i:i + len(js)]
+        i += len(js)
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    ok = [r for r in rows if r["status"] == 200]
+    ttft = [r["ttft_ms"] for r in ok if r.get("ttft_ms") is not None]
+    tpot = [r["tpot_ms"] for r in ok if r.get("tpot_ms") is not None]
+    within = sum(1 for r in ok if (r.get("ttft_ms") or 0) <= SLO["ttft_p95_ms"]
+                 and (r.get("tpot_ms") or 0) <= SLO["tpot_p95_ms"])
+    p = lambda xs, q: round(percentile(xs, q), 1) if xs else None  # noqa: E731
+    return {"requests": len(rows), "ok": len(ok), "errors": len(rows) - len(ok), "ttft_p50_ms": p(ttft, 50),
+            "ttft_p95_ms": p(ttft, 95), "tpot_p50_ms": p(tpot, 50), "tpot_p95_ms": p(tpot, 95),
+            "within_slo": round(within / len(ok), 4) if ok else None}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=300.0, help="seconds of traffic per policy")
+    ap.add_argument("--start-at", type=float, default=0.0, help="where in the (rate-scaled) trace to start")
+    ap.add_argument("--policies", nargs="+", default=["gpuplan", "requests", "fixed"],
+                    choices=["gpuplan", "requests", "fixed"])
+    ap.add_argument("--max-replicas", type=int, default=6, help="each model's replicas.max")
+    ap.add_argument("--start-s", type=float, default=3.0,
+                    help="what simulate assumes a new replica takes to serve (a sim replica here starts in ~2-4 s)")
+    ap.add_argument("--json", help="write the table's rows here")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from planner.config import parse_deploy_args
+    from planner.demand import sim_models, traffic_of
+    from planner.planning import cluster_from_decl, make_plan
+    from planner.simulate import arrivals_from_trace, simulate
+    from planner.traffic import read_trace
+    from planner.cli.plan import with_policy
+    from serve.app.build import build_app
+
+    port = pick_port()
+    base_args = deploy_args("gpuplan", port, a.max_replicas)
+    parsed = parse_deploy_args(base_args, base_dir=str(ROOT))
+    result = make_plan(parsed, cluster_from_decl(parsed.cluster), frozenset({"transformers"}))
+    rows = read_trace(str(TRACE))
+    entries = {m.name: m for m in result.args.models}
+    shapes = [(m.name, traffic_of(entries[m.name])) for m in sim_models(result)]
+    arr = arrivals_from_trace(rows, shapes, duration_s=a.start_at + a.duration)
+    arr = {m: [(t - a.start_at, min(p, 4096 - o - 8), o) for t, p, o in xs if t >= a.start_at] for m, xs in arr.items()}
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 0})
+    for n in NODES:
+        cluster.add_node(num_cpus=32, num_gpus=4, resources={"accelerator_type:A100": 1},
+                         labels={"gpuplan.io/node": n})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": pick_port()})
+    url = f"http://127.0.0.1:{port}"
+    table = []
+    try:
+        for policy in a.policies:
+            args = fixed(base_args, result) if policy == "fixed" else deploy_args(policy, port, a.max_replicas)
+            serve.run(build_app(args), name="llm", route_prefix="/", blocking=False)
+            deadline = time.time() + 600
+            while True:
+                try:
+                    if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.time() > deadline:
+                    raise SystemExit(f"{policy}: not ready after 600 s")
+                time.sleep(2)
+            time.sleep(5)  # the minimums settle
+            stop, rs = threading.Event(), {}
+            counter = threading.Thread(target=count_running, args=("llm", stop, rs), daemon=True)
+            counter.start()
+            got = asyncio.run(replay(url, arr))
+            stop.set()
+            counter.join(5)
+            sims = {m.name: m for m in sim_models(make_plan(parse_deploy_args(args, base_dir=str(ROOT)),
+                                                            cluster_from_decl(parsed.cluster),
+                                                            frozenset({"transformers"})))}
+            pred = simulate([with_policy(m, policy) if policy != "fixed" else m for m in sims.values()], arr,
+                            start_s=a.start_s)
+            for mr in pred.models:
+                s = summarize(got[mr.model])
+                table.append({"policy": policy, "model": mr.model, **s,
+                              "replica_seconds": round(rs.get(mr.model, 0.0), 1),
+                              "sim_ttft_p95_ms": mr.ttft_p95_ms, "sim_tpot_p95_ms": mr.tpot_p95_ms,
+                              "sim_within_slo": mr.within_slo, "sim_replica_seconds": mr.replica_seconds})
+            serve.delete("llm")
+            time.sleep(10)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+    print(machine_line())
+    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s; 4 models on engine: sim, 16 x A100-80GB "
+          f"on 4 nodes (Ray's fake GPUs); SLO TTFT p95 {SLO['ttft_p95_ms']} ms, TPOT p95 {SLO['tpot_p95_ms']} ms; "
+          f"autoscaling {AUTOSCALING}\n")
+    print("| policy | model | requests | errors | TTFT p50 / p95 ms | TPOT p50 / p95 ms | within SLO | replica-s | "
+          "simulate: TTFT p95 / TPOT p95 ms, within SLO, replica-s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in table:
+        print(f"| {r['policy']} | {r['model']} | {r['requests']} | {r['errors']} | {r['ttft_p50_ms']} / "
+              f"{r['ttft_p95_ms']} | {r['tpot_p50_ms']} / {r['tpot_p95_ms']} | {r['within_slo']} | "
+              f"{r['replica_seconds']} | {r['sim_ttft_p95_ms']} / {r['sim_tpot_p95_ms']}, {r['sim_within_slo']}, "
+              f"{r['sim_replica_seconds']} |")
+    totals = {}
+    for r in table:
+        t = totals.setdefault(r["policy"], [0, 0, 0.0])
+        t[0] += r["ok"]
+        t[1] += round((r["within_slo"] or 0) * r["ok"])
+        t[2] += r["replica_seconds"]
+    print()
+    for pol, (ok, within, rsec) in totals.items():
+        print(f"- {pol}: {within}/{ok} requests within the SLO ({within / max(1, ok):.1%}), {rsec:.0f} replica-s")
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
