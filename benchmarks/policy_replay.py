@@ -4,9 +4,9 @@ what `gpuplan simulate` predicted for the same requests.
 
     python -m benchmarks.policy_replay [--duration 300] [--policies gpuplan requests fixed] [--json FILE]
 
-The cluster is Ray's (ray.cluster_utils: one head and four nodes of four fake A100-80GB each, labelled as the
-declared nodes), on this machine; the models run `engine: sim` (serve/engines/sim.py: no model, tokens on the speed
-model's time for an A100), so dozens of replicas fit on a laptop's cores. Each model replays the shipped trace
+The cluster is Ray's (ray.cluster_utils: one head and four nodes of four fake L4s each, labelled as the declared
+nodes), on this machine; the models run `engine: sim` (serve/engines/sim.py: no model, tokens on the speed model's
+time for an L4), so dozens of replicas fit on a laptop's cores. Each model replays the shipped trace
 (examples/traces/) at its own rate, phase-shifted (planner.simulate.arrivals_from_trace, as `gpuplan simulate`
 does), prompts of the trace's length scaled to the model's mean (the sim models have no tokenizer: one word is one
 token) and answers forced to theirs (ignore_eos). Per policy the app is deployed afresh on the same cluster, the
@@ -35,29 +35,33 @@ from serve.api.front import pick_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACE = ROOT / "examples" / "traces" / "azure-llm-2023-conv.csv"
-NODES = [f"a100-{i}" for i in range(1, 5)]
-# (name, source, requests/s, prompt tokens, output tokens): the catalog's configs, no weights needed
-MODELS = [("qwen-7b", "Qwen/Qwen2.5-7B-Instruct", 6.0, 900, 160),
-          ("llama-8b", "meta-llama/Llama-3.1-8B-Instruct", 4.0, 1200, 200),
-          ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", 8.0, 600, 120),
-          ("llama-3b", "meta-llama/Llama-3.2-3B-Instruct", 16.0, 500, 100)]
-SLO = {"ttft_p95_ms": 1500, "tpot_p95_ms": 60}
+GPU, RAY_TYPE = "L4", "L4"
+NODES = [f"l4-{i}" for i in range(1, 5)]
+# (name, source, quantization, requests/s, prompt tokens, output tokens): the catalog's configs, no weights needed.
+# Sized for this machine's 2 cores (7.5 requests/s in all: the client, the front and the replicas' processes share
+# them) on a GPU slow enough that the traffic needs 1-3 replicas of each (the plan's capacity per L4: 1.5-2.7 req/s)
+MODELS = [("qwen-7b", "Qwen/Qwen2.5-7B-Instruct", "awq", 1.5, 400, 120),
+          ("llama-8b", "meta-llama/Llama-3.1-8B-Instruct", "awq", 1.0, 500, 150),
+          ("mistral-7b", "mistralai/Mistral-7B-Instruct-v0.3", "awq", 2.0, 300, 100),
+          ("llama-3b", "meta-llama/Llama-3.2-3B-Instruct", "bf16", 3.0, 300, 100)]
+SLO = {"ttft_p95_ms": 1500, "tpot_p95_ms": 80}
+MAX_MODEL_LEN = 2048
 AUTOSCALING = {"upscale_delay_s": 5, "downscale_delay_s": 30, "look_back_period_s": 10, "metrics_interval_s": 2}
 
 
 def deploy_args(policy: str, port: int, max_replicas: int) -> dict:
     models = []
-    for name, src, rate, p, o in MODELS:
+    for name, src, q, rate, p, o in MODELS:
         models.append({
-            "name": name, "source": src, "engine": "sim", "quantization": "bf16", "max_model_len": 4096,
-            "max_num_seqs": 16, "replicas": {"min": 1, "max": max_replicas}, "max_ongoing_requests": 16,
+            "name": name, "source": src, "engine": "sim", "quantization": q, "max_model_len": MAX_MODEL_LEN,
+            "max_num_seqs": 8, "replicas": {"min": 1, "max": max_replicas}, "max_ongoing_requests": 8,
             # a chunk a second: the client's TPOT is (last - first) / (tokens - 1) either way, and 2 cores carry
             # fewer messages
             "stream_interval_s": 1.0,
             "max_queued_requests": -1, "traffic": {"requests_per_s": rate, "prompt_tokens": p, "output_tokens": o},
             "slo": SLO, "autoscaling": {**AUTOSCALING, "policy": "requests" if policy == "requests" else "gpuplan"}})
     return {"headroom": 0.1, "http": {"host": "127.0.0.1", "port": port, "replicas": 1},
-            "cluster": {"nodes": [{"name": n, "cpu_memory": "64GiB", "gpus": [{"name": "A100-80GB", "count": 4}]}
+            "cluster": {"nodes": [{"name": n, "cpu_memory": "64GiB", "gpus": [{"name": GPU, "count": 4}]}
                                   for n in NODES]},
             "models": models}
 
@@ -150,17 +154,18 @@ def main(argv=None) -> int:
     entries = {m.name: m for m in result.args.models}
     shapes = [(m.name, traffic_of(entries[m.name])) for m in sim_models(result)]
     arr = arrivals_from_trace(rows, shapes, duration_s=a.start_at + a.duration)
-    arr = {m: [(t - a.start_at, min(p, 4096 - o - 8), o) for t, p, o in xs if t >= a.start_at] for m, xs in arr.items()}
+    arr = {m: [(t - a.start_at, min(p, MAX_MODEL_LEN - o - 8), o) for t, p, o in xs if t >= a.start_at]
+           for m, xs in arr.items()}
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "num_gpus": 0})
     for n in NODES:
-        cluster.add_node(num_cpus=32, num_gpus=4, resources={"accelerator_type:A100": 1},
+        cluster.add_node(num_cpus=32, num_gpus=4, resources={f"accelerator_type:{RAY_TYPE}": 1},
                          labels={"gpuplan.io/node": n})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": pick_port()})
     url = f"http://127.0.0.1:{port}"
-    table = []
+    table, raw = [], {}
     try:
         for policy in a.policies:
             args = fixed(base_args, result) if policy == "fixed" else deploy_args(policy, port, a.max_replicas)
@@ -180,6 +185,7 @@ def main(argv=None) -> int:
             counter = threading.Thread(target=count_running, args=("llm", stop, rs), daemon=True)
             counter.start()
             got = asyncio.run(replay(url, arr))
+            raw[policy] = got
             stop.set()
             counter.join(5)
             sims = {m.name: m for m in sim_models(make_plan(parse_deploy_args(args, base_dir=str(ROOT)),
@@ -201,7 +207,7 @@ def main(argv=None) -> int:
         cluster.shutdown()
 
     print(machine_line())
-    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s; 4 models on engine: sim, 16 x A100-80GB "
+    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s; 4 models on engine: sim, 16 x {GPU} "
           f"on 4 nodes (Ray's fake GPUs); SLO TTFT p95 {SLO['ttft_p95_ms']} ms, TPOT p95 {SLO['tpot_p95_ms']} ms; "
           f"autoscaling {AUTOSCALING}\n")
     print("| policy | model | requests | errors | TTFT p50 / p95 ms | TPOT p50 / p95 ms | within SLO | replica-s | "
@@ -222,7 +228,7 @@ def main(argv=None) -> int:
     for pol, (ok, within, rsec) in totals.items():
         print(f"- {pol}: {within}/{ok} requests within the SLO ({within / max(1, ok):.1%}), {rsec:.0f} replica-s")
     if a.json:
-        Path(a.json).write_text(json.dumps(table, indent=2))
+        Path(a.json).write_text(json.dumps({"table": table, "requests": raw}, indent=1))
     return 0
 
 
