@@ -49,9 +49,11 @@ MAX_MODEL_LEN = 2048
 AUTOSCALING = {"upscale_delay_s": 5, "downscale_delay_s": 30, "look_back_period_s": 10, "metrics_interval_s": 2}
 
 
-def deploy_args(policy: str, port: int, max_replicas: int) -> dict:
+def deploy_args(policy: str, port: int, max_replicas: int, n_models: int = len(MODELS), rate_scale: float = 1.0
+                ) -> dict:
     models = []
-    for name, src, q, rate, p, o in MODELS:
+    for name, src, q, rate, p, o in MODELS[:n_models]:
+        rate *= rate_scale
         models.append({
             "name": name, "source": src, "engine": "sim", "quantization": q, "max_model_len": MAX_MODEL_LEN,
             "max_num_seqs": 8, "replicas": {"min": 1, "max": max_replicas}, "max_ongoing_requests": 8,
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", nargs="+", default=["gpuplan", "requests", "fixed"],
                     choices=["gpuplan", "requests", "fixed"])
     ap.add_argument("--max-replicas", type=int, default=6, help="each model's replicas.max")
+    ap.add_argument("--models", type=int, default=len(MODELS), help="the first N of the four models (a quick run)")
+    ap.add_argument("--rate-scale", type=float, default=1.0, help="every model's requests/s times this")
     ap.add_argument("--start-s", type=float, default=3.0,
                     help="what simulate assumes a new replica takes to serve (a sim replica here starts in ~2-4 s)")
     ap.add_argument("--json", help="write the table's rows here")
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
     from serve.app.build import build_app
 
     port = pick_port()
-    base_args = deploy_args("gpuplan", port, a.max_replicas)
+    base_args = deploy_args("gpuplan", port, a.max_replicas, a.models, a.rate_scale)
     parsed = parse_deploy_args(base_args, base_dir=str(ROOT))
     result = make_plan(parsed, cluster_from_decl(parsed.cluster), frozenset({"transformers"}))
     rows = read_trace(str(TRACE))
@@ -168,7 +172,8 @@ def main(argv=None) -> int:
     table, raw = [], {}
     try:
         for policy in a.policies:
-            args = fixed(base_args, result) if policy == "fixed" else deploy_args(policy, port, a.max_replicas)
+            args = fixed(base_args, result) if policy == "fixed" else deploy_args(policy, port, a.max_replicas,
+                                                                                   a.models, a.rate_scale)
             serve.run(build_app(args), name="llm", route_prefix="/", blocking=False)
             deadline = time.time() + 600
             while True:
@@ -207,8 +212,8 @@ def main(argv=None) -> int:
         cluster.shutdown()
 
     print(machine_line())
-    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s; 4 models on engine: sim, 16 x {GPU} "
-          f"on 4 nodes (Ray's fake GPUs); SLO TTFT p95 {SLO['ttft_p95_ms']} ms, TPOT p95 {SLO['tpot_p95_ms']} ms; "
+    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s, rates x {a.rate_scale:g}; {a.models} "
+          f"models on engine: sim, 16 x {GPU} on 4 nodes (Ray's fake GPUs); SLO TTFT p95 {SLO['ttft_p95_ms']} ms, TPOT p95 {SLO['tpot_p95_ms']} ms; "
           f"autoscaling {AUTOSCALING}\n")
     print("| policy | model | requests | errors | TTFT p50 / p95 ms | TPOT p50 / p95 ms | within SLO | replica-s | "
           "simulate: TTFT p95 / TPOT p95 ms, within SLO, replica-s |")

@@ -1,0 +1,36 @@
+"""benchmarks/policy_replay.py runs (one model, two policies, 20 s), so it does not rot: the simulated replicas answer
+every request on a Ray cluster of fake L4s, replica-seconds are counted, and simulate's TPOT agrees with the served
+one (the engine keeps the speed model's time). Its real numbers are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_policy_replay_runs_and_loses_nothing(tmp_path):
+    from serve.run.lifecycle import ray_daemons
+
+    if ray_daemons():
+        pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
+    out = tmp_path / "replay.json"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--models", "1",
+                        "--policies", "gpuplan", "fixed", "--max-replicas", "2", "--json", str(out)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["table"]
+    assert [(r["policy"], r["model"]) for r in rows] == [("gpuplan", "qwen-7b"), ("fixed", "qwen-7b")]
+    for r in rows:
+        assert r["requests"] >= 3 and r["errors"] == 0 and r["replica_seconds"] > 0, r
+        assert r["tpot_p95_ms"] == pytest.approx(r["sim_tpot_p95_ms"], rel=0.25), r
+    assert rows[1]["replica_seconds"] > rows[0]["replica_seconds"]  # the fixed fleet runs both from the start
+    assert "| gpuplan | qwen-7b |" in p.stdout
