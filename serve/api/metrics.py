@@ -69,6 +69,7 @@ class RequestTimer:
         self.t0 = time.monotonic()
         self.first: float | None = None
         self.last: float | None = None
+        self._itl = None  # the inter-token histogram's child for this model (looked up once, not per token)
 
     def token(self, n: int, now: float) -> None:
         if n <= 0:
@@ -79,9 +80,11 @@ class RequestTimer:
             n -= 1
             if n <= 0:
                 return
+        if self._itl is None:
+            self._itl = self.m.itl.labels(self.model)
         gap = (now - self.last) / n
         for _ in range(n):
-            self.m.itl.labels(self.model).observe(gap)
+            self._itl.observe(gap)
         self.last = now
 
     def done(self, reason: str, now: float) -> None:
