@@ -198,7 +198,8 @@ class Replica:
         """Custom autoscaling metrics (Serve averages each over its look-back window): the GPU Ray gave this replica
         (-1: none), so that gpuplan's policy knows what each GPU holds (serve/app/scale_board.py); the requests it
         holds through the direct stream (Serve counts only its own); and the policy's signals: sequences waiting in
-        the engine, its KV cache use, TTFT/TPOT p95 and requests finished per second over the last 30 s."""
+        the engine, its KV cache use, TTFT/TPOT p95 of the requests finished and requests started per second over the
+        last 30 s."""
         ids = ray.get_gpu_ids()
         s = self.engine.stats()
         lat = self.latency.summary(time.monotonic(), self.started_mono)

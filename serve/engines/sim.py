@@ -240,7 +240,6 @@ class SimEngine:
             taken = self._steps_by(now, t0, pre, step, k)
             self._progress(taken, now >= t0 + pre)
             if now >= end or all(s.done for s in self._running):
-                taken = k if now >= end else taken
                 break
             if self._can_join():
                 # an arrival joins at the next step boundary
@@ -250,6 +249,8 @@ class SimEngine:
                 break
         self._progress(taken, True)
         self.decode_steps += taken
+        for s in self._running:  # every sequence of the chunk has its first token now
+            s.fresh = False
 
     @staticmethod
     def _steps_by(now: float, t0: float, pre: float, step: float, k: int) -> int:
@@ -303,8 +304,6 @@ class SimEngine:
 
     def _settled(self, s: _Seq) -> bool:
         """Whether ``s`` left the batch (done or cancelled); frees its KV tokens once."""
-        if s.fresh:
-            s.fresh = s.made == 0
         if s.done or s.cancelled:
             self._drop(s)
             return True
