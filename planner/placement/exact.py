@@ -80,18 +80,30 @@ def _run_milp(*args, **kwargs):
         return milp(*args, **kwargs)
 
 
-def _milp(st: _State, models: Sequence[int], lo, hi, *, maximize: bool, time_limit: float) -> _MilpResult:
-    """Integer program over the free capacity of ``st``: x[m, b] replicas of model m on bin b, with
-    ``lo[m] <= sum_b x[m, b] <= hi[m]``, per-bin bytes and Ray-unit capacity, and per-node host RAM. Maximises the
-    total when ``maximize`` (else any feasible point). Byte coefficients are divided by a common scale: exactly
-    (their gcd) when they are small, otherwise sizes are rounded up and capacities down, so every solution is
-    feasible in exact bytes (re-checked here)."""
-    t0 = time.perf_counter()
+@dataclass
+class _Program:
+    """The compact integer program of one placement: one variable per (model, GPU) pair that could hold a replica,
+    and rows for per-GPU bytes and Ray units, per-node host RAM and per-model counts."""
+
+    vm: object  # model of each variable
+    vb: object  # GPU (bin) of each variable
+    ub: list  # upper bound of each variable
+    rows: list
+    cols: list
+    vals: list
+    lbs: list
+    ubs: list
+    n_rows: int
+    model_row: dict  # model -> its count row
+
+
+def _program(st: _State, models: Sequence[int], lo, hi) -> "_Program | None":
+    """The program over the free capacity of ``st`` with ``lo[m] <= sum_b x[m, b] <= hi[m]``; None when a model
+    with ``lo > 0`` has no GPU it could use. Byte coefficients are divided by a common scale: exactly (their gcd)
+    when they are small, otherwise sizes are rounded up and capacities down, so every solution is feasible in exact
+    bytes (the callers re-check)."""
     P = st.P
     np = P.np
-    from scipy.optimize import Bounds, LinearConstraint
-    from scipy.sparse import coo_array
-
     var_m, var_b, var_ub = [], [], []
     for m in models:
         mask = st.fits_mask(m)
@@ -108,54 +120,51 @@ def _milp(st: _State, models: Sequence[int], lo, hi, *, maximize: bool, time_lim
         var_b.extend(bs[keep].tolist())
         var_ub.extend(ub[keep].tolist())
     nv = len(var_m)
-    # infeasible at once if a model with lo > 0 has no variable
     have = set(var_m)
-    for m in models:
-        if lo[m] > 0 and m not in have:
-            return _MilpResult("infeasible", {}, None, None, time.perf_counter() - t0)
-    if nv == 0:
-        return _MilpResult("optimal", {}, 0, 0, time.perf_counter() - t0)
-    vm = np.array(var_m)
-    vb = np.array(var_b)
+    if any(lo[m] > 0 and m not in have for m in models):
+        return None
+    vm = np.array(var_m, dtype=np.int64)
+    vb = np.array(var_b, dtype=np.int64)
     rows, cols, vals, lbs, ubs = [], [], [], [], []
     r = 0
-    bins_used = np.unique(vb)
-    bin_row = {int(b): k for k, b in enumerate(bins_used)}
-    sizes = st.size[vm]
-    sc = _scale_for(list(sizes) + [int(st.rem[b]) for b in bins_used])
-    coef = -(-sizes // sc)
-    for k in range(nv):
-        rows.append(r + bin_row[int(vb[k])])
-        cols.append(k)
-        vals.append(float(coef[k]))
-    for b in bins_used:
-        ubs.append(float(int(st.rem[b]) // sc))
-        lbs.append(-np.inf)
-    r += len(bins_used)
-    if P.mode == "gpu":
-        uc = st.units[vm, vb]
+    if nv:
+        bins_used = np.unique(vb)
+        bin_row = {int(b): k for k, b in enumerate(bins_used)}
+        sizes = st.size[vm]
+        sc = _scale_for(list(sizes) + [int(st.rem[b]) for b in bins_used])
+        coef = -(-sizes // sc)
         for k in range(nv):
             rows.append(r + bin_row[int(vb[k])])
             cols.append(k)
-            vals.append(float(uc[k]))
+            vals.append(float(coef[k]))
         for b in bins_used:
-            ubs.append(float(st.rem_units[b]))
+            ubs.append(float(int(st.rem[b]) // sc))
             lbs.append(-np.inf)
         r += len(bins_used)
-        cpus = st.cpu[vm]
-        if (cpus > 0).any():
-            nodes = np.unique(P.node_of[vb[cpus > 0]])
-            node_row = {int(n): k for k, n in enumerate(nodes)}
-            rs = _scale_for(list(cpus[cpus > 0]) + [int(st.ram[n]) for n in nodes])
+        if P.mode == "gpu":
+            uc = st.units[vm, vb]
             for k in range(nv):
-                if cpus[k] > 0:
-                    rows.append(r + node_row[int(P.node_of[vb[k]])])
-                    cols.append(k)
-                    vals.append(float(-(-int(cpus[k]) // rs)))
-            for n in nodes:
-                ubs.append(float(int(st.ram[n]) // rs))
+                rows.append(r + bin_row[int(vb[k])])
+                cols.append(k)
+                vals.append(float(uc[k]))
+            for b in bins_used:
+                ubs.append(float(st.rem_units[b]))
                 lbs.append(-np.inf)
-            r += len(nodes)
+            r += len(bins_used)
+            cpus = st.cpu[vm]
+            if (cpus > 0).any():
+                nodes = np.unique(P.node_of[vb[cpus > 0]])
+                node_row = {int(n): k for k, n in enumerate(nodes)}
+                rs = _scale_for(list(cpus[cpus > 0]) + [int(st.ram[n]) for n in nodes])
+                for k in range(nv):
+                    if cpus[k] > 0:
+                        rows.append(r + node_row[int(P.node_of[vb[k]])])
+                        cols.append(k)
+                        vals.append(float(-(-int(cpus[k]) // rs)))
+                for n in nodes:
+                    ubs.append(float(int(st.ram[n]) // rs))
+                    lbs.append(-np.inf)
+                r += len(nodes)
     model_row = {}
     for m in models:
         if m in have:
@@ -167,13 +176,39 @@ def _milp(st: _State, models: Sequence[int], lo, hi, *, maximize: bool, time_lim
         rows.append(model_row[int(vm[k])])
         cols.append(k)
         vals.append(1.0)
-    A = coo_array((np.array(vals), (np.array(rows), np.array(cols))), shape=(r, nv)).tocsr()
+    return _Program(vm, vb, var_ub, rows, cols, vals, lbs, ubs, r, model_row)
+
+
+def _checked(st: _State, models: Sequence[int], lo, hi, sol: dict) -> bool:
+    """``sol`` ((model, bin) -> count) fits the free capacity of ``st`` in exact integers, counts within bounds."""
+    trial = st.copy()
+    for (m, b), k in sol.items():
+        trial.place(m, b, k)
+    ok = (trial.rem >= 0).all() and (trial.rem_units >= 0).all() and (trial.ram >= 0).all()
+    return bool(ok) and all(lo[m] <= trial.placed[m] - st.placed[m] <= hi[m] for m in models)
+
+
+def _milp(st: _State, models: Sequence[int], lo, hi, *, maximize: bool, time_limit: float) -> _MilpResult:
+    """Integer program over the free capacity of ``st`` (:func:`_program`): x[m, b] replicas of model m on bin b.
+    Maximises the total when ``maximize`` (else any feasible point)."""
+    t0 = time.perf_counter()
+    np = st.P.np
+    from scipy.optimize import Bounds, LinearConstraint
+    from scipy.sparse import coo_array
+
+    prog = _program(st, models, lo, hi)
+    if prog is None:
+        return _MilpResult("infeasible", {}, None, None, time.perf_counter() - t0)
+    nv = len(prog.ub)
+    if nv == 0:
+        return _MilpResult("optimal", {}, 0, 0, time.perf_counter() - t0)
+    A = coo_array((np.array(prog.vals), (np.array(prog.rows), np.array(prog.cols))), shape=(prog.n_rows, nv)).tocsr()
     c = -np.ones(nv) if maximize else np.zeros(nv)
     res = _run_milp(
         c,
-        constraints=[LinearConstraint(A, np.array(lbs), np.array(ubs))],
+        constraints=[LinearConstraint(A, np.array(prog.lbs), np.array(prog.ubs))],
         integrality=np.ones(nv),
-        bounds=Bounds(np.zeros(nv), np.array(var_ub, dtype=float)),
+        bounds=Bounds(np.zeros(nv), np.array(prog.ub, dtype=float)),
         options={"time_limit": max(0.05, float(time_limit)), "disp": False, "mip_rel_gap": 1e-9},
     )
     secs = time.perf_counter() - t0
@@ -185,20 +220,129 @@ def _milp(st: _State, models: Sequence[int], lo, hi, *, maximize: bool, time_lim
         status = "infeasible" if res.status == 2 else "unknown"
         return _MilpResult(status, {}, None, bound, secs)
     x = np.rint(res.x).astype(np.int64)
-    sol = {(int(vm[k]), int(vb[k])): int(x[k]) for k in range(nv) if x[k] > 0}
-    # re-check in exact integers
-    trial = st.copy()
-    for (m, b), k in sol.items():
-        trial.place(m, b, k)
-    ok = (trial.rem >= 0).all() and (trial.rem_units >= 0).all() and (trial.ram >= 0).all()
-    ok = ok and all(lo[m] <= trial.placed[m] - st.placed[m] <= hi[m] for m in models if m in have)
-    if not ok:
+    sol = {(int(prog.vm[k]), int(prog.vb[k])): int(x[k]) for k in range(nv) if x[k] > 0}
+    if not _checked(st, models, lo, hi, sol):
         return _MilpResult("unknown", {}, None, bound, secs)
     obj = int(sum(sol.values()))
     status = "optimal" if res.status == 0 else "feasible"
     if status == "optimal" and maximize:
         bound = obj
     return _MilpResult(status, sol, obj, bound, secs)
+
+
+@dataclass
+class _SpreadResult:
+    status: str  # "optimal" | "feasible" | "infeasible" | "unknown"
+    x: dict  # (model, bin) -> count
+    seconds: float
+
+
+def spread_score(cnt, node_of, models: Sequence[int], multi_node: bool) -> tuple:
+    """How well a placement spreads each model over failure domains, compared lexicographically: models whose
+    replicas span two or more nodes, then two or more GPUs, then the (model, node) and (model, GPU) pairs used.
+    ``cnt[m, b]`` replicas of model m on GPU b."""
+    np_ = __import__("numpy")
+    span_n = span_b = pairs_n = pairs_b = 0
+    for m in models:
+        bs = np_.flatnonzero(cnt[m] > 0)
+        span_b += int(bs.size >= 2)
+        pairs_b += int(bs.size)
+        if multi_node:
+            nodes = {int(node_of[b]) for b in bs.tolist()}
+            span_n += int(len(nodes) >= 2)
+            pairs_n += len(nodes)
+    return (span_n, span_b, pairs_n, pairs_b)
+
+
+def _spread_milp(
+    st: _State, models: Sequence[int], counts: dict, time_limit: float, *, apart_gpu=(), apart_node=(),
+    maximize_pairs: bool = False,
+) -> _SpreadResult:
+    """A placement on the free capacity of ``st`` with exactly ``counts[m]`` replicas of each model, in which every
+    model of ``apart_gpu`` uses two or more GPUs (no GPU holds more than count - 1 of it) and every model of
+    ``apart_node`` two or more nodes (no node holds more than count - 1). A feasibility program, fast to decide even
+    on full GPUs; "infeasible" is a proof that no such placement exists. With ``maximize_pairs``, among those, the
+    most (model, node) pairs, then the most (model, GPU) pairs (binary y[m, b] <= x[m, b] marks a GPU that holds m,
+    z[m, n] <= sum_{b in n} x[m, b] a node; z's weight exceeds every y's together)."""
+    t0 = time.perf_counter()
+    P = st.P
+    np = P.np
+    from scipy.optimize import Bounds, LinearConstraint
+    from scipy.sparse import coo_array
+
+    lo = {m: counts[m] for m in models}
+    prog = _program(st, models, lo, lo)
+    if prog is None:
+        return _SpreadResult("infeasible", {}, time.perf_counter() - t0)
+    nx = len(prog.ub)
+    if nx == 0:
+        return _SpreadResult("optimal", {}, time.perf_counter() - t0)
+    ub = [float(u) for u in prog.ub]
+    for k in range(nx):
+        m = int(prog.vm[k])
+        if m in apart_gpu:
+            ub[k] = min(ub[k], float(counts[m] - 1))
+    rows, cols, vals = list(prog.rows), list(prog.cols), list(prog.vals)
+    lbs, ubs = list(prog.lbs), list(prog.ubs)
+    r = prog.n_rows
+    by_mn: dict = {}
+    for k in range(nx):
+        by_mn.setdefault((int(prog.vm[k]), int(P.node_of[prog.vb[k]])), []).append(k)
+    for (m, n), ks in by_mn.items():
+        if m in apart_node:
+            for k in ks:
+                rows.append(r)
+                cols.append(k)
+                vals.append(1.0)
+            lbs.append(-np.inf)
+            ubs.append(float(counts[m] - 1))
+            r += 1
+    col = nx
+    weights: list[float] = []
+    if maximize_pairs:
+        multi_node = len({n for _, n in by_mn}) >= 2
+        for k in range(nx):  # y[m, b] <= x[m, b]
+            rows += [r, r]
+            cols += [col, k]
+            vals += [1.0, -1.0]
+            lbs.append(-np.inf)
+            ubs.append(0.0)
+            r += 1
+            col += 1
+        w_z = float(nx + 1)
+        weights = [1.0] * nx
+        if multi_node:
+            for (m, n), ks in by_mn.items():  # z[m, n] <= sum of x[m, b] on node n
+                rows.append(r)
+                cols.append(col)
+                vals.append(1.0)
+                for k in ks:
+                    rows.append(r)
+                    cols.append(k)
+                    vals.append(-1.0)
+                lbs.append(-np.inf)
+                ubs.append(0.0)
+                r += 1
+                col += 1
+                weights.append(w_z)
+        ub += [1.0] * (col - nx)
+    c = np.concatenate([np.zeros(nx), -np.array(weights, dtype=float)])
+    A = coo_array((np.array(vals), (np.array(rows), np.array(cols))), shape=(r, col)).tocsr()
+    res = _run_milp(
+        c,
+        constraints=[LinearConstraint(A, np.array(lbs), np.array(ubs))],
+        integrality=np.ones(col),
+        bounds=Bounds(np.zeros(col), np.array(ub)),
+        options={"time_limit": max(0.05, float(time_limit)), "disp": False, "mip_rel_gap": 1e-9},
+    )
+    secs = time.perf_counter() - t0
+    if res.x is None:
+        return _SpreadResult("infeasible" if res.status == 2 else "unknown", {}, secs)
+    x = np.rint(res.x[:nx]).astype(np.int64)
+    sol = {(int(prog.vm[k]), int(prog.vb[k])): int(x[k]) for k in range(nx) if x[k] > 0}
+    if not _checked(st, models, lo, lo, sol):
+        return _SpreadResult("unknown", {}, secs)
+    return _SpreadResult("optimal" if res.status == 0 else "feasible", sol, secs)
 
 
 def _colgen_fill(st: _State, models: Sequence[int], lo, hi, seed: "_State | None", time_limit: float) -> _MilpResult:
@@ -459,12 +603,7 @@ def _colgen_fill(st: _State, models: Sequence[int], lo, hi, seed: "_State | None
         for m, k in p.items():
             if k > 0:
                 sol[(m, b)] = k
-    trial = st.copy()
-    for (m, b), k in sol.items():
-        trial.place(m, b, k)
-    ok = (trial.rem >= 0).all() and (trial.rem_units >= 0).all() and (trial.ram >= 0).all()
-    ok = ok and all(lo[m] <= trial.placed[m] - st.placed[m] <= hi[m] for m in models)
-    if not ok:
+    if not _checked(st, models, lo, hi, sol):
         return _MilpResult("unknown", {}, None, bound, secs)
     obj = int(sum(y.values()))
     proven = bound is not None and obj >= bound

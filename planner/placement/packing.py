@@ -53,6 +53,9 @@ from planner.placement.problem import (  # noqa: F401
     DEFAULT_TIME_LIMIT_S,
     EXACT_MAX_VARS,
     EXHAUSTIVE_QUANT_MAX,
+    PROOF_MAX_VARS,
+    SPREAD_PAIRS_TIME_LIMIT_S,
+    SPREAD_TIME_LIMIT_S,
     GpuPlan,
     GpuReplica,
     ModelDemand,
@@ -80,6 +83,8 @@ from planner.placement.exact import (  # noqa: F401
     _quiet_native_stdout,
     _run_milp,
     _scale_for,
+    _spread_milp,
+    spread_score,
 )
 from planner.placement.greedy import (  # noqa: F401
     _Budget,
@@ -310,10 +315,28 @@ def plan(
             st = s
             fill_method = "exact"
         bound = res.bound
+        if res.status != "optimal" and n_vars <= PROOF_MAX_VARS and budget.left() > 0.01:
+            # column generation's integer master holds only the columns it generated; on a small instance the
+            # compact program over every (model, GPU) pair settles the total
+            res2 = _milp(free, gpu_models, lo, P.max_rep, maximize=True, time_limit=budget.left())
+            best = int(sum(st.placed[m] for m in gpu_models))
+            if res2.objective is not None and res2.objective > best:
+                s = free.copy()
+                for (m, b), k in res2.x.items():
+                    s.place(m, b, k)
+                _respread(s, gpu_models)
+                st = s
+                fill_method = "exact"
+            if res2.bound is not None:
+                bound = res2.bound if bound is None else min(bound, res2.bound)
+            if res2.status == "optimal":
+                res = _MilpResult("optimal", res2.x, res2.objective, res2.objective, res.seconds + res2.seconds)
+            else:
+                res = _MilpResult(res.status, res.x, res.objective, bound, res.seconds + res2.seconds)
         best = int(sum(st.placed[m] for m in gpu_models))
         if res.status == "optimal":
             optimal = True
-            status = f"proven optimal (column generation bound met by the integer master, HiGHS) in {res.seconds:.2f} s"
+            status = f"proven optimal (integer programs, HiGHS) in {res.seconds:.2f} s"
         else:
             optimal = bound is not None and best >= bound
             status = (
@@ -329,6 +352,8 @@ def plan(
     if bound is not None and (offload_models or cpu_models):
         status += " (the count covers models that fit whole on a GPU; split and CPU replicas come after)"
 
+    st, spread, confined = _spread(P, base_fill, st, gpu_models, n_vars, budget)
+
     # split and CPU-only models: extra replicas after everything else, then split replicas grow into free room
     _fill(st, offload_models, True)
     for m in cpu_models:
@@ -343,8 +368,109 @@ def plan(
 
     return _build_plan(
         P, st, reasons, notes, qsearch, min_method, fill_method, optimal, status, bound, t0, set(offload_models),
-        set(cpu_models),
+        set(cpu_models), spread, confined,
     )
+
+
+def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
+    """Spread as a tie-breaker: keep each model's replica count as placed and move replicas so that a model with two
+    or more replicas is not confined to one node, then not to one GPU, wherever some placement of the same counts
+    allows it; then, within a short time, use the most (model, node) and (model, GPU) pairs. Each confinement is
+    tested by a feasibility program (:func:`_spread_milp`); "infeasible" proves that nothing else fits. Small
+    instances only (<= ``PROOF_MAX_VARS`` model x GPU pairs); larger ones keep the fill's heuristic spread.
+
+    Returns (state, SolverInfo.spread line, {model: {level: "proven" | "traded"}}: where a model stays on one node
+    or GPU, whether nothing else fits (proven) or spreading it would confine a model that is spread now)."""
+    np = P.np
+    if P.mode != "gpu" or not gpu_models:
+        return st, "", {}
+    if n_vars > PROOF_MAX_VARS:
+        return st, f"heuristic ({n_vars} model x GPU pairs > {PROOF_MAX_VARS})", {}
+    free = base_fill.copy()
+    for m in gpu_models:
+        for b in np.flatnonzero(free.cnt[m]).tolist():
+            free.remove(m, b, int(free.cnt[m, b]))
+    counts = {m: int(st.placed[m] - free.placed[m]) for m in gpu_models}
+    multi = [m for m in gpu_models if counts[m] >= 2]
+
+    def room(m):
+        bs = np.flatnonzero(free.fits_mask(m))
+        return int(bs.size), len(set(P.node_of[bs].tolist()))
+
+    def apart(s):
+        g = {m for m in multi if (s.cnt[m] > 0).sum() >= 2}
+        n = {m for m in multi if (s.cnt_node[m] > 0).sum() >= 2}
+        return g, n
+
+    def adopt(sol):
+        s = free.copy()
+        for (m, b), k in sol.items():
+            s.place(m, b, k)
+        return s
+
+    proven: dict = {}  # model -> levels at which no placement of the same counts spreads it
+    traded: dict = {}  # model -> levels at which spreading it would confine a model that is spread now
+    unsettled = 0
+    t0 = time.perf_counter()
+    for level in ("node", "gpu"):
+        for m in multi:
+            gpus_m, nodes_m = room(m)
+            if (nodes_m if level == "node" else gpus_m) < 2:
+                continue  # one node (GPU) is all it may use: confined by its pins, not by the others
+            ag, an = apart(st)
+            if m in (an if level == "node" else ag):
+                continue
+            if budget.left() <= 0.01:
+                unsettled += 1
+                continue
+            res = _spread_milp(free, gpu_models, counts, min(budget.left(), SPREAD_TIME_LIMIT_S),
+                               apart_gpu=ag | ({m} if level == "gpu" else set()),
+                               apart_node=an | ({m} if level == "node" else set()))
+            if res.status in ("optimal", "feasible"):
+                st = adopt(res.x)
+            elif res.status == "infeasible":
+                # that kept every model already spread spread; asked alone, the answer is a proof about m itself
+                alone = _spread_milp(free, gpu_models, counts, min(max(budget.left(), 0.05), SPREAD_TIME_LIMIT_S),
+                                     apart_gpu={m} if level == "gpu" else set(),
+                                     apart_node={m} if level == "node" else set())
+                if alone.status == "infeasible":
+                    proven.setdefault(m, set()).add(level)
+                elif alone.status == "unknown":
+                    unsettled += 1
+                else:
+                    traded.setdefault(m, set()).add(level)
+            else:
+                unsettled += 1
+    ag, an = apart(st)
+    res = None
+    if budget.left() > 0.01:
+        res = _spread_milp(free, gpu_models, counts, min(budget.left(), SPREAD_PAIRS_TIME_LIMIT_S), apart_gpu=ag,
+                           apart_node=an, maximize_pairs=True)
+        now = spread_score(st.cnt, P.node_of, gpu_models, P.nn >= 2)
+        if res.status in ("optimal", "feasible"):
+            s = adopt(res.x)
+            if spread_score(s.cnt, P.node_of, gpu_models, P.nn >= 2) > now:
+                st = s
+    secs = time.perf_counter() - t0
+    line = "; ".join(
+        part
+        for part in (
+            f"{len(proven)} model(s) on one node or GPU because no placement of the same counts spreads them (proven)"
+            if proven else "",
+            f"{len(traded)} model(s) on one node or GPU because spreading them would confine another" if traded else "",
+            f"{unsettled} spread test(s) left undecided at the time limit" if unsettled else "",
+            "no model on one node or GPU where a placement of the same counts avoids it" if not unsettled else "",
+            "nodes and GPUs used per model maximised (proven)" if res is not None and res.status == "optimal"
+            else "nodes and GPUs used per model: best found",
+        )
+        if part
+    ) + f" ({time.perf_counter() - t0:.2f} s)"
+    confined: dict = {}
+    for why, found in (("proven", proven), ("traded", traded)):
+        for m, levels in found.items():
+            for level in levels:
+                confined.setdefault(m, {}).setdefault(level, why)
+    return st, line, confined
 
 
 def _cpu_replica_error(P: _Problem, st: _State, m: int) -> InfeasiblePlanError:
@@ -361,7 +487,8 @@ def _cpu_replica_error(P: _Problem, st: _State, m: int) -> InfeasiblePlanError:
 
 
 def _build_plan(
-    P, st, reasons, notes, qsearch, min_method, fill_method, optimal, status, bound, t0, offload_models, cpu_models
+    P, st, reasons, notes, qsearch, min_method, fill_method, optimal, status, bound, t0, offload_models, cpu_models,
+    spread: str = "", confined: dict | None = None,
 ) -> Plan:
     np = P.np
     demands = P.demands
@@ -463,18 +590,36 @@ def _build_plan(
                 why_not_max=why_not,
             )
         )
+    names = [d.name for d in demands]
     for mp in models_out:
         if mp.why_not_max:
             notes.append(f"model {mp.name}: {mp.placed_replicas} of max {mp.max_replicas} replicas; {mp.why_not_max}")
-        if mp.placed_replicas >= 2 and mp.gpu_replicas >= 2 and mp.gpus_used == 1 and P.mode == "gpu":
-            notes.append(f"model {mp.name}: all {mp.gpu_replicas} GPU replicas share one GPU; one GPU failure takes it down")
+        if P.mode != "gpu" or mp.gpu_replicas < 2 or mp.offload_replicas or mp.cpu_replicas:
+            continue
+        m = names.index(mp.name)
+        why = {
+            "proven": "; nothing else fits: no placement of the same replica counts spreads it further (proven)",
+            "traded": "; spreading it would put another model's replicas on one GPU or node instead",
+        }
+        seen = (confined or {}).get(m, {})
+        if mp.gpus_used == 1 and int(P.E[m].sum()) == 1:
+            notes.append(f"model {mp.name}: all {mp.gpu_replicas} GPU replicas share one GPU; one GPU failure takes it "
+                         + (f"down; gpu_type {demands[m].gpu_type} pins it to the cluster's only {demands[m].gpu_type}"
+                            if demands[m].gpu_type else "down; the cluster has one GPU"))
+        elif mp.gpus_used == 1:
+            notes.append(f"model {mp.name}: all {mp.gpu_replicas} GPU replicas share one GPU; one GPU failure takes it "
+                         f"down{why.get(seen.get('gpu'), '')}")
+        elif mp.nodes_used == 1 and len(set(P.node_of[P.E[m]].tolist())) >= 2:
+            node = next(g.node for g in gpus_out if any(r.model == mp.name for r in g.replicas))
+            notes.append(f"model {mp.name}: all {mp.gpu_replicas} GPU replicas are on node {node}; one node failure "
+                         f"takes it down{why.get(seen.get('node'), '')}")
     # invariant checks (never over-commit); a violation here is a bug, not user error
     for g in gpus_out:
         assert g.used_bytes <= g.usable_bytes, g
         assert sum(int(round(r.num_gpus * RAY_GPU_UNITS)) for r in g.replicas) <= RAY_GPU_UNITS, g
     assert (st.ram >= 0).all()
     placed = int(sum(mp.placed_replicas for mp in models_out))
-    solver = SolverInfo(qsearch, min_method, fill_method, optimal, status, placed, bound, time.perf_counter() - t0)
+    solver = SolverInfo(qsearch, min_method, fill_method, optimal, status, placed, bound, time.perf_counter() - t0, spread)
     return Plan(
         feasible=True,
         mode=P.mode,

@@ -33,6 +33,12 @@ OFFLOAD_MIN_GPU_BYTES = 1 * GiB
 # Exact search limits.
 DEFAULT_TIME_LIMIT_S = 10.0  # total seconds the integer programs of one plan() may use
 EXACT_MAX_VARS = 2_000  # auto exact fill (column generation) when eligible model x GPU pairs are at most this
+# small instances: when column generation ends without proof, the compact program (one integer per model x GPU pair)
+# proves the total; and among placements of the same counts, the one that spreads each model over the most nodes
+# and GPUs is found by an integer program
+PROOF_MAX_VARS = 600
+SPREAD_TIME_LIMIT_S = 2.0  # at most this long for one confinement test of the spread (within the plan's time limit)
+SPREAD_PAIRS_TIME_LIMIT_S = 0.3  # and for the finer spread (nodes and GPUs used per model), best found when it ends
 EXHAUSTIVE_QUANT_MAX = 256  # enumerate quantization combinations when there are at most this many
 _MILP_MAX_COEF = 10_000_000  # byte coefficients are scaled (conservatively) below this for the solver
 
@@ -269,6 +275,7 @@ class SolverInfo:
     placed: int
     bound: int | None  # proven upper bound on replicas placeable (when known)
     seconds: float
+    spread: str = ""  # how replicas were spread over GPUs and nodes ("proven best for these counts", "heuristic")
 
     @property
     def gap(self) -> int | None:
@@ -286,6 +293,7 @@ class SolverInfo:
             "bound": self.bound,
             "gap": self.gap,
             "seconds": round(self.seconds, 4),
+            "spread": self.spread,
         }
 
 
