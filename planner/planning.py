@@ -5,7 +5,7 @@ model, hand the byte sizes to the packer, and explain failures with the memory m
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from planner.config import ClusterDecl, DeployArgs, ModelEntry
 from planner.errors import InputError, ModelSpecError, QuantConflictError
@@ -205,11 +205,32 @@ def make_plan(args: DeployArgs, cluster: Cluster, engines: frozenset = DEFAULT_E
     reserve = args.gpu_reserve if args.gpu_reserve is not None else DEFAULT_GPU_RESERVE
     # num_gpus as a share of each GPU's *usable* bytes: then whatever Ray admits (sum <= 1 per GPU) fits in usable
     # memory, whichever GPU Ray picks; a share of the total would let Ray eat the headroom (see docs/ray-gpu-fractions.md)
-    p = plan(demands, cluster, headroom=args.headroom, gpu_reserve_bytes=reserve,
-             suggest=_suggester(args, specs, device, estimates), fraction_basis="usable")
-    return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device,
-                          rollout=realize(p, model_rules(args, traffic, {m.name: m.quantization for m in p.models})), specs=specs, args=args, engine_why=why,
-                          traffic=traffic)
+    p, ro = plan_realized(
+        demands, cluster, lambda p: model_rules(args, traffic, {m.name: m.quantization for m in p.models}),
+        headroom=args.headroom, gpu_reserve_bytes=reserve, suggest=_suggester(args, specs, device, estimates),
+        fraction_basis="usable")
+    return PlanningResult(plan=p, estimates=estimates, demands=demands, cluster=cluster, device=device, rollout=ro,
+                          specs=specs, args=args, engine_why=why, traffic=traffic)
+
+
+def plan_realized(demands, cluster: Cluster, rules_of, **kw) -> tuple[Plan, Rollout]:
+    """:func:`plan` and the rollout that brings it up (:func:`realize`, with ``rules_of(plan)``). The spread step
+    moves replicas off a single node or GPU; when Ray's best fit then cannot bring up every planned replica
+    (realize plans fewer than were packed) and the placement without that step brings up more, that placement is
+    kept, with a note: a spread that costs replicas is not a tie-breaker."""
+    p = plan(demands, cluster, **kw)
+    ro = realize(p, rules_of(p))
+    reached = sum(r.max_replicas for r in ro.models)
+    if reached >= p.solver.placed or not p.solver.spread:
+        return p, ro
+    p2 = plan(demands, cluster, spread=False, **kw)
+    ro2 = realize(p2, rules_of(p2))
+    reached2 = sum(r.max_replicas for r in ro2.models)
+    if reached2 <= reached:
+        return p, ro
+    note = (f"the placement spread over nodes and GPUs left {p.solver.placed - reached} replica(s) that Ray's best fit "
+            f"cannot bring up; the fill's own placement brings up {reached2} of {p2.solver.placed}, so it is kept")
+    return replace(p2, notes=p2.notes + (note,)), ro2
 
 
 def model_rules(args: DeployArgs, traffic: dict | None = None, quantizations: dict | None = None

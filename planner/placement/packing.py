@@ -56,6 +56,7 @@ from planner.placement.problem import (  # noqa: F401
     PROOF_MAX_VARS,
     SPREAD_PAIRS_TIME_LIMIT_S,
     SPREAD_TIME_LIMIT_S,
+    SPREAD_TOTAL_S,
     GpuPlan,
     GpuReplica,
     ModelDemand,
@@ -154,6 +155,7 @@ def plan(
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
     exact: bool | None = None,
     fraction_basis: str = "total",
+    spread: bool = True,
 ) -> Plan:
     """Place every model's replicas on ``cluster`` without over-committing any GPU's (or node's) memory.
 
@@ -169,6 +171,10 @@ def plan(
     ``"usable"``: ``replica_bytes / (floor(total * (1 - headroom)) - reserve)``: Ray's sum <= 1 then means "fits in
     the usable memory", so Ray's accounting never admits more than the plan (at the cost of rounding on exact
     fits).
+
+    ``spread``: after the count is settled, move replicas so that no model is confined to one node or GPU where a
+    placement of the same counts avoids it (:func:`_spread`); False keeps the fill's own placement (which Ray's best
+    fit may find easier to bring up: planner.planning.plan_realized tries it when the spread one loses replicas).
 
     Raises ``InfeasiblePlanError`` when some model's min_replicas cannot be placed, ``InputError`` for bad input.
     """
@@ -280,10 +286,10 @@ def plan(
     gpu_models = [m for m in range(P.nm) if fit_ranks[m] and not P.offload[m]]
     base_fill = st
     fills = []
-    for spread in (True, False):
+    for spread_first in (True, False):
         s = base_fill.copy()
-        _fill(s, gpu_models, spread)
-        fills.append((int(s.placed.sum()), spread, s))
+        _fill(s, gpu_models, spread_first)
+        fills.append((int(s.placed.sum()), spread_first, s))
         if all(s.placed[m] >= P.max_rep[m] for m in gpu_models):
             break
     best_total, best_spread, st = max(fills, key=lambda t: (t[0], t[1]))
@@ -352,7 +358,9 @@ def plan(
     if bound is not None and (offload_models or cpu_models):
         status += " (the count covers models that fit whole on a GPU; split and CPU replicas come after)"
 
-    st, spread, confined = _spread(P, base_fill, st, gpu_models, n_vars, budget)
+    spread_line, confined = "", {}
+    if spread:
+        st, spread_line, confined = _spread(P, base_fill, st, gpu_models, n_vars, budget)
 
     # split and CPU-only models: extra replicas after everything else, then split replicas grow into free room
     _fill(st, offload_models, True)
@@ -368,7 +376,7 @@ def plan(
 
     return _build_plan(
         P, st, reasons, notes, qsearch, min_method, fill_method, optimal, status, bound, t0, set(offload_models),
-        set(cpu_models), spread, confined,
+        set(cpu_models), spread_line, confined,
     )
 
 
@@ -408,6 +416,11 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
             s.place(m, b, k)
         return s
 
+    t_end = time.perf_counter() + SPREAD_TOTAL_S
+
+    def left() -> float:  # seconds the next program may use: the plan's budget and the spread's own
+        return min(budget.left(), t_end - time.perf_counter())
+
     proven: dict = {}  # model -> levels at which no placement of the same counts spreads it
     traded: dict = {}  # model -> levels at which spreading it would confine a model that is spread now
     unsettled = 0
@@ -420,17 +433,17 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
             ag, an = apart(st)
             if m in (an if level == "node" else ag):
                 continue
-            if budget.left() <= 0.01:
+            if left() <= 0.01:
                 unsettled += 1
                 continue
-            res = _spread_milp(free, gpu_models, counts, min(budget.left(), SPREAD_TIME_LIMIT_S),
+            res = _spread_milp(free, gpu_models, counts, min(left(), SPREAD_TIME_LIMIT_S),
                                apart_gpu=ag | ({m} if level == "gpu" else set()),
                                apart_node=an | ({m} if level == "node" else set()))
             if res.status in ("optimal", "feasible"):
                 st = adopt(res.x)
             elif res.status == "infeasible":
                 # that kept every model already spread spread; asked alone, the answer is a proof about m itself
-                alone = _spread_milp(free, gpu_models, counts, min(max(budget.left(), 0.05), SPREAD_TIME_LIMIT_S),
+                alone = _spread_milp(free, gpu_models, counts, min(max(left(), 0.05), SPREAD_TIME_LIMIT_S),
                                      apart_gpu={m} if level == "gpu" else set(),
                                      apart_node={m} if level == "node" else set())
                 if alone.status == "infeasible":
@@ -443,8 +456,8 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
                 unsettled += 1
     ag, an = apart(st)
     res = None
-    if budget.left() > 0.01:
-        res = _spread_milp(free, gpu_models, counts, min(budget.left(), SPREAD_PAIRS_TIME_LIMIT_S), apart_gpu=ag,
+    if left() > 0.01:
+        res = _spread_milp(free, gpu_models, counts, min(left(), SPREAD_PAIRS_TIME_LIMIT_S), apart_gpu=ag,
                            apart_node=an, maximize_pairs=True)
         now = spread_score(st.cnt, P.node_of, gpu_models, P.nn >= 2)
         if res.status in ("optimal", "feasible"):

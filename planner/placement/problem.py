@@ -37,8 +37,9 @@ EXACT_MAX_VARS = 2_000  # auto exact fill (column generation) when eligible mode
 # proves the total; and among placements of the same counts, the one that spreads each model over the most nodes
 # and GPUs is found by an integer program
 PROOF_MAX_VARS = 600
-SPREAD_TIME_LIMIT_S = 2.0  # at most this long for one confinement test of the spread (within the plan's time limit)
+SPREAD_TIME_LIMIT_S = 0.5  # at most this long for one confinement test of the spread (within the plan's time limit)
 SPREAD_PAIRS_TIME_LIMIT_S = 0.3  # and for the finer spread (nodes and GPUs used per model), best found when it ends
+SPREAD_TOTAL_S = 1.5  # and for the whole spread step
 EXHAUSTIVE_QUANT_MAX = 256  # enumerate quantization combinations when there are at most this many
 _MILP_MAX_COEF = 10_000_000  # byte coefficients are scaled (conservatively) below this for the solver
 

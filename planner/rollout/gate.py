@@ -30,6 +30,7 @@ DECISION_BUDGET = 20_000
 # the memory is dropped when it holds more than this many.
 MEMO_MAX = 500_000
 _MEMO: dict = {}
+_UNSEEN = object()
 
 
 def best_fit(rooms: Sequence[int], units: int) -> int | None:
@@ -130,26 +131,36 @@ class _Search:
                       key=lambda k: (self.waste(rooms, self.classes[k]), -self.classes[k]))
 
     def order(self, rooms: tuple, phases: tuple) -> tuple | None:
-        """Units of each step of an order that lands every replica of ``phases`` (phase by phase), or None."""
+        """Units of each step of an order that lands every replica of ``phases`` (phase by phase), or None. Steps
+        are tried in :meth:`_steps`' order (written out here: this is the search's inner loop)."""
         while phases and not any(phases[0]):
             phases = phases[1:]
         if not phases:
             return ()
+        memo = self.memo
         key = ("o", self.classes, rooms, phases)
-        if key in self.memo:
-            return self.memo[key]
+        found = memo.get(key, _UNSEEN)
+        if found is not _UNSEEN:
+            return found
         self.budget.spend()
         found = None
-        for k in self._steps(rooms, phases[0]):
-            nxt = self.place(rooms, self.classes[k])
-            if nxt is None:
-                continue
-            head = phases[0][:k] + (phases[0][k] - 1,) + phases[0][k + 1:]
-            rest = self.order(nxt, (head,) + phases[1:])
+        classes, head, n_rooms = self.classes, phases[0], len(rooms)
+        steps = []
+        for k, n in enumerate(head):
+            if n:
+                u = classes[k]
+                i = bisect.bisect_left(rooms, u)  # best fit: the least room that holds u
+                if i < n_rooms:  # (a class no GPU holds is skipped: placing it fails)
+                    steps.append((rooms[i] - u, -u, k, i))
+        steps.sort()
+        for room, neg_u, k, i in steps:
+            j = bisect.bisect_left(rooms, room, 0, i)
+            nxt = rooms[:j] + (room,) + rooms[j:i] + rooms[i + 1:]
+            rest = self.order(nxt, (head[:k] + (head[k] - 1,) + head[k + 1:],) + phases[1:])
             if rest is not None:
-                found = (self.classes[k],) + rest
+                found = (-neg_u,) + rest
                 break
-        self.memo[key] = found
+        memo[key] = found
         return found
 
     def completes(self, rooms: tuple, phases: tuple) -> bool:
@@ -397,18 +408,50 @@ def completion_order(rooms: Sequence[int], remaining: Mapping[int, int], *, late
     if pool is not None and pool.left <= 0 < budget:  # the allowance is spent: only a remembered order answers
         phases = tuple(itertools.dropwhile(lambda c: not any(c), (first, then)))
         found = memo.get(("o", classes, top[2], phases), False) if phases else ()
-        if found is False:
-            raise _TooBig(pool=True)
+        if found is False:  # the search would stop at its first state, then ask the greedy orders
+            found = _greedy_order(top[2], classes, (first, then))
+            if found is None:
+                raise _TooBig(pool=True)
         memo[top] = found
         return found
     try:
         found = _Search(classes, _Budget(budget, pool)).order(tuple(sorted(rooms)), (first, then))
     except _TooBig as exc:
-        if exc.pool:
-            raise  # the decision's allowance ran out: not an answer, ask again next decision
-        found = None
+        # out of states: the greedy orders (no state each) may still know one; else not an answer when the
+        # decision's allowance ran out (ask again next decision), "none found" when this search's own did
+        found = _greedy_order(top[2], classes, (first, then))
+        if found is None and exc.pool:
+            raise
     memo[top] = found
     return found
+
+
+def _greedy_order(rooms: tuple, classes: tuple, phases: tuple) -> tuple[int, ...] | None:
+    """The units of each step of largest-first (best fit decreasing), else of tightest-first (the step that leaves
+    its GPU the least room), phase by phase, when that order lands every replica; else None. Asked when the search
+    runs out of states: on a packed node the search, which starts tightest-first and backtracks one step at a time,
+    spent its whole allowance in each of 11 decisions (175,000 states, 504 GPUs x 40 models with tight minimums)
+    where largest-first lands every replica at once."""
+    for tight in (False, True):
+        r, steps = rooms, []
+        for counts in phases:
+            left = list(counts)
+            while any(left):
+                if tight:
+                    w, _, k = min((_Search.waste(r, u), -u, k) for k, u in enumerate(classes) if left[k])
+                else:
+                    k = next(k for k in range(len(classes)) if left[k])
+                nxt = _Search.place(r, classes[k])
+                if nxt is None:
+                    break
+                r = nxt
+                left[k] -= 1
+                steps.append(classes[k])
+            if any(left):
+                break
+        else:
+            return tuple(steps)
+    return None
 
 
 def _greedy_count(rooms: Sequence[int], remaining: Mapping[int, int]) -> int:

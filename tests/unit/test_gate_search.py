@@ -9,6 +9,8 @@ from __future__ import annotations
 import bisect
 import random
 
+import pytest
+
 import planner.rollout.gate as R
 from planner.placement.problem import RAY_GPU_UNITS
 
@@ -175,3 +177,104 @@ def test_completion_order_with_the_allowance_spent_answers_as_the_search_would()
         seen.update("stopped" if isinstance(g, tuple) and g and g[0] == "stopped" else "none" if g is None
                     else "order" for g in results[0][0])
     assert seen == {"stopped", "none", "order"}
+
+
+def _plain_order(search: R._Search, rooms: tuple, phases: tuple):
+    """The order search as first written (and as the packed-node measurements of issue 31 ran it): sorted steps,
+    Ray's best fit by scanning, the memo under the same keys."""
+    while phases and not any(phases[0]):
+        phases = phases[1:]
+    if not phases:
+        return ()
+    key = ("o", search.classes, rooms, phases)
+    if key in search.memo:
+        return search.memo[key]
+    search.budget.spend()
+    found = None
+    steps = sorted((k for k in range(len(phases[0])) if phases[0][k]),
+                   key=lambda k: (R._Search.waste(rooms, search.classes[k]), -search.classes[k]))
+    for k in steps:
+        u = search.classes[k]
+        fit = [i for i, r in enumerate(rooms) if r >= u]
+        if not fit:
+            continue
+        i = min(fit, key=lambda i: (rooms[i], i))
+        nxt = tuple(sorted(rooms[:i] + (rooms[i] - u,) + rooms[i + 1:]))
+        head = phases[0][:k] + (phases[0][k] - 1,) + phases[0][k + 1:]
+        rest = _plain_order(search, nxt, (head,) + phases[1:])
+        if rest is not None:
+            found = (u,) + rest
+            break
+    search.memo[key] = found
+    return found
+
+
+def test_order_search_visits_the_plain_searchs_states():
+    """The search's inner loop, written out for speed, finds the same order after the same number of states, and
+    stops at the same state when the budget runs out."""
+    seen = set()
+    for seed in range(300):
+        rng = random.Random(5000 + seed)
+        classes, rooms = _node(rng)
+        phases = (_counts(rng, classes, 3), _counts(rng, classes, 2))
+        budget = rng.choice([5, 50, 10_000])
+        got = []
+        for run in (lambda s: s.order(rooms, phases), lambda s: _plain_order(s, rooms, phases)):
+            R._MEMO.clear()
+            s = R._Search(classes, R._Budget(budget))
+            try:
+                got.append((run(s), s.budget.left))
+            except R._TooBig:
+                got.append(("stopped", s.budget.left))
+        assert got[0] == got[1], (seed, classes, rooms, phases, got)
+        seen.add("stopped" if got[0][0] == "stopped" else "none" if got[0][0] is None else "order")
+    assert seen == {"stopped", "none", "order"}
+
+
+def _lands(rooms, order, first: dict, then: dict) -> bool:
+    """Ray's best fit follows ``order`` on ``rooms``: every replica lands, the first phase's before the second's."""
+    rooms = list(rooms)
+    need, later = dict(first), dict(then)
+    for u in order:
+        if any(need.values()):
+            if need.get(u, 0) <= 0:
+                return False
+            need[u] -= 1
+        else:
+            if later.get(u, 0) <= 0:
+                return False
+            later[u] -= 1
+        i = R.best_fit(rooms, u)
+        if i is None:
+            return False
+        rooms[i] -= u
+    return not any(need.values()) and not any(later.values())
+
+
+def test_completion_order_asks_the_greedy_orders_when_the_search_runs_out():
+    """A packed node of the 504-GPU plan with tight minimums (issue 31): one GPU 47% used, seven empty, 17
+    minimum replicas of 7 sizes and one extra. The search, which starts tightest-first and backtracks one step at a
+    time, does not find an order within a decision's allowance (20,000 states); largest-first lands every replica,
+    and completion_order returns it instead of "ask again next decision"."""
+    rooms = (4731,) + (RAY_GPU_UNITS,) * 7
+    first = {6159: 4, 6138: 3, 3675: 3, 3339: 2, 2616: 1, 2269: 3, 655: 1}
+    then = {655: 1}
+    classes, (f, t) = R._class_vectors(first, then)
+    R._MEMO.clear()
+    try:
+        R._Search(classes, R._Budget(R.DECISION_BUDGET)).order(rooms, (f, t))
+        raise AssertionError("the search found an order within the allowance: the fallback is not what finds it")
+    except R._TooBig:
+        pass
+    R._MEMO.clear()
+    order = R.completion_order(rooms, first, later=then, pool=R._Budget(R.DECISION_BUDGET))
+    assert order is not None and _lands(rooms, order, first, then)
+    assert order[0] == 6159  # largest first
+    # the same answer when the allowance was spent before the call
+    R._MEMO.clear()
+    assert R.completion_order(rooms, first, later=then, pool=R._Budget(0)) == order
+    # and a node where no greedy order lands everything still says "ask again" when the allowance is spent
+    R._MEMO.clear()
+    with pytest.raises(R._TooBig) as exc:
+        R.completion_order((RAY_GPU_UNITS,), {6000: 2}, pool=R._Budget(0))
+    assert exc.value.pool
