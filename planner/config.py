@@ -132,6 +132,19 @@ class Autoscaling(_Edge):
     """How often replicas and handles report their load to the autoscaler."""
 
 
+class Routing(_Edge):
+    prefix: bool = True
+    """Prefix-aware routing (a model with several replicas): a request whose prompt starts as an earlier one did
+    goes to the replica that served that one (its engine's prefix cache holds the start's KV: vLLM, llama.cpp),
+    while it has at most `max_imbalance` more requests in flight than the least loaded; else to the less loaded of
+    two. Off: by load only. Applies to requests the API streams from replicas directly (http.direct)."""
+    max_imbalance: int = Field(4, ge=0)
+    """Requests in flight the prefix's replica may have beyond the least loaded one and still get the request."""
+    min_match_tokens: int = Field(32, gt=0)
+    """Leading prompt tokens a request must share with an earlier one to follow it (at least 10% of its prompt as
+    well): a chat template's first few tokens, which every prompt shares, do not pin requests to one replica."""
+
+
 class TrafficDecl(_Edge):
     requests_per_s: float | None = Field(None, gt=0)
     """Mean arrival rate of this model's requests (with prompt_tokens and output_tokens), or take it from `trace`."""
@@ -199,6 +212,8 @@ class ModelEntry(_Edge):
     """Pass trust_remote_code to transformers (off unless you trust the model's code)."""
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     """Ray Serve autoscaling knobs (bounds come from the plan)."""
+    routing: Routing = Field(default_factory=Routing)
+    """How the API picks a replica for each request (prefix-aware by default)."""
     max_ongoing_requests: int = Field(16, gt=0)
     """Requests one replica accepts at once (Ray Serve max_ongoing_requests)."""
     max_queued_requests: int = Field(64, ge=-1)

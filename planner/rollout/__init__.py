@@ -35,6 +35,6 @@ from planner.rollout.policy import desired_replicas, move_goal  # noqa: F401
 from planner.rollout.scale import (DeploymentObs, Ghost, ModelScale, ScaleDecision, ScaleMemory,  # noqa: F401
                                    applied, decide_scale, observe)
 from planner.rollout.realize import bring_up, realize  # noqa: F401
-from planner.rollout.routing import pick_deployment  # noqa: F401
+from planner.rollout.routing import PrefixIndex, pick_by_prefix, pick_deployment, prefix_hashes  # noqa: F401
 from planner.rollout.binding import NodeBinding, RayNode, bind_nodes  # noqa: F401
 from planner.rollout.verify import ReplicaReport, placements  # noqa: F401

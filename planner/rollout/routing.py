@@ -20,3 +20,83 @@ def pick_deployment(cands: Sequence[tuple[str, int, int]], rand: Callable[[], fl
         j += 1
     score = lambda c: (c[2] + 1) / c[1]  # noqa: E731
     return live[j][0] if score(live[j]) < score(live[i]) else live[i][0]
+
+
+# ---- prefix-aware routing (the replica whose engine's prefix cache holds the prompt's start)
+
+PREFIX_BLOCK_TOKENS = 16  # vLLM's default KV block: its prefix cache keeps and reuses whole blocks
+PREFIX_INDEX_BLOCKS = 200_000  # blocks remembered per model (least recently routed forgotten first)
+
+
+def prefix_hashes(prompt_ids: Sequence[int], block: int = PREFIX_BLOCK_TOKENS) -> list[int]:
+    """One hash per whole block of ``block`` tokens, each chained on the ones before (as vLLM's prefix cache keys
+    its blocks): two prompts share the first k hashes exactly when they share their first k blocks."""
+    out: list[int] = []
+    h = 0
+    for i in range(block, len(prompt_ids) + 1, block):
+        h = hash((h, tuple(prompt_ids[i - block:i])))
+        out.append(h)
+    return out
+
+
+class PrefixIndex:
+    """Which replica each prompt block (its chained hash) was last routed to, for one model: an approximation of
+    the replicas' prefix caches that the router keeps itself (as Ray Serve LLM's PrefixCacheAffinityRouter and
+    llm-d do), bounded to ``capacity`` blocks, the least recently routed forgotten first."""
+
+    def __init__(self, capacity: int = PREFIX_INDEX_BLOCKS):
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self.owner: "OrderedDict[int, str]" = OrderedDict()
+
+    def match(self, hashes: Sequence[int], live: "set[str] | dict") -> tuple[str | None, int]:
+        """(replica, blocks) of the longest run of leading blocks last routed to one replica still in ``live``;
+        (None, 0) when the first block is unknown."""
+        owner = self.owner
+        lo, hi = 0, len(hashes)  # chained hashes: if block k is known, so (almost always) are the ones before it
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if hashes[mid - 1] in owner:
+                lo = mid
+            else:
+                hi = mid - 1
+        while lo > 0 and owner.get(hashes[lo - 1]) not in live:
+            lo -= 1
+        return (owner[hashes[lo - 1]], lo) if lo else (None, 0)
+
+    def record(self, hashes: Sequence[int], replica: str) -> None:
+        owner = self.owner
+        for h in hashes:
+            owner[h] = replica
+            owner.move_to_end(h)
+        while len(owner) > self.capacity:
+            owner.popitem(last=False)
+
+
+def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], prompt_blocks: int, rand: Callable[[], float],
+                   *, max_imbalance: int, min_match_blocks: int, min_match_rate: float = 0.1) -> tuple[str | None, str]:
+    """The replica for a request among ``loads`` (replica -> requests in flight): the one ``match`` names when it
+    holds at least ``min_match_blocks`` blocks and ``min_match_rate`` of the prompt's and has at most
+    ``max_imbalance`` more requests in flight than the least loaded ("prefix"); else the less loaded of two drawn
+    at random ("load"; "imbalanced" when a match was passed over for load). (None, "none") when ``loads`` is
+    empty."""
+    if not loads:
+        return None, "none"
+    replica, blocks = match
+    least = min(loads.values())
+    if replica in loads and blocks >= min_match_blocks and blocks >= min_match_rate * max(prompt_blocks, 1):
+        if loads[replica] - least <= max_imbalance:
+            return replica, "prefix"
+        why = "imbalanced"
+    else:
+        why = "load"
+    keys = list(loads)
+    if len(keys) == 1:
+        return keys[0], why
+    i = min(int(rand() * len(keys)), len(keys) - 1)
+    j = min(int(rand() * (len(keys) - 1)), len(keys) - 2)
+    if j >= i:
+        j += 1
+    a, b = keys[i], keys[j]
+    return (a if loads[a] <= loads[b] else b), why

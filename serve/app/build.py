@@ -108,6 +108,7 @@ def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
                       extra={"min_replicas": ro.rule(e.name).min_replicas,
                              "placed_replicas": ro.rule(e.name).max_replicas,
                              "max_ongoing_requests": e.max_ongoing_requests,
+                             "routing": e.routing.model_dump(),
                              "simulated": result.estimates[e.name][plans[e.name].quantization].engine == "sim"})
             for e in args.models]
 

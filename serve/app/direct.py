@@ -235,12 +235,16 @@ class DirectRoutes:
                 out.setdefault(r["deployment"], []).append((r["replica_id"], (addr[0], int(addr[1]))))
         self.by_deployment = out
 
+    def live(self, deployment: str, now: float | None = None, max_ongoing: int | None = None) -> list:
+        """(replica id, address) of ``deployment``'s routes not passed over and below ``max_ongoing`` in flight."""
+        now = time.monotonic() if now is None else now
+        return [x for x in self.by_deployment.get(deployment, ())
+                if now >= self.passed_over.get(x[0], -1e18)
+                and (max_ongoing is None or self.inflight.get(x[0], 0) < max_ongoing)]
+
     def pick(self, deployment: str, rand, now: float | None = None, max_ongoing: int | None = None):
         """(replica id, address) of the less loaded of two live routes of ``deployment``, or None."""
-        now = time.monotonic() if now is None else now
-        routes = [x for x in self.by_deployment.get(deployment, ())
-                  if now >= self.passed_over.get(x[0], -1e18)
-                  and (max_ongoing is None or self.inflight.get(x[0], 0) < max_ongoing)]
+        routes = self.live(deployment, now, max_ongoing)
         if not routes:
             return None
         if len(routes) == 1:

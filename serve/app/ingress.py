@@ -17,7 +17,9 @@ import ray
 from ray import serve
 from ray.exceptions import RayActorError
 
-from planner.rollout import NodeBinding, ReplicaReport, Rollout, pick_deployment, placements
+from planner.rollout import (NodeBinding, PrefixIndex, ReplicaReport, Rollout, pick_by_prefix, pick_deployment,
+                             placements, prefix_hashes)
+from planner.rollout.routing import PREFIX_BLOCK_TOKENS
 from serve import trace
 from serve.app.direct import DirectBusy, DirectLost, DirectRoutes, direct_stream
 from serve.app.registry import REGISTRY
@@ -68,6 +70,9 @@ class Ingress:
         # the replicas this ingress streams from directly (serve/app/direct.py), learnt from the registry each second
         self.routes = DirectRoutes(direct_secret) if direct_secret else None
         self.max_ongoing = {c.name: int(c.extra.get("max_ongoing_requests") or 0) or None for c in cards}
+        self.routing = {c.name: c.extra.get("routing") or {} for c in cards}  # args.models[].routing
+        self.prefix: dict[str, PrefixIndex] = {}  # model -> which replica each prompt block was routed to
+        self.routed: dict[str, dict[str, int]] = {}  # model -> {"prefix" | "load" | "imbalanced": requests}
         self.front = None
         if front and front.get("port"):  # args.http.port: serve the API from this process too (serve/api/front.py)
             from serve.api.app import create_app
@@ -133,7 +138,10 @@ class Ingress:
         if not pairs:
             raise Unavailable(f"model {model!r} has no replica in the plan (it fit nowhere); see GET /plan",
                               retry_after_s=60.0)
-        if len(pairs) == 1:
+        name, route = self._by_prefix(model, pairs, prompt_ids)
+        if name is not None:
+            pass  # the replica whose prefix cache holds the prompt's start, or the less loaded of two of all
+        elif len(pairs) == 1:
             name = pairs[0][0]  # one deployment: nothing to choose, and no need to ask Serve what runs
         else:
             running = await self._running()
@@ -141,8 +149,8 @@ class Ingress:
                                    random.random) or pairs[0][0]
         self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
-            route = self.routes.pick(name, random.random, max_ongoing=self.max_ongoing.get(model)) \
-                if self.routes is not None else None
+            if route is None and self.routes is not None:
+                route = self.routes.pick(name, random.random, max_ongoing=self.max_ongoing.get(model))
             if route is not None:
                 rid, addr = route
                 self.routes.inflight[rid] = self.routes.inflight.get(rid, 0) + 1
@@ -189,6 +197,31 @@ class Ingress:
                               retry_after_s=2.0) from None
         finally:
             self.inflight[name] -= 1
+
+    def _by_prefix(self, model: str, pairs: list, prompt_ids: list[int]) -> tuple:
+        """(deployment, (replica id, address)) for a model with two or more replicas reachable directly, by prefix
+        (planner.rollout.pick_by_prefix over every replica of the model, across its deployments); (None, None) when
+        prefix routing is off for the model or fewer than two replicas are reachable."""
+        cfg = self.routing.get(model)
+        if not cfg or not cfg.get("prefix") or self.routes is None:
+            return None, None
+        cap = self.max_ongoing.get(model)
+        where = {rid: (n, addr) for n, _ in pairs for rid, addr in self.routes.live(n, max_ongoing=cap)}
+        if len(where) < 2:
+            return None, None
+        hashes = prefix_hashes(prompt_ids)
+        index = self.prefix.get(model)
+        if index is None:
+            index = self.prefix[model] = PrefixIndex()
+        loads = {rid: self.routes.inflight.get(rid, 0) for rid in where}
+        rid, why = pick_by_prefix(loads, index.match(hashes, where), len(hashes), random.random,
+                                  max_imbalance=int(cfg.get("max_imbalance", 4)),
+                                  min_match_blocks=-(-int(cfg.get("min_match_tokens", 32)) // PREFIX_BLOCK_TOKENS))
+        index.record(hashes, rid)
+        counts = self.routed.setdefault(model, {})
+        counts[why] = counts.get(why, 0) + 1
+        n, addr = where[rid]
+        return n, (rid, addr)
 
     async def drain(self) -> dict:
         """Stop taking new requests; the ones in flight go on (the Backend's drain). The drain holds for every

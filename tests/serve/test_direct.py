@@ -112,3 +112,34 @@ def test_routes_pick_the_less_loaded_of_two_and_pass_over_failed_ones():
     r.failed("b", DirectLost("timed out", unreachable=True), now=200.0)
     assert {r.pick("m@n", rng.random, now=400.0)[0] for _ in range(20)} == {"a"}  # minutes after a timeout
     assert r.pick("other", rng.random) is None
+
+
+def test_the_ingress_routes_a_shared_prefix_to_one_replica_across_deployments():
+    """Ingress._by_prefix (the ingress's choice before Serve's handle): every replica of the model, whatever its
+    deployment (model@node), is a candidate; prompts sharing a long start go where the first went, until that
+    replica has more than max_imbalance requests beyond the least loaded; routing.prefix false leaves it to load."""
+    from types import SimpleNamespace
+
+    from serve.app.ingress import Ingress
+
+    by_prefix = Ingress.func_or_class._by_prefix
+    routes = DirectRoutes(new_secret())
+    routes.update([{"replica_id": rid, "deployment": dep, "state": "running", "direct": ["127.0.0.1", port]}
+                   for rid, dep, port in (("a", "m@n0", 1), ("b", "m@n0", 2), ("c", "m@n1", 3))])
+    me = SimpleNamespace(routing={"m": {"prefix": True, "max_imbalance": 2, "min_match_tokens": 32}}, routes=routes,
+                         max_ongoing={"m": 16}, prefix={}, routed={})
+    pairs = [("m@n0", None), ("m@n1", None)]
+    system = list(range(500, 900))
+    first = by_prefix(me, "m", pairs, system + [1, 2, 3])
+    dep, (rid, addr) = first
+    assert dep == next(d for d, rows in routes.by_deployment.items() if any(r[0] == rid for r in rows))
+    for q in range(6):
+        assert by_prefix(me, "m", pairs, system + [q] * 20)[1][0] == rid
+    routes.inflight = {rid: 3}  # 3 beyond the least loaded (0) > max_imbalance 2
+    assert by_prefix(me, "m", pairs, system + [9] * 20)[1][0] != rid
+    assert me.routed["m"] == {"load": 1, "prefix": 6, "imbalanced": 1}
+    me.routing["m"]["prefix"] = False
+    assert by_prefix(me, "m", pairs, system) == (None, None)
+    me.routing["m"]["prefix"] = True
+    routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": ["127.0.0.1", 1]}])
+    assert by_prefix(me, "m", pairs, system) == (None, None)  # one replica: nothing to choose
