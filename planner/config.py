@@ -130,6 +130,13 @@ class Autoscaling(_Edge):
     """Window over which Ray Serve averages ongoing requests."""
     metrics_interval_s: float = Field(10.0, gt=0)
     """How often replicas and handles report their load to the autoscaler."""
+    zero_after_s: float | None = Field(None, ge=0)
+    """With `replicas.min: 0`: seconds without a request before the model's last replica stops (scale to zero);
+    default `downscale_delay_s`. Its GPU share stays planned for it."""
+    wake: Literal["wait", "reject"] = "wait"
+    """With `replicas.min: 0`, a request for a model with no replica running starts one at once (no
+    `upscale_delay_s`) and `wait`: waits for it, within `request_timeout_s`; `reject`: is answered 503 with
+    Retry-After (the model's last measured wake time, else 30 s) while the replica starts."""
 
 
 class Routing(_Edge):

@@ -249,7 +249,8 @@ def model_rules(args: DeployArgs, traffic: dict | None = None, quantizations: di
             m.autoscaling.downscale_delay_s, policy=m.autoscaling.policy, max_num_seqs=m.max_num_seqs,
             slo_ttft_p95_s=m.slo.ttft_p95_ms / 1e3 if m.slo and m.slo.ttft_p95_ms else None,
             slo_tpot_p95_s=m.slo.tpot_p95_ms / 1e3 if m.slo and m.slo.tpot_p95_ms else None,
-            capacity_rps=round(opt.capacity.requests_per_s, 6) if opt is not None else None)
+            capacity_rps=round(opt.capacity.requests_per_s, 6) if opt is not None else None,
+            zero_after_s=m.autoscaling.zero_after_s if m.replicas.min == 0 else None)
     return out
 
 

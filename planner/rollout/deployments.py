@@ -80,6 +80,7 @@ class ModelRule:
     slo_ttft_p95_s: float | None = None
     slo_tpot_p95_s: float | None = None
     capacity_rps: float | None = None  # requests/s one replica serves within the SLO (the plan's traffic sizing)
+    zero_after_s: float | None = None  # min 0: idle seconds before the last replica stops (None: downscale_delay_s)
 
 
 @dataclass(frozen=True)

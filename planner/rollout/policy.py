@@ -27,17 +27,24 @@ def move_goal(rule: ModelRule, want: int, now: float, goal: dict, up: dict, down
     if want == g:
         up.pop(m, None)
         down.pop(m, None)
+    elif g == 0:  # scaled to zero and a request came: wake at once (the request waits for it, or was told to retry)
+        up.pop(m, None)
+        down.pop(m, None)
+        g, why = want, f"wake: scale up from zero to {want}"
     else:
         rising = want > g
         since, other = (up, down) if rising else (down, up)
-        delay, word = (rule.upscale_delay_s, "up") if rising else (rule.downscale_delay_s, "down")
+        delay, knob = (rule.upscale_delay_s, "upscale_delay_s") if rising else (rule.downscale_delay_s,
+                                                                                 "downscale_delay_s")
+        if want == 0 and rule.zero_after_s is not None:  # min 0: the last replica goes after zero_after_s idle
+            delay, knob = rule.zero_after_s, "zero_after_s"
         other.pop(m, None)
         t0 = since.setdefault(m, now)
         if now - t0 >= delay - 1e-9:
-            g, why = want, f"scale {word} to {want}"
+            g, why = want, f"scale {'up' if rising else 'down'} to {want}"
             since.pop(m, None)
         else:
-            why = f"wants {want}, waiting {delay - (now - t0):.1f}s more ({word}scale_delay_s)"
+            why = f"wants {want}, waiting {delay - (now - t0):.1f}s more ({knob})"
     goal[m] = g
     return why
 
@@ -109,6 +116,8 @@ def signal_want(rule: ModelRule, sig: ModelSignals, current: int) -> tuple[int, 
         if by_rate >= keep:
             keep = by_rate
             room = f"{sig.requests_per_s:.2f} req/s within {DOWN_BELOW:.0%} of {{m}} x {rule.capacity_rps:.2f}"
+    if lo == 0 and sig.load <= 0 and sig.requests_per_s <= 0 and sig.waiting <= 0:
+        return 0, "idle (min 0: no request in flight or in the window)"
     m = clamp(max(1, keep))
     calm = not pressed or all(seen is None or not target or seen <= DOWN_BELOW * target
                               for seen, target in ((sig.ttft_p95_s, rule.slo_ttft_p95_s),

@@ -109,6 +109,7 @@ def model_cards(result: PlanningResult, args: DeployArgs) -> list[ModelCard]:
                              "placed_replicas": ro.rule(e.name).max_replicas,
                              "max_ongoing_requests": e.max_ongoing_requests,
                              "routing": e.routing.model_dump(),
+                             "wake": e.autoscaling.wake,
                              "simulated": result.estimates[e.name][plans[e.name].quantization].engine == "sim"})
             for e in args.models]
 

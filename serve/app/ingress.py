@@ -71,6 +71,11 @@ class Ingress:
         self.routes = DirectRoutes(direct_secret) if direct_secret else None
         self.max_ongoing = {c.name: int(c.extra.get("max_ongoing_requests") or 0) or None for c in cards}
         self.routing = {c.name: c.extra.get("routing") or {} for c in cards}  # args.models[].routing
+        # models that may scale to zero (replicas.min 0): how a request wakes them, and what the wakes measured
+        self.wake_mode = {c.name: c.extra.get("wake", "wait") for c in cards if c.extra.get("min_replicas", 1) == 0}
+        self.waking: dict[str, float] = {}  # model -> when a request found it with no replica running
+        self.wakes: dict[str, dict] = {}  # model -> {"count", "last_s", "max_s", "at"}
+        self._wake_asked: dict[str, float] = {}
         self.prefix: dict[str, PrefixIndex] = {}  # model -> which replica each prompt block was routed to
         self.routed: dict[str, dict[str, int]] = {}  # model -> {"prefix" | "load" | "imbalanced": requests}
         self.front = None
@@ -138,6 +143,8 @@ class Ingress:
         if not pairs:
             raise Unavailable(f"model {model!r} has no replica in the plan (it fit nowhere); see GET /plan",
                               retry_after_s=60.0)
+        if model in self.wake_mode:
+            await self._wake_if_zero(model, pairs)
         name, route = self._by_prefix(model, pairs, prompt_ids)
         if name is not None:
             pass  # the replica whose prefix cache holds the prompt's start, or the less loaded of two of all
@@ -161,6 +168,8 @@ class Ingress:
                         if not sent:
                             trace.mark("ingress.first", params.trace_id)
                             sent = True
+                            if model in self.waking:
+                                self._woke(model)
                         if chunk.finish_reason:
                             trace.mark("ingress.last", params.trace_id)
                         yield chunk
@@ -184,6 +193,8 @@ class Ingress:
                 if first:
                     trace.mark("ingress.first", params.trace_id)
                     first = False
+                    if model in self.waking:
+                        self._woke(model)
                 if chunk.finish_reason:
                     trace.mark("ingress.last", params.trace_id)
                 yield chunk
@@ -197,6 +208,43 @@ class Ingress:
                               retry_after_s=2.0) from None
         finally:
             self.inflight[name] -= 1
+
+    async def _wake_if_zero(self, model: str, pairs: list) -> None:
+        """A model that may scale to zero (replicas.min 0) and has no replica running: ask for one at once (a note in
+        Ray's KV store that gpuplan's autoscaling policy reads, serve/app/scale_board.py) and, with wake: reject,
+        answer 503 with Retry-After; with wait, the request goes on to Serve's handle, which holds it until the
+        replica runs (within request_timeout_s). The wake's time is measured to the first token (GET /plan)."""
+        running = await self._running()
+        if sum(running.get(n, 0) for n, _ in pairs):
+            return
+        now = time.time()
+        since = self.waking.setdefault(model, now)
+        if now - self._wake_asked.get(model, -1e18) >= 1.0:
+            self._wake_asked[model] = now
+            try:
+                from serve.app.scale_board import ask_wake
+
+                await asyncio.to_thread(ask_wake, self.rollout.plan_id, model, now)
+            except Exception:  # Serve's own queue metric still wakes it (wake: wait)
+                log.warning("gpuplan: could not record the wake of %s in Ray's KV store", model)
+        if since == now:
+            log.warning("gpuplan: %s has no replica running (scaled to zero): starting one", model)
+        if self.wake_mode.get(model) == "reject":
+            w = self.wakes.get(model)
+            est = max(1.0, (w or {}).get("last_s") or 30.0)
+            raise Unavailable(f"model {model!r} is scaled to zero and its replica is starting (waking for "
+                              f"{now - since:.0f} s; the last wake took {w['last_s']:.1f} s)" if w else
+                              f"model {model!r} is scaled to zero and its replica is starting", retry_after_s=est)
+
+    def _woke(self, model: str) -> None:
+        """The first token of a model that was at zero replicas: the wake took from the first request to now."""
+        since = self.waking.pop(model, None)
+        if since is None:
+            return
+        took = time.time() - since
+        w = self.wakes.setdefault(model, {"count": 0, "last_s": None, "max_s": 0.0, "at": None})
+        w.update(count=w["count"] + 1, last_s=round(took, 3), max_s=round(max(w["max_s"], took), 3), at=time.time())
+        log.warning("gpuplan: %s woke from zero replicas in %.1f s (first request to first token)", model, took)
 
     def _by_prefix(self, model: str, pairs: list, prompt_ids: list[int]) -> tuple:
         """(deployment, (replica id, address)) for a model with two or more replicas reachable directly, by prefix
@@ -355,4 +403,7 @@ class Ingress:
                             row["planned_node"], "no GPU there holds what the plan put on it"
                             if row["node"] == row["planned_node"] else "another node")
         out["replicas"] = sorted(rows, key=lambda r: (r.get("model") or "", r["replica_id"]))
+        # models that may scale to zero: how a request wakes them, what the wakes took (this ingress's view)
+        out["wake"] = {m: dict(self.wakes.get(m) or {"count": 0, "last_s": None, "max_s": None, "at": None},
+                               mode=mode, waking_since=self.waking.get(m)) for m, mode in self.wake_mode.items()}
         return out

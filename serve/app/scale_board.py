@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import replace
 
 from planner.rollout import DeploymentObs, Rollout, ScaleMemory, applied, decide_scale, observe
 
@@ -51,6 +52,36 @@ def publish_decision(plan_id: str, decision: dict) -> None:
                      namespace=KV_NAMESPACE)
 
 
+# NOTE: a request for a model at zero replicas (replicas.min 0) leaves a note in Ray's KV store (the ingress's
+# ask_wake); the policy counts it as one request for the model until a replica runs, or this long after the last
+# note (a request with wake: reject is gone by then; one with wait is in Serve's queue, which counts by itself).
+WAKE_HOLD_S = 60.0
+WAKE_READ_EVERY_S = 0.5
+
+
+def ask_wake(plan_id: str, model: str, now: float) -> None:
+    """Record that a request came for ``model``, which has no replica running (the ingress, at most once a second)."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(f"wake/{plan_id}/{model}".encode(), str(now).encode(), overwrite=True, namespace=KV_NAMESPACE)
+
+
+def wake_notes(plan_id: str) -> dict[str, float]:
+    """model -> when a request last asked it to wake (ask_wake)."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    prefix = f"wake/{plan_id}/"
+    out = {}
+    for key in _internal_kv_list(prefix.encode(), namespace=KV_NAMESPACE) or ():
+        raw = _internal_kv_get(key, namespace=KV_NAMESPACE)
+        k = key.decode() if isinstance(key, bytes) else str(key)
+        try:
+            out[k[len(prefix):]] = float(raw.decode() if isinstance(raw, bytes) else raw)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
 def fetch_decision(plan_id: str) -> dict | None:
     from ray.experimental.internal_kv import _internal_kv_get
 
@@ -81,10 +112,35 @@ class Board:
         self.last_targets: dict[str, int] = {}
         self.published_at = -1e18
         self.lock = threading.Lock()
+        self.zero_ok = {r.name for r in rollout.models if r.min_replicas == 0}  # models that may scale to zero
+        self.wakes: dict[str, float] = {}
+        self.wakes_read_at = -1e18
+
+    def woken(self, name: str, obs: DeploymentObs, now: float) -> DeploymentObs:
+        """``obs`` with one more request when its model (replicas.min 0) has no replica running and a request asked
+        it to wake within WAKE_HOLD_S; on the model's first deployment only (the load is summed per model)."""
+        if not self.zero_ok:
+            return obs
+        model = self.rollout.deployment(name).model
+        if model not in self.zero_ok or self.rollout.of_model(model)[0].name != name:
+            return obs
+        if now - self.wakes_read_at >= WAKE_READ_EVERY_S:
+            self.wakes_read_at = now
+            try:
+                self.wakes = wake_notes(self.rollout.plan_id)
+            except Exception:
+                pass
+        asked = self.wakes.get(model)
+        running = len(obs.running) + sum(len(o.running) for d, o in self.obs.items()
+                                         if d != name and self.rollout.deployment(d).model == model)
+        if asked is None or now - asked > WAKE_HOLD_S or running:
+            return obs
+        return replace(obs, load=obs.load + 1.0)
 
     def target(self, name: str, obs: DeploymentObs, now: float) -> int:
         """Record ``obs`` for deployment ``name`` and return the replicas it should run."""
         with self.lock:
+            obs = self.woken(name, obs, now)
             prev = self.obs.get(name)
             if prev is None or prev.target != obs.target or prev.running != obs.running:
                 self.dirty = True

@@ -111,3 +111,69 @@ def test_full_queue_is_shed_with_429_in_openai_shape(ray_cluster):
             assert retry_after and int(retry_after) >= 1
             assert body["error"]["type"] == "rate_limit_error" and "shed" in body["error"]["message"]
     serve.delete("shed")
+
+
+def _zero_args(wake: str) -> dict:
+    return {
+        "cluster": {"nodes": [{"name": "cpu-only", "cpu_memory": "6GiB", "gpus": []}]},
+        "models": [{
+            "name": "nap", "source": TINY, "quantization": "bf16", "engine": "transformers", "max_model_len": 256,
+            "max_num_seqs": 2, "replicas": {"min": 0, "max": 1}, "request_timeout_s": 180,
+            "autoscaling": {"policy": "requests", "target_ongoing_requests": 1, "upscale_delay_s": 30,
+                            "downscale_delay_s": 1, "zero_after_s": 4, "look_back_period_s": 2,
+                            "metrics_interval_s": 0.5, "wake": wake},
+        }],
+    }
+
+
+def _wait(cond, timeout_s: float, what: str) -> float:
+    t0 = time.time()
+    while not cond():
+        assert time.time() - t0 < timeout_s, what
+        time.sleep(0.5)
+    return time.time() - t0
+
+
+def test_scales_to_zero_when_idle_and_a_request_wakes_it(ray_cluster):
+    """replicas.min 0: no replica at the start; a request wakes one at once (upscale_delay_s is 30 s here) and
+    waits for it (wake: wait), and the wake time is in /plan; after zero_after_s without requests the replica
+    goes. With wake: reject the request is answered 503 with Retry-After while the replica starts."""
+    from serve.app.build import build_app
+
+    serve.run(build_app(_zero_args("wait")), name="nap", route_prefix="/nap", blocking=False)
+    base = f"http://127.0.0.1:{ray_cluster['port']}/nap"
+    _wait(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 200, 240, "app did not become ready")
+    time.sleep(3)
+    assert running("nap", "nap") == 0  # min 0: nothing runs until asked
+    body = {"model": "nap", "prompt": "def ", "max_tokens": 4}
+    t0 = time.time()
+    r = requests.post(f"{base}/v1/completions", json=body, timeout=200)
+    took = time.time() - t0
+    assert r.status_code == 200, r.text
+    assert took < 28, f"the wake waited for upscale_delay_s ({took:.1f} s)"
+    wake = requests.get(f"{base}/plan", timeout=10).json()["wake"]["nap"]
+    assert wake["mode"] == "wait" and wake["count"] == 1 and 0 < wake["last_s"] <= took + 0.5, wake
+    print(f"scale to zero: wake (wait) {wake['last_s']:.2f} s, request {took:.2f} s")
+    # idle: back to zero after zero_after_s (plus Serve's look-back window)
+    _wait(lambda: running("nap", "nap") == 0, 90, "did not scale back to zero when idle")
+    serve.delete("nap")
+
+    serve.run(build_app(_zero_args("reject")), name="nap2", route_prefix="/nap2", blocking=False)
+    base = f"http://127.0.0.1:{ray_cluster['port']}/nap2"
+    _wait(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 200, 240, "app did not become ready")
+    r = requests.post(f"{base}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 503 and float(r.headers["Retry-After"]) >= 1, (r.status_code, r.text)
+    assert "scaled to zero" in r.json()["error"]["message"]
+    codes = []
+
+    def served():
+        resp = requests.post(f"{base}/v1/completions", json=body, timeout=60)
+        codes.append(resp.status_code)
+        return resp.status_code == 200
+
+    _wait(served, 120, "a replica never came up after the 503")
+    assert set(codes) <= {503, 200}
+    wake = requests.get(f"{base}/plan", timeout=10).json()["wake"]["nap"]
+    assert wake["mode"] == "reject" and wake["count"] == 1 and wake["last_s"] > 0, wake
+    print(f"scale to zero: wake (reject) {wake['last_s']:.2f} s, answers {codes}")
+    serve.delete("nap2")

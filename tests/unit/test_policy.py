@@ -111,3 +111,37 @@ def test_signals_from_serves_metrics_and_over_deployments():
     assert s == {"waiting": 3.0, "kv_usage": 0.9, "ttft_p95_s": 0.3, "tpot_p95_s": None, "requests_per_s": 2.0}
     m = model_signals([DeploymentObs(1, (("r1", 0),), 4.0, **s), DeploymentObs(1, (("r3", 0),), 1.0, ttft_p95_s=0.6)])
     assert (m.replicas, m.load, m.ttft_p95_s, m.kv_usage, m.requests_per_s) == (2, 5.0, 0.6, 0.9, 2.0)
+
+
+@pytest.mark.parametrize("policy", ["gpuplan", "requests"])
+def test_scale_to_zero_after_idle_and_wake_at_once(policy):
+    """min 0: the last replica goes after zero_after_s without a request (not downscale_delay_s), and a request for
+    a model at zero wakes it at once, whatever upscale_delay_s says; a model with min 1 never goes to zero."""
+    from planner.rollout.policy import desired_replicas, move_goal
+
+    r = ModelRule("m", 0, 4, 2.0, 10.0, 30.0, policy=policy, max_num_seqs=8, zero_after_s=120.0)
+
+    def want(load, current):
+        return signal_want(r, ModelSignals(load=load), current)[0] if policy == "gpuplan" else \
+            desired_replicas(r, load)
+
+    goal, up, down = {"m": 1}, {}, {}
+    for t in (0.0, 30.0, 119.0):
+        why = move_goal(r, want(0, 1), t, goal, up, down)
+        assert goal["m"] == 1, (t, why)
+    assert "zero_after_s" in why
+    move_goal(r, want(0, 1), 120.0, goal, up, down)
+    assert goal["m"] == 0
+    why = move_goal(r, want(1, 0), 121.0, goal, up, down)  # a request arrived: no upscale delay
+    assert goal["m"] == 1 and why.startswith("wake")
+    # without zero_after_s the downscale delay applies; with min 1 the goal stays at 1
+    r2 = ModelRule("m", 0, 4, 2.0, 10.0, 30.0, policy=policy, max_num_seqs=8)
+    goal, up, down = {"m": 1}, {}, {}
+    move_goal(r2, want(0, 1), 0.0, goal, up, down)
+    move_goal(r2, want(0, 1), 30.0, goal, up, down)
+    assert goal["m"] == 0
+    r3 = ModelRule("m", 1, 4, 2.0, 10.0, 30.0, policy=policy, max_num_seqs=8, zero_after_s=1.0)
+    goal, up, down = {"m": 1}, {}, {}
+    for t in (0.0, 500.0):
+        move_goal(r3, max(1, want(0, 1)), t, goal, up, down)
+    assert goal["m"] == 1
