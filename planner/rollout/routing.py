@@ -49,6 +49,7 @@ class PrefixIndex:
 
         self.capacity = capacity
         self.owner: "OrderedDict[int, str]" = OrderedDict()
+        self.sizes: dict[str, int] = {}  # replica -> blocks it holds in the index (its prefix cache's use, roughly)
 
     def match(self, hashes: Sequence[int], live: "set[str] | dict") -> tuple[str | None, int]:
         """(replica, blocks) of the longest run of leading blocks last routed to one replica still in ``live``;
@@ -66,21 +67,30 @@ class PrefixIndex:
         return (owner[hashes[lo - 1]], lo) if lo else (None, 0)
 
     def record(self, hashes: Sequence[int], replica: str) -> None:
-        owner = self.owner
+        owner, sizes = self.owner, self.sizes
         for h in hashes:
+            old = owner.get(h)
+            if old != replica:
+                if old is not None:
+                    sizes[old] -= 1
+                sizes[replica] = sizes.get(replica, 0) + 1
             owner[h] = replica
             owner.move_to_end(h)
         while len(owner) > self.capacity:
-            owner.popitem(last=False)
+            _, old = owner.popitem(last=False)
+            sizes[old] -= 1
 
 
 def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], prompt_blocks: int, rand: Callable[[], float],
-                   *, max_imbalance: int, min_match_blocks: int, min_match_rate: float = 0.1) -> tuple[str | None, str]:
+                   *, max_imbalance: int, min_match_blocks: int, min_match_rate: float = 0.1,
+                   sizes: "dict[str, int] | None" = None) -> tuple[str | None, str]:
     """The replica for a request among ``loads`` (replica -> requests in flight): the one ``match`` names when it
     holds at least ``min_match_blocks`` blocks and ``min_match_rate`` of the prompt's and has at most
-    ``max_imbalance`` more requests in flight than the least loaded ("prefix"); else the less loaded of two drawn
-    at random ("load"; "imbalanced" when a match was passed over for load). (None, "none") when ``loads`` is
-    empty."""
+    ``max_imbalance`` more requests in flight than the least loaded ("prefix"). A prompt no replica holds goes,
+    among the replicas within ``max_imbalance`` of the least loaded, to the one holding the fewest blocks in the
+    index (``sizes``: the most room in its prefix cache, as Ray Serve LLM's router picks the smallest tree), so that
+    new prefixes spread over the caches ("room"). Otherwise, or without ``sizes``, the less loaded of two drawn at
+    random ("load"; "imbalanced" when a match was passed over for load). (None, "none") when ``loads`` is empty."""
     if not loads:
         return None, "none"
     replica, blocks = match
@@ -91,6 +101,9 @@ def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], promp
         why = "imbalanced"
     else:
         why = "load"
+        if sizes is not None:
+            within = [k for k in loads if loads[k] - least <= max_imbalance]
+            return min(within, key=lambda k: (sizes.get(k, 0), loads[k])), "room"
     keys = list(loads)
     if len(keys) == 1:
         return keys[0], why

@@ -77,7 +77,7 @@ class Ingress:
         self.wakes: dict[str, dict] = {}  # model -> {"count", "last_s", "max_s", "at"}
         self._wake_asked: dict[str, float] = {}
         self.prefix: dict[str, PrefixIndex] = {}  # model -> which replica each prompt block was routed to
-        self.routed: dict[str, dict[str, int]] = {}  # model -> {"prefix" | "load" | "imbalanced": requests}
+        self.routed: dict[str, dict[str, int]] = {}  # model -> {"prefix" | "room" | "imbalanced": requests}
         self.front = None
         if front and front.get("port"):  # args.http.port: serve the API from this process too (serve/api/front.py)
             from serve.api.app import create_app
@@ -224,7 +224,7 @@ class Ingress:
             try:
                 from serve.app.scale_board import ask_wake
 
-                await asyncio.to_thread(ask_wake, self.rollout.plan_id, model, now)
+                await asyncio.to_thread(ask_wake, self.app_name, self.rollout.plan_id, model, now)
             except Exception:  # Serve's own queue metric still wakes it (wake: wait)
                 log.warning("gpuplan: could not record the wake of %s in Ray's KV store", model)
         if since == now:
@@ -264,7 +264,8 @@ class Ingress:
         loads = {rid: self.routes.inflight.get(rid, 0) for rid in where}
         rid, why = pick_by_prefix(loads, index.match(hashes, where), len(hashes), random.random,
                                   max_imbalance=int(cfg.get("max_imbalance", 4)),
-                                  min_match_blocks=-(-int(cfg.get("min_match_tokens", 32)) // PREFIX_BLOCK_TOKENS))
+                                  min_match_blocks=-(-int(cfg.get("min_match_tokens", 32)) // PREFIX_BLOCK_TOKENS),
+                                  sizes=index.sizes)
         index.record(hashes, rid)
         counts = self.routed.setdefault(model, {})
         counts[why] = counts.get(why, 0) + 1

@@ -59,18 +59,19 @@ WAKE_HOLD_S = 60.0
 WAKE_READ_EVERY_S = 0.5
 
 
-def ask_wake(plan_id: str, model: str, now: float) -> None:
+def ask_wake(app: str, plan_id: str, model: str, now: float) -> None:
     """Record that a request came for ``model``, which has no replica running (the ingress, at most once a second)."""
     from ray.experimental.internal_kv import _internal_kv_put
 
-    _internal_kv_put(f"wake/{plan_id}/{model}".encode(), str(now).encode(), overwrite=True, namespace=KV_NAMESPACE)
+    _internal_kv_put(f"wake/{app}/{plan_id}/{model}".encode(), str(now).encode(), overwrite=True,
+                     namespace=KV_NAMESPACE)
 
 
-def wake_notes(plan_id: str) -> dict[str, float]:
-    """model -> when a request last asked it to wake (ask_wake)."""
+def wake_notes(app: str, plan_id: str) -> dict[str, float]:
+    """model -> when a request last asked it to wake (ask_wake), for one app's plan."""
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
 
-    prefix = f"wake/{plan_id}/"
+    prefix = f"wake/{app}/{plan_id}/"
     out = {}
     for key in _internal_kv_list(prefix.encode(), namespace=KV_NAMESPACE) or ():
         raw = _internal_kv_get(key, namespace=KV_NAMESPACE)
@@ -101,8 +102,9 @@ def fetch(plan_id: str) -> Rollout:
 class Board:
     """What one plan's policies know: the rollout, each deployment's latest observation, and the decision."""
 
-    def __init__(self, rollout: Rollout, now: float):
+    def __init__(self, rollout: Rollout, now: float, app: str = ""):
         self.rollout = rollout
+        self.app = app
         self.created = now
         self.obs: dict[str, DeploymentObs] = {}
         self.memory = ScaleMemory()
@@ -127,13 +129,14 @@ class Board:
         if now - self.wakes_read_at >= WAKE_READ_EVERY_S:
             self.wakes_read_at = now
             try:
-                self.wakes = wake_notes(self.rollout.plan_id)
+                self.wakes = wake_notes(self.app, self.rollout.plan_id)
             except Exception:
                 pass
         asked = self.wakes.get(model)
         running = len(obs.running) + sum(len(o.running) for d, o in self.obs.items()
                                          if d != name and self.rollout.deployment(d).model == model)
-        if asked is None or now - asked > WAKE_HOLD_S or running:
+        # a note older than this board is from an app deployed before (the same name, the same plan): not a request
+        if asked is None or now - asked > WAKE_HOLD_S or asked < self.created or running:
             return obs
         return replace(obs, load=obs.load + 1.0)
 
@@ -179,7 +182,7 @@ def board(plan_id: str, app: str, now: float) -> Board:
     with _LOCK:
         b = _BOARDS.get(key)
         if b is None:
-            b = _BOARDS[key] = Board(fetch(plan_id), now)
+            b = _BOARDS[key] = Board(fetch(plan_id), now, app)
             # an app redeployed with another plan leaves its old board: keep the few latest
             for old in sorted(_BOARDS, key=lambda k: _BOARDS[k].created)[:-8]:
                 _BOARDS.pop(old, None)

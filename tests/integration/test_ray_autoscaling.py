@@ -161,6 +161,9 @@ def test_scales_to_zero_when_idle_and_a_request_wakes_it(ray_cluster):
     serve.run(build_app(_zero_args("reject")), name="nap2", route_prefix="/nap2", blocking=False)
     base = f"http://127.0.0.1:{ray_cluster['port']}/nap2"
     _wait(lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 200, 240, "app did not become ready")
+    time.sleep(3)
+    assert running("nap2", "nap") == 0
+    t0 = time.time()
     r = requests.post(f"{base}/v1/completions", json=body, timeout=30)
     assert r.status_code == 503 and float(r.headers["Retry-After"]) >= 1, (r.status_code, r.text)
     assert "scaled to zero" in r.json()["error"]["message"]
@@ -175,5 +178,6 @@ def test_scales_to_zero_when_idle_and_a_request_wakes_it(ray_cluster):
     assert set(codes) <= {503, 200}
     wake = requests.get(f"{base}/plan", timeout=10).json()["wake"]["nap"]
     assert wake["mode"] == "reject" and wake["count"] == 1 and wake["last_s"] > 0, wake
-    print(f"scale to zero: wake (reject) {wake['last_s']:.2f} s, answers {codes}")
+    print(f"scale to zero: wake (reject) {wake['last_s']:.2f} s, first 503 to first 200 {time.time() - t0:.2f} s, "
+          f"answers {codes}")
     serve.delete("nap2")

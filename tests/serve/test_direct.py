@@ -137,7 +137,7 @@ def test_the_ingress_routes_a_shared_prefix_to_one_replica_across_deployments():
         assert by_prefix(me, "m", pairs, system + [q] * 20)[1][0] == rid
     routes.inflight = {rid: 3}  # 3 beyond the least loaded (0) > max_imbalance 2
     assert by_prefix(me, "m", pairs, system + [9] * 20)[1][0] != rid
-    assert me.routed["m"] == {"load": 1, "prefix": 6, "imbalanced": 1}
+    assert me.routed["m"] == {"room": 1, "prefix": 6, "imbalanced": 1}
     me.routing["m"]["prefix"] = False
     assert by_prefix(me, "m", pairs, system) == (None, None)
     me.routing["m"]["prefix"] = True

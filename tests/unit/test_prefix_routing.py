@@ -46,7 +46,8 @@ def test_index_forgets_the_least_recently_routed_blocks_first():
 def _route(idx, loads, prompt, **kw):
     hashes = prefix_hashes(prompt)
     rid, why = pick_by_prefix(loads, idx.match(hashes, loads), len(hashes), random.Random(1).random,
-                              max_imbalance=kw.get("max_imbalance", 4), min_match_blocks=kw.get("min_match_blocks", 2))
+                              max_imbalance=kw.get("max_imbalance", 4), min_match_blocks=kw.get("min_match_blocks", 2),
+                              sizes=idx.sizes)
     idx.record(hashes, rid)
     return rid, why
 
@@ -55,13 +56,13 @@ def test_requests_sharing_a_system_prompt_follow_it_while_the_load_allows():
     idx = PrefixIndex()
     loads = {"r1": 0, "r2": 0, "r3": 0}
     first, why = _route(idx, loads, SYSTEM_A + [1, 2, 3] * 10)
-    assert why == "load"
+    assert why == "room"
     for q in range(5):
         rid, why = _route(idx, loads, SYSTEM_A + [q] * 30)
         assert (rid, why) == (first, "prefix")
-    # a different system prompt is routed by load, then sticks to where it went
-    other, why = _route(idx, {**loads, first: 3}, SYSTEM_B + [1] * 30)
-    assert why == "load" and other != first
+    # a different system prompt goes where the index holds least (not where A went), then sticks there
+    other, why = _route(idx, loads, SYSTEM_B + [1] * 30)
+    assert why == "room" and other != first
     assert _route(idx, loads, SYSTEM_B + [2] * 30) == (other, "prefix")
     # the prefix's replica has 5 more in flight than the least loaded (bound 4): load wins
     rid, why = _route(idx, {**loads, first: 5}, SYSTEM_A + [9] * 30)
@@ -75,10 +76,10 @@ def test_a_short_shared_start_does_not_pin_requests():
     idx = PrefixIndex()
     header = list(range(16))
     _route(idx, {"r1": 0, "r2": 0}, header + SYSTEM_A)
-    assert _route(idx, {"r1": 0, "r2": 0}, header + SYSTEM_B)[1] == "load"
+    assert _route(idx, {"r1": 0, "r2": 0}, header + SYSTEM_B)[1] == "room"
     header2 = list(range(32))
     _route(idx, {"r1": 0, "r2": 0}, header2 + SYSTEM_A)
-    assert _route(idx, {"r1": 0, "r2": 0}, header2 + SYSTEM_B)[1] == "load"  # 2 of 27 blocks < 10%
+    assert _route(idx, {"r1": 0, "r2": 0}, header2 + SYSTEM_B)[1] == "room"  # 2 of 27 blocks < 10%
 
 
 def test_by_load_picks_the_less_loaded_of_two():
@@ -90,3 +91,27 @@ def test_by_load_picks_the_less_loaded_of_two():
                                   max_imbalance=4, min_match_blocks=2)
         assert (rid, why) == ("r2", "load")
     assert pick_by_prefix({}, (None, 0), 3, random.random, max_imbalance=4, min_match_blocks=2) == (None, "none")
+
+
+def test_new_prefixes_spread_over_the_caches_and_sizes_follow_the_index():
+    """Eight system prompts, one at a time on idle replicas: each new one goes to the replica holding the fewest
+    blocks, so each of two replicas gets four (routing by load alone split them at random: 6 and 2 in a measured
+    run, more than one replica's KV cache held)."""
+    idx = PrefixIndex()
+    loads = {"r1": 0, "r2": 0}
+    where = {}
+    for t in range(8):
+        prompt = list(range(t * 1000, t * 1000 + 400)) + [7] * 20
+        where[t] = _route(idx, loads, prompt)[0]
+    assert sorted(list(where.values()).count(r) for r in loads) == [4, 4]
+    assert idx.sizes == {r: sum(len(prefix_hashes(list(range(t * 1000, t * 1000 + 400)) + [7] * 20))
+                                for t in where if where[t] == r) for r in loads}
+    small = PrefixIndex(capacity=10)
+    small.record(prefix_hashes(SYSTEM_A), "r1")
+    assert small.sizes == {"r1": 10}
+    small.record(prefix_hashes(SYSTEM_A)[:4], "r2")  # 4 blocks more for r2: the 4 oldest of r1 are forgotten
+    assert small.sizes == {"r1": 6, "r2": 4} and len(small.owner) == 10
+    # loads beyond the bound are not candidates for room
+    rid, why = pick_by_prefix({"r1": 9, "r2": 0}, (None, 0), 3, random.random, max_imbalance=4, min_match_blocks=2,
+                              sizes={"r1": 0, "r2": 100})
+    assert (rid, why) == ("r2", "room")
