@@ -119,3 +119,42 @@ def test_the_replica_book_forgets_dead_replicas_and_counts_them_as_restarts(monk
     assert book.recent_failures("m@n") == 1 and book.recent_failures("other") == 0
     assert [f["mode"] for f in book.failures_of("a")["m"]] == ["gpu", "cpu"]
     assert book.failures_of("b") == {}
+
+
+def test_a_wake_note_wakes_a_model_at_zero_at_once_and_an_older_one_does_not(monkeypatch):
+    """replicas.min 0: the ingress's note (ask_wake) counts as a request for the model while it has no replica
+    running: one replica at once, upscale_delay_s (30 s here) notwithstanding. A note from before the board (an app
+    deployed earlier with the same plan) is not a request; once a replica runs, the note is not needed."""
+    import serve.app.scale_board as sb
+    from planner.rollout import ModelRule
+
+    rules = {"a": ModelRule("a", 0, 1, 1.0, 30.0, 1.0, policy="requests", zero_after_s=5.0),
+             "b": ModelRule("b", 1, 1, 1.0, 30.0, 1.0, policy="requests")}
+    ro = rollout_from_plan(_plan(), rules)
+    notes: dict = {}
+    monkeypatch.setattr(sb, "wake_notes", lambda app, plan_id: dict(notes))
+    b = Board(ro, now=10.0, app="x")
+
+    def tick(t, running_a=0):
+        ta = b.target("a@n", obs_from_context(Ctx("a@n", running_a, [Rid(f"r{i}") for i in range(running_a)])), t)
+        b.target("b@n", obs_from_context(Ctx("b@n", 1, [Rid("rb")])), t)
+        return ta
+
+    assert tick(10.1) == 0 and tick(11.0) == 0  # min 0: nothing runs until asked
+    notes["a"] = 5.0  # older than the board
+    assert tick(12.0) == 0
+    notes["a"] = 12.5
+    assert tick(13.0) == 1  # woken at once
+    assert tick(14.0, running_a=1) == 1
+    notes.pop("a")
+    assert tick(16.0, running_a=1) == 1  # idle, but zero_after_s (5 s) has not passed
+    assert tick(21.5, running_a=1) == 0  # idle for zero_after_s: back to zero
+
+
+def _plan():
+    reps = (GpuReplica("a", 4 * GiB, 0.5, "bf16"), GpuReplica("b", 4 * GiB, 0.5, "bf16"))
+    g = GpuPlan("n/gpu-0", "L4", "n", 0, "L4", 10 * GiB, 8 * GiB, 8 * GiB, reps, 8 * GiB)
+    models = tuple(ModelPlan(m, "bf16", 0, 4 * GiB, 0, lo, 1, 1, 1, 0, 0, None, 1, 1, (), "", None)
+                   for m, lo in (("a", 0), ("b", 1)))
+    return Plan(True, "gpu", 0.1, 0, models, (g,), (), (), (), SolverInfo("none", "none", "spread", None, "", 2, None,
+                                                                           0.0), "usable")
