@@ -241,10 +241,9 @@ def spread_score(cnt, node_of, models: Sequence[int], multi_node: bool) -> tuple
     """How well a placement spreads each model over failure domains, compared lexicographically: models whose
     replicas span two or more nodes, then two or more GPUs, then the (model, node) and (model, GPU) pairs used.
     ``cnt[m, b]`` replicas of model m on GPU b."""
-    np_ = __import__("numpy")
     span_n = span_b = pairs_n = pairs_b = 0
     for m in models:
-        bs = np_.flatnonzero(cnt[m] > 0)
+        bs = (cnt[m] > 0).nonzero()[0]
         span_b += int(bs.size >= 2)
         pairs_b += int(bs.size)
         if multi_node:

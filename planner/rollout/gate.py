@@ -438,7 +438,7 @@ def _greedy_order(rooms: tuple, classes: tuple, phases: tuple) -> tuple[int, ...
             left = list(counts)
             while any(left):
                 if tight:
-                    w, _, k = min((_Search.waste(r, u), -u, k) for k, u in enumerate(classes) if left[k])
+                    k = min((_Search.waste(r, u), -u, k) for k, u in enumerate(classes) if left[k])[2]
                 else:
                     k = next(k for k in range(len(classes)) if left[k])
                 nxt = _Search.place(r, classes[k])

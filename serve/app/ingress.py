@@ -407,4 +407,7 @@ class Ingress:
         # models that may scale to zero: how a request wakes them, what the wakes took (this ingress's view)
         out["wake"] = {m: dict(self.wakes.get(m) or {"count": 0, "last_s": None, "max_s": None, "at": None},
                                mode=mode, waking_since=self.waking.get(m)) for m, mode in self.wake_mode.items()}
+        # how this ingress routed each model's requests: "prefix" (to the replica holding the prompt's start),
+        # "room" (a new prefix, to the replica holding the fewest blocks), "imbalanced" (by load, over the bound)
+        out["routing"] = {m: dict(c) for m, c in self.routed.items()}
         return out
