@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import statistics
@@ -282,7 +281,7 @@ def main(argv=None) -> int:
     rollout_rows = [] if args.no_rollout else rollout_scenarios()
     if rollout_rows:
         print(f"\nplan + rollout (planner.rollout.realize with a cold search memo, as build_app in a fresh process); "
-              f"target < 1 s each")
+              "target < 1 s each")
         print(f"{'scenario':<12} {'what':<40} {'plan s':>7} {'rollout s':>10} {'total s':>8} {'packed':>7} "
               f"{'planned':>8}")
         for r in rollout_rows:

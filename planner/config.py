@@ -241,6 +241,15 @@ class ModelEntry(_Edge):
     """Latency targets the traffic must get (needed with `traffic`)."""
 
     @model_validator(mode="after")
+    def _zero_needs_min_zero(self):
+        set_ = [k for k in ("zero_after_s", "wake") if k in self.autoscaling.model_fields_set]
+        if set_ and self.replicas.min > 0:
+            raise ValueError(f"models[{self.name}].autoscaling.{' and '.join(set_)} apply to a model that may scale to "
+                             f"zero, and replicas.min is {self.replicas.min}; set replicas.min: 0 (the model then "
+                             f"stops its last replica when idle), or remove {' and '.join(set_)}")
+        return self
+
+    @model_validator(mode="after")
     def _traffic_needs_slo(self):
         if self.traffic is not None and self.slo is None:
             raise ValueError(f"models[{self.name}].traffic needs an slo: the latency it must get, e.g. "

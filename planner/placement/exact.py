@@ -181,9 +181,7 @@ def _program(st: _State, models: Sequence[int], lo, hi) -> "_Program | None":
 
 def _checked(st: _State, models: Sequence[int], lo, hi, sol: dict) -> bool:
     """``sol`` ((model, bin) -> count) fits the free capacity of ``st`` in exact integers, counts within bounds."""
-    trial = st.copy()
-    for (m, b), k in sol.items():
-        trial.place(m, b, k)
+    trial = st.with_placed(sol)
     ok = (trial.rem >= 0).all() and (trial.rem_units >= 0).all() and (trial.ram >= 0).all()
     return bool(ok) and all(lo[m] <= trial.placed[m] - st.placed[m] <= hi[m] for m in models)
 

@@ -83,9 +83,7 @@ def _place_mins(P: _Problem, choice: Sequence[int], models: Sequence[int], budge
     zeros = P.np.zeros(P.nm, dtype=P.np.int64)
     res = _colgen_fill(base, models, zeros, P.min_rep, partial, budget.left())
     if res.objective is not None and res.objective >= need:
-        st = base.copy()
-        for (m, b), k in res.x.items():
-            st.place(m, b, k)
+        st = base.with_placed(res.x)
         _respread(st, models)
         return "feasible", st, "exact"
     if res.bound is not None and res.bound < need:
@@ -96,9 +94,7 @@ def _place_mins(P: _Problem, choice: Sequence[int], models: Sequence[int], budge
     lo = P.min_rep
     res = _milp(base, models, lo, lo, maximize=False, time_limit=budget.left())
     if res.status in ("optimal", "feasible"):
-        st = base.copy()
-        for (m, b), k in res.x.items():
-            st.place(m, b, k)
+        st = base.with_placed(res.x)
         _respread(st, models)
         return "feasible", st, "exact"
     if res.status == "unknown":

@@ -306,19 +306,13 @@ def plan(
         status = "every model reached max_replicas"
     elif want_exact and budget.left() > 0.01:
         # free every GPU replica of gpu_models (minimums included) and solve the whole fill exactly
-        free = base_fill.copy()
-        for m in gpu_models:
-            for b in np.flatnonzero(free.cnt[m]).tolist():
-                free.remove(m, b, int(free.cnt[m, b]))
+        free = base_fill.without(gpu_models)
         lo = P.min_rep.copy()
         res = _colgen_fill(free, gpu_models, lo, P.max_rep, st, budget.left())
         heur = int(sum(st.placed[m] for m in gpu_models))
         if res.objective is not None and res.objective > heur:
-            s = free.copy()
-            for (m, b), k in res.x.items():
-                s.place(m, b, k)
-            _respread(s, gpu_models)
-            st = s
+            st = free.with_placed(res.x)
+            _respread(st, gpu_models)
             fill_method = "exact"
         bound = res.bound
         if res.status != "optimal" and n_vars <= PROOF_MAX_VARS and budget.left() > 0.01:
@@ -327,11 +321,8 @@ def plan(
             res2 = _milp(free, gpu_models, lo, P.max_rep, maximize=True, time_limit=budget.left())
             best = int(sum(st.placed[m] for m in gpu_models))
             if res2.objective is not None and res2.objective > best:
-                s = free.copy()
-                for (m, b), k in res2.x.items():
-                    s.place(m, b, k)
-                _respread(s, gpu_models)
-                st = s
+                st = free.with_placed(res2.x)
+                _respread(st, gpu_models)
                 fill_method = "exact"
             if res2.bound is not None:
                 bound = res2.bound if bound is None else min(bound, res2.bound)
@@ -394,10 +385,7 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
         return st, "", {}
     if n_vars > PROOF_MAX_VARS:
         return st, f"heuristic ({n_vars} model x GPU pairs > {PROOF_MAX_VARS})", {}
-    free = base_fill.copy()
-    for m in gpu_models:
-        for b in np.flatnonzero(free.cnt[m]).tolist():
-            free.remove(m, b, int(free.cnt[m, b]))
+    free = base_fill.without(gpu_models)
     counts = {m: int(st.placed[m] - free.placed[m]) for m in gpu_models}
     multi = [m for m in gpu_models if counts[m] >= 2]
 
@@ -409,12 +397,6 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
         g = {m for m in multi if (s.cnt[m] > 0).sum() >= 2}
         n = {m for m in multi if (s.cnt_node[m] > 0).sum() >= 2}
         return g, n
-
-    def adopt(sol):
-        s = free.copy()
-        for (m, b), k in sol.items():
-            s.place(m, b, k)
-        return s
 
     t_end = time.perf_counter() + SPREAD_TOTAL_S
 
@@ -440,7 +422,7 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
                                apart_gpu=ag | ({m} if level == "gpu" else set()),
                                apart_node=an | ({m} if level == "node" else set()))
             if res.status in ("optimal", "feasible"):
-                st = adopt(res.x)
+                st = free.with_placed(res.x)
             elif res.status == "infeasible":
                 # that kept every model already spread spread; asked alone, the answer is a proof about m itself
                 alone = _spread_milp(free, gpu_models, counts, min(max(left(), 0.05), SPREAD_TIME_LIMIT_S),
@@ -461,7 +443,7 @@ def _spread(P, base_fill, st, gpu_models, n_vars: int, budget) -> tuple:
                            apart_node=an, maximize_pairs=True)
         now = spread_score(st.cnt, P.node_of, gpu_models, P.nn >= 2)
         if res.status in ("optimal", "feasible"):
-            s = adopt(res.x)
+            s = free.with_placed(res.x)
             if spread_score(s.cnt, P.node_of, gpu_models, P.nn >= 2) > now:
                 st = s
     secs = time.perf_counter() - t0

@@ -515,6 +515,21 @@ class _State:
         s.extra = list(self.extra)
         return s
 
+    def without(self, models) -> "_State":
+        """A copy without any replica of ``models`` on a bin: the free capacity the exact programs place them on."""
+        free = self.copy()
+        for m in models:
+            for b in self.P.np.flatnonzero(free.cnt[m]).tolist():
+                free.remove(m, b, int(free.cnt[m, b]))
+        return free
+
+    def with_placed(self, sol: dict) -> "_State":
+        """A copy with ``sol`` ((model, bin) -> replicas) placed."""
+        s = self.copy()
+        for (m, b), k in sol.items():
+            s.place(m, b, k)
+        return s
+
     def fits_mask(self, i: int):
         P = self.P
         m = P.E[i] & (self.rem >= self.size[i]) & (self.rem_units >= self.units[i])

@@ -14,12 +14,18 @@ def pick_deployment(cands: Sequence[tuple[str, int, int]], rand: Callable[[], fl
         return None
     if len(live) == 1:
         return live[0][0]
-    i = min(int(rand() * len(live)), len(live) - 1)
-    j = min(int(rand() * (len(live) - 1)), len(live) - 2)
+    a, b = _two(live, rand)
+    score = lambda c: (c[2] + 1) / c[1]  # noqa: E731
+    return b[0] if score(b) < score(a) else a[0]
+
+
+def _two(items: Sequence, rand: Callable[[], float]) -> tuple:
+    """Two distinct items of ``items`` (at least two) drawn at random, in the order drawn."""
+    i = min(int(rand() * len(items)), len(items) - 1)
+    j = min(int(rand() * (len(items) - 1)), len(items) - 2)
     if j >= i:
         j += 1
-    score = lambda c: (c[2] + 1) / c[1]  # noqa: E731
-    return live[j][0] if score(live[j]) < score(live[i]) else live[i][0]
+    return items[i], items[j]
 
 
 # ---- prefix-aware routing (the replica whose engine's prefix cache holds the prompt's start)
@@ -107,9 +113,5 @@ def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], promp
     keys = list(loads)
     if len(keys) == 1:
         return keys[0], why
-    i = min(int(rand() * len(keys)), len(keys) - 1)
-    j = min(int(rand() * (len(keys) - 1)), len(keys) - 2)
-    if j >= i:
-        j += 1
-    a, b = keys[i], keys[j]
+    a, b = _two(keys, rand)
     return (a if loads[a] <= loads[b] else b), why

@@ -232,9 +232,10 @@ class Ingress:
         if self.wake_mode.get(model) == "reject":
             w = self.wakes.get(model)
             est = max(1.0, (w or {}).get("last_s") or 30.0)
-            raise Unavailable(f"model {model!r} is scaled to zero and its replica is starting (waking for "
-                              f"{now - since:.0f} s; the last wake took {w['last_s']:.1f} s)" if w else
-                              f"model {model!r} is scaled to zero and its replica is starting", retry_after_s=est)
+            took = f"; the last wake took {w['last_s']:.1f} s" if w else ""
+            raise Unavailable(f"model {model!r} is scaled to zero (replicas.min 0) and its replica is starting (waking "
+                              f"for {now - since:.0f} s{took}); send the request again in {est:.0f} s, or set "
+                              "autoscaling.wake: wait to have requests wait for the replica", retry_after_s=est)
 
     def _woke(self, model: str) -> None:
         """The first token of a model that was at zero replicas: the wake took from the first request to now."""

@@ -5,7 +5,20 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 import requests
+
+
+def need_no_ray(what: str) -> None:
+    """Fail at once when Ray's daemons already run on this machine: ``what`` starts a cluster of its own, and a
+    second one on the same ports and cores makes it slow, flaky or hang."""
+    from serve.run.lifecycle import ray_daemons
+
+    found = ray_daemons()
+    if found:
+        pytest.fail(f"a Ray cluster is already running on this machine ({', '.join(f'{n} {pid}' for pid, n in found)}); "
+                    f"{what} needs its own. Fix: stop it (`.venv/bin/serve shutdown -y` then `.venv/bin/ray stop`, "
+                    "or kill those pids) and run the test again")
 
 
 def wait_ready(base: str, timeout: float, gave_up=None) -> bool:

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from ray_helpers import need_no_ray
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,12 +19,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_compare_servers_runs_and_loses_nothing(tmp_path):
     from planner.cluster.installed import vllm_python
-    from serve.run.lifecycle import ray_daemons
 
     if vllm_python() is None:
         pytest.fail("vLLM is not installed for the replicas: `make vllm` (make test does it)")
-    if ray_daemons():
-        pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
+    need_no_ray("the benchmark")
     out = tmp_path / "compare.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
     p = subprocess.run([sys.executable, "-m", "benchmarks.compare_servers", "--servers", "vllm",

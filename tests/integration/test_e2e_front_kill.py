@@ -18,18 +18,13 @@ import pytest
 import requests
 import yaml
 
-from ray_helpers import alive, wait_ready
+from ray_helpers import alive, need_no_ray, wait_ready
 from serve.api.front import pick_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENTS = 4
-
-
-def ray_running() -> bool:
-    out = subprocess.run(["pgrep", "-f", "gcs_server|raylet"], capture_output=True, text=True).stdout
-    return bool(out.strip())
 
 
 def client(base: str, stop: threading.Event, log: list) -> None:
@@ -79,8 +74,7 @@ def longest_refusal(log: list) -> float:
 
 def start_server(tmp_path):
     """`python -m serve.run` of deploy.yaml's tiny-gguf with gpuplan's front on a fresh port; (proc, base, config)."""
-    if ray_running():
-        pytest.fail("a Ray cluster is already running on this machine; this test needs its own")
+    need_no_ray("this test")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
     port, proxy_port = pick_port(), pick_port()
     cfg["http_options"]["port"] = proxy_port

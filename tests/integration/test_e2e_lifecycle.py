@@ -19,6 +19,8 @@ from serve.api.front import pick_port
 import requests
 import yaml
 
+from ray_helpers import need_no_ray
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +53,7 @@ def marked(run_id: str) -> list[int]:
 
 @pytest.fixture
 def env(tmp_path):
-    if ray_daemons():
-        pytest.fail("a Ray cluster is already running on this machine; these tests need a machine without one")
+    need_no_ray("these tests")
     e = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
     e.pop("GPUPLAN_API_KEY", None)
     e.pop("RAY_ADDRESS", None)

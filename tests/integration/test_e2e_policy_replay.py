@@ -11,16 +11,15 @@ import sys
 
 import pytest
 
+from ray_helpers import need_no_ray
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_policy_replay_runs_and_loses_nothing(tmp_path):
-    from serve.run.lifecycle import ray_daemons
-
-    if ray_daemons():
-        pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
+    need_no_ray("the benchmark")
     out = tmp_path / "replay.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--models", "1",

@@ -10,16 +10,15 @@ import sys
 
 import pytest
 
+from ray_helpers import need_no_ray
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_request_timeline_measures_every_segment(tmp_path):
-    from serve.run.lifecycle import ray_daemons
-
-    if ray_daemons():
-        pytest.fail("a Ray cluster is already running on this machine; the benchmark needs its own")
+    need_no_ray("the benchmark")
     out = tmp_path / "timeline.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", GPUPLAN_STATE_DIR=str(tmp_path / "state"))
     p = subprocess.run([sys.executable, "-m", "benchmarks.request_timeline", "--requests", "4",

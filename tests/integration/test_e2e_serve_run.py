@@ -16,7 +16,7 @@ import pytest
 from serve.api.front import pick_port
 import requests
 import yaml
-from ray_helpers import wait_ready
+from ray_helpers import need_no_ray, wait_ready
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -32,8 +32,7 @@ def ray_running() -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if ray_running():
-        pytest.fail("a Ray cluster is already running on this machine; the end-to-end test needs its own")
+    need_no_ray("the end-to-end test")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy.yaml")))
     port, proxy_port = pick_port(), pick_port()  # the front binds late: a port outside the ephemeral range
     cfg["http_options"]["port"] = proxy_port  # Ray Serve's proxy

@@ -12,14 +12,15 @@ import sys
 import pytest
 import yaml
 
+from ray_helpers import need_no_ray
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_one_minute_soak_with_a_kill_loses_nothing(tmp_path):
-    if subprocess.run(["pgrep", "-x", "gcs_server|raylet"], capture_output=True).stdout.strip():
-        pytest.fail("a Ray cluster is already running on this machine; the soak needs its own")
+    need_no_ray("the soak")
     cfg = yaml.safe_load(open(os.path.join(ROOT, "benchmarks", "soak.yaml")))
     from serve.api.front import pick_port
 

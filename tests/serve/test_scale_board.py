@@ -27,13 +27,17 @@ class Ctx:  # the fields of Serve's AutoscalingContext the board reads
     aggregated_metrics: dict = field(default_factory=dict)
 
 
-def two_models_on_one_gpu():
+def two_models_plan(min_a: int = 1) -> Plan:
     reps = (GpuReplica("a", 4 * GiB, 0.5, "bf16"), GpuReplica("b", 4 * GiB, 0.5, "bf16"))
     g = GpuPlan("n/gpu-0", "L4", "n", 0, "L4", 10 * GiB, 8 * GiB, 8 * GiB, reps, 8 * GiB)
-    models = tuple(ModelPlan(m, "bf16", 0, 4 * GiB, 0, 1, 1, 1, 1, 0, 0, None, 1, 1, (), "", None) for m in "ab")
-    p = Plan(True, "gpu", 0.1, 0, models, (g,), (), (), (), SolverInfo("none", "none", "spread", None, "", 2, None,
-                                                                       0.0), "usable")
-    return rollout_from_plan(p)
+    models = tuple(ModelPlan(m, "bf16", 0, 4 * GiB, 0, lo, 1, 1, 1, 0, 0, None, 1, 1, (), "", None)
+                   for m, lo in (("a", min_a), ("b", 1)))
+    return Plan(True, "gpu", 0.1, 0, models, (g,), (), (), (), SolverInfo("none", "none", "spread", None, "", 2, None,
+                                                                          0.0), "usable")
+
+
+def two_models_on_one_gpu():
+    return rollout_from_plan(two_models_plan())
 
 
 def test_context_becomes_an_observation_with_each_replicas_gpu():
@@ -130,7 +134,7 @@ def test_a_wake_note_wakes_a_model_at_zero_at_once_and_an_older_one_does_not(mon
 
     rules = {"a": ModelRule("a", 0, 1, 1.0, 30.0, 1.0, policy="requests", zero_after_s=5.0),
              "b": ModelRule("b", 1, 1, 1.0, 30.0, 1.0, policy="requests")}
-    ro = rollout_from_plan(_plan(), rules)
+    ro = rollout_from_plan(two_models_plan(min_a=0), rules)
     notes: dict = {}
     monkeypatch.setattr(sb, "wake_notes", lambda app, plan_id: dict(notes))
     b = Board(ro, now=10.0, app="x")
@@ -150,11 +154,3 @@ def test_a_wake_note_wakes_a_model_at_zero_at_once_and_an_older_one_does_not(mon
     assert tick(16.0, running_a=1) == 1  # idle, but zero_after_s (5 s) has not passed
     assert tick(21.5, running_a=1) == 0  # idle for zero_after_s: back to zero
 
-
-def _plan():
-    reps = (GpuReplica("a", 4 * GiB, 0.5, "bf16"), GpuReplica("b", 4 * GiB, 0.5, "bf16"))
-    g = GpuPlan("n/gpu-0", "L4", "n", 0, "L4", 10 * GiB, 8 * GiB, 8 * GiB, reps, 8 * GiB)
-    models = tuple(ModelPlan(m, "bf16", 0, 4 * GiB, 0, lo, 1, 1, 1, 0, 0, None, 1, 1, (), "", None)
-                   for m, lo in (("a", 0), ("b", 1)))
-    return Plan(True, "gpu", 0.1, 0, models, (g,), (), (), (), SolverInfo("none", "none", "spread", None, "", 2, None,
-                                                                           0.0), "usable")

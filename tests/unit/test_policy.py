@@ -145,3 +145,17 @@ def test_scale_to_zero_after_idle_and_wake_at_once(policy):
     for t in (0.0, 500.0):
         move_goal(r3, max(1, want(0, 1)), t, goal, up, down)
     assert goal["m"] == 1
+
+
+def test_scale_to_zero_knobs_need_min_zero():
+    from planner.config import parse_deploy_args
+    from planner.errors import InputError
+
+    m = {"name": "m", "source": "Qwen/Qwen2.5-7B-Instruct", "replicas": {"min": 1, "max": 2},
+         "autoscaling": {"zero_after_s": 300, "wake": "reject"}}
+    with pytest.raises(InputError, match=r"autoscaling\.zero_after_s and wake .* replicas\.min is 1; set "
+                                         r"replicas\.min: 0"):
+        parse_deploy_args({"models": [m]})
+    m["replicas"]["min"] = 0
+    args = parse_deploy_args({"models": [m]})
+    assert args.models[0].autoscaling.zero_after_s == 300
