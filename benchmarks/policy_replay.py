@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -98,11 +99,13 @@ def count_running(app: str, stop: threading.Event, out: dict) -> None:
         last = now
 
 
-async def replay(url: str, arrivals: dict) -> dict:
+async def replay(url: str, arrivals: dict, tag: str | None = None) -> dict:
+    """Every arrival as a streamed completion; ``tag``: send request ids ``tag/model/i`` (the timeline's keys)."""
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0, connect=30.0)) as c:
         t0 = time.perf_counter() + 1.0
-        jobs = {m: [one(c, t, t0, p, o, model=m, text=" ".join(["w"] * p)) for t, p, o in rows]
+        jobs = {m: [one(c, t, t0, p, o, model=m, text=" ".join(["w"] * p),
+                        request_id=f"{tag}/{m}/{i}" if tag else None) for i, (t, p, o) in enumerate(rows)]
                 for m, rows in arrivals.items()}
         flat = await asyncio.gather(*(j for js in jobs.values() for j in js))
     out, i = {}, 0
@@ -124,6 +127,37 @@ def summarize(rows: list[dict]) -> dict:
             "within_slo": round(within / len(ok), 4) if ok else None}
 
 
+SEGMENTS = (("in", "sent", "replica.enter"), ("engine", "replica.enter", "replica.first"),
+            ("out", "replica.first", "first"))
+
+
+def timeline(path: Path, got: dict) -> dict:
+    """Where each model's TTFT went, from the server's timeline (serve/trace.py) and the client's wall-clock stamps:
+    client -> replica (HTTP, the front, routing, Serve's queue, the Ray call), the engine (its queue, the prefill,
+    the first token), replica -> client; p50 and p95 of each, milliseconds."""
+    marks: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:  # a line cut by the kill of a process
+                continue
+            if e.get("id"):
+                marks.setdefault(e["id"], {}).setdefault(e["event"], e["t"])
+    out = {}
+    for model, rows in got.items():
+        segs = {name: [] for name, _, _ in SEGMENTS}
+        for r in rows:
+            ev = {**marks.get(r.get("id"), {}), "sent": r.get("sent_wall"), "first": r.get("first_wall")}
+            if all(ev.get(k) is not None for _, a, b in SEGMENTS for k in (a, b)):
+                for name, a, b in SEGMENTS:
+                    segs[name].append((ev[b] - ev[a]) * 1e3)
+        out[model] = {"requests": len(segs["in"]),
+                      **{f"{k}_p{q}_ms": round(percentile(v, q), 1) if v else None
+                         for k, v in segs.items() for q in (50, 95)}}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=300.0, help="seconds of traffic per policy")
@@ -135,9 +169,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rate-scale", type=float, default=1.0, help="every model's requests/s times this")
     ap.add_argument("--start-s", type=float, default=3.0,
                     help="what simulate assumes a new replica takes to serve (a sim replica here starts in ~2-4 s)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="stamp each request's path (serve/trace.py) and print where TTFT went: client -> replica, "
+                         "the engine, replica -> client")
     ap.add_argument("--json", help="write the table's rows here")
     a = ap.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    marks_file = None
+    if a.timeline:  # before Ray starts: its workers inherit it
+        marks_file = Path(tempfile.mkdtemp(prefix="gpuplan-timeline-")) / "events.jsonl"
+        os.environ["GPUPLAN_TRACE"] = str(marks_file)
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -169,7 +210,7 @@ def main(argv=None) -> int:
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": pick_port()})
     url = f"http://127.0.0.1:{port}"
-    table, raw = [], {}
+    table, raw, where = [], {}, {}
     try:
         for policy in a.policies:
             args = fixed(base_args, result) if policy == "fixed" else deploy_args(policy, port, a.max_replicas,
@@ -189,8 +230,10 @@ def main(argv=None) -> int:
             stop, rs = threading.Event(), {}
             counter = threading.Thread(target=count_running, args=("llm", stop, rs), daemon=True)
             counter.start()
-            got = asyncio.run(replay(url, arr))
+            got = asyncio.run(replay(url, arr, tag=policy if a.timeline else None))
             raw[policy] = got
+            if marks_file is not None:
+                where[policy] = timeline(marks_file, got)
             stop.set()
             counter.join(5)
             sims = {m.name: m for m in sim_models(make_plan(parse_deploy_args(args, base_dir=str(ROOT)),
@@ -202,7 +245,7 @@ def main(argv=None) -> int:
                 s = summarize(got[mr.model])
                 table.append({"policy": policy, "model": mr.model, **s,
                               "replica_seconds": round(rs.get(mr.model, 0.0), 1),
-                              "sim_ttft_p95_ms": mr.ttft_p95_ms, "sim_tpot_p95_ms": mr.tpot_p95_ms,
+                              "sim_ttft_p50_ms": mr.ttft_p50_ms, "sim_ttft_p95_ms": mr.ttft_p95_ms, "sim_tpot_p95_ms": mr.tpot_p95_ms,
                               "sim_within_slo": mr.within_slo, "sim_replica_seconds": mr.replica_seconds})
             serve.delete("llm")
             time.sleep(10)
@@ -232,8 +275,19 @@ def main(argv=None) -> int:
     print()
     for pol, (ok, within, rsec) in totals.items():
         print(f"- {pol}: {within}/{ok} requests within the SLO ({within / max(1, ok):.1%}), {rsec:.0f} replica-s")
+    if where:
+        print("\nWhere TTFT went (ms, p50 / p95): client -> replica (HTTP, the front, routing, Serve's queue, the Ray "
+              "call), the engine (its queue, prefill, first token), replica -> client; simulate's TTFT\n")
+        print("| policy | model | requests | client -> replica | engine | replica -> client | client TTFT | "
+              "simulate TTFT |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in table:
+            w = where[r["policy"]][r["model"]]
+            print(f"| {r['policy']} | {r['model']} | {w['requests']} | {w['in_p50_ms']} / {w['in_p95_ms']} | "
+                  f"{w['engine_p50_ms']} / {w['engine_p95_ms']} | {w['out_p50_ms']} / {w['out_p95_ms']} | "
+                  f"{r['ttft_p50_ms']} / {r['ttft_p95_ms']} | {r['sim_ttft_p50_ms']} / {r['sim_ttft_p95_ms']} |")
     if a.json:
-        Path(a.json).write_text(json.dumps({"table": table, "requests": raw}, indent=1))
+        Path(a.json).write_text(json.dumps({"table": table, "timeline": where, "requests": raw}, indent=1))
     return 0
 
 

@@ -51,18 +51,22 @@ def deploy(path: Path, port: int, engine: str, seqs: int) -> dict:
 
 
 async def one(client: httpx.AsyncClient, at: float, t0: float, prompt: int, output: int, model: str = "tiny",
-              text: str | None = None) -> dict:
+              text: str | None = None, request_id: str | None = None) -> dict:
     """One streamed completion sent at ``t0 + at``: its status, tokens, TTFT and TPOT at the client. The prompt is
-    ``text``, or prompt - 1 times "a" (one token of the tiny model's tokenizer; its BOS makes the prompt's length)."""
+    ``text``, or prompt - 1 times "a" (one token of the tiny model's tokenizer; its BOS makes the prompt's length).
+    ``request_id``: sent as x-request-id (the server's timeline events carry it, serve/trace.py); the send and the
+    first token are then also stamped on the wall clock the timeline uses."""
     await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+    headers = {"x-request-id": request_id} if request_id else None
+    sent_wall = time.time()
     body = {"model": model, "prompt": text if text is not None else " ".join(["a"] * max(1, prompt - 1)),
             "max_tokens": output,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.8}
     start = time.perf_counter()
-    first = last = None
+    first = last = first_wall = None
     usage = {}
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as resp:
             if resp.status_code != 200:
                 return {"at": at, "status": resp.status_code}
             async for line in resp.aiter_lines():
@@ -73,6 +77,8 @@ async def one(client: httpx.AsyncClient, at: float, t0: float, prompt: int, outp
                     usage = obj["usage"]
                 if any(c.get("text") for c in obj.get("choices") or []):
                     now = time.perf_counter()
+                    if first is None:
+                        first_wall = time.time()
                     first = first if first is not None else now
                     last = now
     except httpx.HTTPError as exc:
@@ -80,7 +86,8 @@ async def one(client: httpx.AsyncClient, at: float, t0: float, prompt: int, outp
     n = int(usage.get("completion_tokens") or 0)
     return {"at": at, "status": 200, "prompt_tokens": int(usage.get("prompt_tokens") or prompt), "tokens": n,
             "ttft_ms": (first - start) * 1e3 if first else None,
-            "tpot_ms": (last - first) / (n - 1) * 1e3 if first and n > 1 else None}
+            "tpot_ms": (last - first) / (n - 1) * 1e3 if first and n > 1 else None,
+            **({"id": request_id, "sent_wall": sent_wall, "first_wall": first_wall} if request_id else {})}
 
 
 async def replay(url: str, rows) -> list[dict]:

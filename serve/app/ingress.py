@@ -23,12 +23,19 @@ from planner.rollout.routing import PREFIX_BLOCK_TOKENS
 from serve import trace
 from serve.app.direct import DirectBusy, DirectLost, DirectRoutes, direct_stream
 from serve.app.registry import REGISTRY
+from serve.app.status_cache import StaleWhileRevalidate
 from serve.types import ModelCard, Overloaded, ReplicaLost, SamplingParams, Unavailable
 
 log = logging.getLogger("gpuplan")
 INGRESS_CPUS = 0.1  # see planner/rollout/ for the replicas' CPUs
 INGRESS_ACTOR = {"num_cpus": INGRESS_CPUS}  # the ingress's Ray actor options (.options() replaces, not merges, them)
 AVOID_AFTER_LOSS_S = 5.0  # a deployment whose replica just died gets no new request while another can take it
+# Serve's status of the deployments (replicas running per deployment): read again in the background once a second
+# old; a request routes on a value up to ROUTE_STATUS_MAX_AGE_S old rather than wait for Serve's controller
+# (serve/app/status_cache.py), /readyz on one under a second old
+STATUS_REFRESH_S = 1.0
+ROUTE_STATUS_MAX_AGE_S = 10.0
+READY_STATUS_MAX_AGE_S = 1.0
 
 
 # NOTE: the ingress's health check is also when it tells the registry its requests in flight and learns that its build
@@ -65,7 +72,7 @@ class Ingress:
         self.inflight: dict[str, int] = {}
         self._lost: dict[str, float] = {}  # deployment -> when a request found one of its replicas dead
         self.draining: float | None = None  # when draining began
-        self._status: tuple[float, dict] | None = None
+        self._status = StaleWhileRevalidate(self._read_status, refresh_after_s=STATUS_REFRESH_S)
         self._logged: set[str] = set()
         # the replicas this ingress streams from directly (serve/app/direct.py), learnt from the registry each second
         self.routes = DirectRoutes(direct_secret) if direct_secret else None
@@ -93,19 +100,18 @@ class Ingress:
 
         return create_app(self, api_key=self.api_key)
 
-    async def _deployments(self) -> dict:
-        """Serve's status of this app's deployments, read at most once a second."""
-        now = time.time()
-        if self._status and now - self._status[0] < 1.0:
-            return self._status[1]
+    async def _read_status(self) -> dict:
         status = await asyncio.to_thread(serve.status)
-        deps = status.applications[self.app_name].deployments
-        self._status = (now, deps)
-        return deps
+        return status.applications[self.app_name].deployments
 
-    async def _running(self) -> dict[str, int]:
+    async def _deployments(self, max_age_s: float = ROUTE_STATUS_MAX_AGE_S) -> dict:
+        """Serve's status of this app's deployments: the last read while it is younger than ``max_age_s`` (read
+        again in the background once it is STATUS_REFRESH_S old), else a fresh read, waited for."""
+        return await self._status.get(max_age_s)
+
+    async def _running(self, max_age_s: float = ROUTE_STATUS_MAX_AGE_S) -> dict[str, int]:
         try:
-            deps = await self._deployments()
+            deps = await self._deployments(max_age_s)
         except Exception:
             return {}
         now = time.time()
@@ -215,6 +221,8 @@ class Ingress:
         answer 503 with Retry-After; with wait, the request goes on to Serve's handle, which holds it until the
         replica runs (within request_timeout_s). The wake's time is measured to the first token (GET /plan)."""
         running = await self._running()
+        if not sum(running.get(n, 0) for n, _ in pairs):  # none, a second ago or more: ask Serve now
+            running = await self._running(max_age_s=STATUS_REFRESH_S)
         if sum(running.get(n, 0) for n, _ in pairs):
             return
         now = time.time()
@@ -334,7 +342,7 @@ class Ingress:
 
     async def readiness(self) -> tuple[bool, dict]:
         try:
-            deps = await self._deployments()
+            deps = await self._deployments(READY_STATUS_MAX_AGE_S)
         except Exception as exc:
             return False, {"error": f"cannot read Serve status: {exc}"}
         detail, ok = {}, True
