@@ -9,7 +9,7 @@ nodes), on this machine; the models run `engine: sim` (serve/engines/sim.py: no 
 time for an L4), so dozens of replicas fit on a laptop's cores. Each model replays the shipped trace
 (examples/traces/) at its own rate, phase-shifted (planner.simulate.arrivals_from_trace, as `gpuplan simulate`
 does), prompts of the trace's length scaled to the model's mean (the sim models have no tokenizer: one word is one
-token) and answers forced to theirs (ignore_eos). Per policy the app is deployed afresh on the same cluster, the
+token; each prompt differs from its first word on) and answers forced to theirs (ignore_eos). Per policy the app is deployed afresh on the same cluster, the
 replay runs for --duration seconds, RUNNING replicas are counted every second (replica-seconds), and the same
 arrivals go through planner.simulate with the same policy. Prints one table: per policy and model, TTFT and TPOT
 p50/p95 at the client, the share of requests within the SLO, errors, replica-seconds, and simulate's p95s.
@@ -104,7 +104,9 @@ async def replay(url: str, arrivals: dict, tag: str | None = None) -> dict:
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0, connect=30.0)) as c:
         t0 = time.perf_counter() + 1.0
-        jobs = {m: [one(c, t, t0, p, o, model=m, text=" ".join(["w"] * p),
+        # each prompt's first word its own: the trace says nothing of shared prefixes, and identical prompts would
+        # all go to the replica that prefix routing saw first
+        jobs = {m: [one(c, t, t0, p, o, model=m, text=" ".join([f"{m}-{i}"] + ["w"] * (p - 1)),
                         request_id=f"{tag}/{m}/{i}" if tag else None) for i, (t, p, o) in enumerate(rows)]
                 for m, rows in arrivals.items()}
         flat = await asyncio.gather(*(j for js in jobs.values() for j in js))

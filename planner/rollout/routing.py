@@ -14,12 +14,12 @@ def pick_deployment(cands: Sequence[tuple[str, int, int]], rand: Callable[[], fl
         return None
     if len(live) == 1:
         return live[0][0]
-    a, b = _two(live, rand)
+    a, b = two_at_random(live, rand)
     score = lambda c: (c[2] + 1) / c[1]  # noqa: E731
     return b[0] if score(b) < score(a) else a[0]
 
 
-def _two(items: Sequence, rand: Callable[[], float]) -> tuple:
+def two_at_random(items: Sequence, rand: Callable[[], float]) -> tuple:
     """Two distinct items of ``items`` (at least two) drawn at random, in the order drawn."""
     i = min(int(rand() * len(items)), len(items) - 1)
     j = min(int(rand() * (len(items) - 1)), len(items) - 2)
@@ -113,5 +113,5 @@ def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], promp
     keys = list(loads)
     if len(keys) == 1:
         return keys[0], why
-    a, b = _two(keys, rand)
+    a, b = two_at_random(keys, rand)
     return (a if loads[a] <= loads[b] else b), why

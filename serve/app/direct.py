@@ -36,6 +36,7 @@ import struct
 import time
 from typing import AsyncIterator, Callable
 
+from planner.rollout.routing import two_at_random
 from serve.types import GenerationChunk, SamplingParams
 
 log = logging.getLogger("gpuplan")
@@ -217,14 +218,29 @@ class DirectRoutes:
     secret: str
     avoid_s: float = 5.0
     unreachable_s: float = 300.0
+    full_s: float = 1.0
     by_deployment: dict = dataclasses.field(default_factory=dict)  # deployment -> [(replica_id, (host, port))]
     inflight: dict = dataclasses.field(default_factory=dict)  # replica_id -> requests sent and not finished
     passed_over: dict = dataclasses.field(default_factory=dict)  # replica_id -> until when it is passed over
+    # replica_id -> until when it counts as full: it answered busy, its slots taken by requests that came through
+    # Serve's queue, which this ingress's own count does not see
+    full_until: dict = dataclasses.field(default_factory=dict)
 
     def failed(self, replica_id: str, exc: DirectLost, now: float | None = None) -> None:
         """A request to ``replica_id`` found it gone or unreachable: pass it over for a while."""
         now = time.monotonic() if now is None else now
         self.passed_over[replica_id] = now + (self.unreachable_s if exc.unreachable else self.avoid_s)
+
+    def full(self, replica_id: str, now: float | None = None) -> None:
+        """``replica_id`` answered busy: leave it out for ``full_s``, or until a stream of this ingress to it ends."""
+        self.full_until[replica_id] = (time.monotonic() if now is None else now) + self.full_s
+
+    def ended(self, replica_id: str, ran: bool = True) -> None:
+        """A request of this ingress to ``replica_id`` ended; ``ran``: it held one of the replica's slots (not
+        answered busy), which is free now."""
+        self.inflight[replica_id] = self.inflight.get(replica_id, 0) - 1
+        if ran:
+            self.full_until.pop(replica_id, None)
 
     def update(self, rows: list[dict]) -> None:
         """The registry's rows of running replicas: those with a ``direct`` address become routes."""
@@ -236,20 +252,24 @@ class DirectRoutes:
         self.by_deployment = out
 
     def live(self, deployment: str, now: float | None = None, max_ongoing: int | None = None) -> list:
-        """(replica id, address) of ``deployment``'s routes not passed over and below ``max_ongoing`` in flight."""
+        """(replica id, address) of ``deployment``'s routes not passed over, not full, and below ``max_ongoing`` in
+        flight."""
         now = time.monotonic() if now is None else now
         return [x for x in self.by_deployment.get(deployment, ())
-                if now >= self.passed_over.get(x[0], -1e18)
+                if now >= self.passed_over.get(x[0], -1e18) and now >= self.full_until.get(x[0], -1e18)
                 and (max_ongoing is None or self.inflight.get(x[0], 0) < max_ongoing)]
 
     def pick(self, deployment: str, rand, now: float | None = None, max_ongoing: int | None = None):
         """(replica id, address) of the less loaded of two live routes of ``deployment``, or None."""
-        routes = self.live(deployment, now, max_ongoing)
+        got = self.pick_any([deployment], rand, now, max_ongoing)
+        return None if got is None else got[1]
+
+    def pick_any(self, deployments, rand, now: float | None = None, max_ongoing: int | None = None):
+        """(deployment, (replica id, address)): the less loaded of two live routes among ``deployments``', or None."""
+        routes = [(d, x) for d in deployments for x in self.live(d, now, max_ongoing)]
         if not routes:
             return None
         if len(routes) == 1:
             return routes[0]
-        i = int(rand() * len(routes))
-        j = (i + 1 + int(rand() * (len(routes) - 1))) % len(routes)
-        a, b = routes[i], routes[j]
-        return a if self.inflight.get(a[0], 0) <= self.inflight.get(b[0], 0) else b
+        a, b = two_at_random(routes, rand)
+        return a if self.inflight.get(a[1][0], 0) <= self.inflight.get(b[1][0], 0) else b

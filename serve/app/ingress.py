@@ -162,12 +162,14 @@ class Ingress:
                                    random.random) or pairs[0][0]
         self.inflight[name] = self.inflight.get(name, 0) + 1
         try:
+            cap = self.max_ongoing.get(model)
             if route is None and self.routes is not None:
-                route = self.routes.pick(name, random.random, max_ongoing=self.max_ongoing.get(model))
-            if route is not None:
+                route = self.routes.pick(name, random.random, max_ongoing=cap)
+            busy = False
+            while route is not None:
                 rid, addr = route
                 self.routes.inflight[rid] = self.routes.inflight.get(rid, 0) + 1
-                sent = False
+                sent = refused = False
                 try:
                     trace.mark("ingress.call", params.trace_id)
                     async for chunk in direct_stream(addr, self.routes.secret, prompt_ids, params):
@@ -181,16 +183,35 @@ class Ingress:
                         yield chunk
                     return
                 except DirectBusy:
-                    pass  # the replica is full: Serve's router queues the request
+                    # the replica is full (requests through Serve's queue hold its slots): another of the model's
+                    # replicas with room, in any deployment, before Serve's queue
+                    busy = refused = True
+                    self.routes.full(rid)
+                    nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
+                    route = None if nxt is None else nxt[1]
+                    if nxt is not None and nxt[0] != name:
+                        self.inflight[name] -= 1
+                        name = nxt[0]
+                        self.inflight[name] = self.inflight.get(name, 0) + 1
                 except DirectLost as exc:
                     self.routes.failed(rid, exc)
                     if sent:  # part of the answer is out
                         self._lost[name] = time.time()
                         raise ReplicaLost(f"a replica of {name} died or could not be reached ({exc})",
                                           retry_after_s=2.0) from None
-                    # nothing was sent back: Serve's handle takes it (it knows which replicas are alive)
+                    route = None  # nothing was sent back: Serve's handle takes it (it knows which replicas are alive)
                 finally:
-                    self.routes.inflight[rid] -= 1
+                    self.routes.ended(rid, ran=not refused)
+            if busy and len(pairs) > 1:
+                # every replica reachable directly is full: Serve's queue of the deployment with the fewest requests
+                # in flight per running replica (not the one a prefix chose)
+                running = await self._running()
+                best = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
+                                       random.random)
+                if best is not None and best != name:
+                    self.inflight[name] -= 1
+                    name = best
+                    self.inflight[name] = self.inflight.get(name, 0) + 1
             handle = dict(pairs)[name].options(stream=True)
             trace.mark("ingress.call", params.trace_id)
             gen = handle.generate.remote(prompt_ids, params)

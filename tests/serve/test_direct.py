@@ -143,3 +143,89 @@ def test_the_ingress_routes_a_shared_prefix_to_one_replica_across_deployments():
     me.routing["m"]["prefix"] = True
     routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": ["127.0.0.1", 1]}])
     assert by_prefix(me, "m", pairs, system) == (None, None)  # one replica: nothing to choose
+
+
+def test_routes_count_a_busy_replica_full_until_a_slot_frees_and_pick_across_deployments():
+    r = DirectRoutes(new_secret(), full_s=1.0)
+    r.update([{"replica_id": rid, "deployment": dep, "state": "running", "direct": ["127.0.0.1", port]}
+              for rid, dep, port in (("a", "m@n0", 1), ("b", "m@n1", 2))])
+    rng = random.Random(1)
+    assert {r.pick_any(["m@n0", "m@n1"], rng.random, now=10.0)[0] for _ in range(40)} == {"m@n0", "m@n1"}
+    r.full("a", now=10.0)
+    assert {r.pick_any(["m@n0", "m@n1"], rng.random, now=10.5)[1][0] for _ in range(20)} == {"b"}
+    assert r.pick("m@n0", rng.random, now=10.5) is None
+    assert r.pick("m@n0", rng.random, now=11.0)[0] == "a"  # full_s later it is tried again
+    r.full("a", now=20.0)
+    r.inflight["a"] = 1
+    r.ended("a")  # a stream of ours to it ended: a slot is free now
+    assert r.inflight["a"] == 0 and r.pick("m@n0", rng.random, now=20.1)[0] == "a"
+    r.full("a", now=30.0)
+    r.inflight["a"] = 1
+    r.ended("a", ran=False)  # it answered busy: no slot was freed
+    assert r.inflight["a"] == 0 and r.pick("m@n0", rng.random, now=30.1) is None
+
+
+def test_a_busy_replica_sends_the_request_to_another_with_room_then_to_serves_least_loaded_queue():
+    """Ingress.generate: the replica a prefix chose answers busy (its slots held by requests that came through Serve's
+    queue, which the ingress's own counts do not see): the request goes to a replica of another deployment with room,
+    not to the busy replica's queue; with every replica busy, to Serve's queue of the least loaded deployment."""
+    from planner.rollout import PrefixIndex, prefix_hashes
+    from serve.app.ingress import Ingress
+
+    class Handle:
+        def __init__(self, name, calls):
+            self.name, self.calls = name, calls
+
+        def options(self, **kw):
+            return self
+
+        @property
+        def generate(self):
+            return self
+
+        def remote(self, ids, params):
+            self.calls.append(self.name)
+
+            async def gen():
+                yield GenerationChunk(text=f"via {self.name}", finish_reason="length", completion_tokens=1)
+            return gen()
+
+    async def go():
+        secret = new_secret()
+        full_a = [1]
+        a = await DirectServer(_engine().generate, secret, max_ongoing=1, busy=lambda: full_a[0]).start()
+        b_busy = [0]
+        b = await DirectServer(_engine().generate, secret, max_ongoing=1, busy=lambda: b_busy[0]).start()
+        routes = DirectRoutes(secret)
+        routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": list(a.address)},
+                       {"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
+        calls = []
+        me = Ingress.func_or_class.__new__(Ingress.func_or_class)
+        me.__dict__.update(draining=None, handles={"m": [("m@n0", Handle("m@n0", calls)),
+                                                         ("m@n1", Handle("m@n1", calls))]},
+                           wake_mode={}, routing={"m": {"prefix": True, "max_imbalance": 4, "min_match_tokens": 32}},
+                           routes=routes, max_ongoing={"m": 8}, prefix={}, routed={}, inflight={"m@n0": 5},
+                           waking={}, _lost={})
+
+        async def running(max_age_s=None):
+            return {"m@n0": 1, "m@n1": 1}
+        me._running = running
+        system = list(range(500, 700))
+        me.prefix["m"] = PrefixIndex()
+        me.prefix["m"].record(prefix_hashes(system), "a")  # a holds the prompt's start
+        params = SamplingParams(max_tokens=4, seed=1)
+        got = [c async for c in me.generate("m", system, params)]
+        first = ("".join(c.text for c in got), b.served, a.served, dict(routes.inflight), dict(me.inflight))
+        b_busy[0] = 1  # now both are full: Serve's queue, of the deployment with fewer in flight (m@n1)
+        routes.full_until.clear()
+        got2 = [c async for c in me.generate("m", system, params)]
+        await a.stop(1)
+        await b.stop(1)
+        return first, got2, calls, me.inflight
+
+    first, got2, calls, inflight = asyncio.run(go())
+    text, b_served, a_served, routes_inflight, dep_inflight = first
+    assert b_served == 1 and a_served == 0 and len(text.split()) == 4
+    assert routes_inflight == {"a": 0, "b": 0} and dep_inflight == {"m@n0": 5, "m@n1": 0}
+    assert [c.text for c in got2] == ["via m@n1"] and calls == ["m@n1"]
+    assert inflight == {"m@n0": 5, "m@n1": 0}
