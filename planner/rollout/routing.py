@@ -92,11 +92,14 @@ def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], promp
                    sizes: "dict[str, int] | None" = None) -> tuple[str | None, str]:
     """The replica for a request among ``loads`` (replica -> requests in flight): the one ``match`` names when it
     holds at least ``min_match_blocks`` blocks and ``min_match_rate`` of the prompt's and has at most
-    ``max_imbalance`` more requests in flight than the least loaded ("prefix"). A prompt no replica holds goes,
-    among the replicas within ``max_imbalance`` of the least loaded, to the one holding the fewest blocks in the
-    index (``sizes``: the most room in its prefix cache, as Ray Serve LLM's router picks the smallest tree), so that
-    new prefixes spread over the caches ("room"). Otherwise, or without ``sizes``, the less loaded of two drawn at
-    random ("load"; "imbalanced" when a match was passed over for load). (None, "none") when ``loads`` is empty."""
+    ``max_imbalance`` more requests in flight than the least loaded ("prefix"). A prompt no replica holds gains
+    nothing from any cache, so it goes to the least loaded replica, and among equally loaded ones to the one holding
+    the fewest blocks in the index (``sizes``: the most room in its prefix cache, as Ray Serve LLM's router picks the
+    smallest tree), so that new prefixes spread over the caches ("room"; as first written, a miss went to the
+    fewest blocks among all replicas within the bound, i.e. to a replica with up to ``max_imbalance`` more in flight
+    than another: docs/benchmarks.md, policy replay). Otherwise, or
+    without ``sizes``, the less loaded of two drawn at random ("load"; "imbalanced" when a match was passed over for
+    load). (None, "none") when ``loads`` is empty."""
     if not loads:
         return None, "none"
     replica, blocks = match
@@ -108,8 +111,7 @@ def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], promp
     else:
         why = "load"
         if sizes is not None:
-            within = [k for k in loads if loads[k] - least <= max_imbalance]
-            return min(within, key=lambda k: (sizes.get(k, 0), loads[k])), "room"
+            return min(loads, key=lambda k: (loads[k], sizes.get(k, 0))), "room"
     keys = list(loads)
     if len(keys) == 1:
         return keys[0], why

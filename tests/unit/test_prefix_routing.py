@@ -111,7 +111,9 @@ def test_new_prefixes_spread_over_the_caches_and_sizes_follow_the_index():
     assert small.sizes == {"r1": 10}
     small.record(prefix_hashes(SYSTEM_A)[:4], "r2")  # 4 blocks more for r2: the 4 oldest of r1 are forgotten
     assert small.sizes == {"r1": 6, "r2": 4} and len(small.owner) == 10
-    # loads beyond the bound are not candidates for room
-    rid, why = pick_by_prefix({"r1": 9, "r2": 0}, (None, 0), 3, random.random, max_imbalance=4, min_match_blocks=2,
-                              sizes={"r1": 0, "r2": 100})
-    assert (rid, why) == ("r2", "room")
+    # a miss goes to the least loaded, even one request apart; the fewest blocks only among equal loads
+    for loads, expect in (({"r1": 9, "r2": 0}, "r2"), ({"r1": 1, "r2": 0}, "r2"), ({"r1": 0, "r2": 0, "r3": 0}, "r1"),
+                          ({"r1": 2, "r2": 1, "r3": 1}, "r3")):
+        rid, why = pick_by_prefix(loads, (None, 0), 3, random.random, max_imbalance=4, min_match_blocks=2,
+                                  sizes={"r1": 0, "r2": 100, "r3": 50})
+        assert (rid, why) == (expect, "room"), loads
