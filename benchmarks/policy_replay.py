@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        if marks_file is not None:
+            shutil.rmtree(marks_file.parent, ignore_errors=True)
 
     print(machine_line())
     print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s, rates x {a.rate_scale:g}; {a.models} "

@@ -23,7 +23,8 @@ def test_policy_replay_runs_and_loses_nothing(tmp_path):
     out = tmp_path / "replay.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--models", "1",
-                        "--policies", "gpuplan", "fixed", "--max-replicas", "2", "--json", str(out)], cwd=ROOT,
+                        "--policies", "gpuplan", "fixed", "--max-replicas", "2", "--timeline", "--json", str(out)],
+                       cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads(out.read_text())["table"]
@@ -33,3 +34,11 @@ def test_policy_replay_runs_and_loses_nothing(tmp_path):
         assert r["tpot_p95_ms"] == pytest.approx(r["sim_tpot_p95_ms"], rel=0.25), r
     assert rows[1]["replica_seconds"] > rows[0]["replica_seconds"]  # the fixed fleet runs both from the start
     assert "| gpuplan | qwen-7b |" in p.stdout
+    # --timeline: every request's path was stamped, in order, and the engine's part of each TTFT is within it (so its
+    # median is within the TTFT's; 1 ms for the two clocks read apart)
+    where = json.loads(out.read_text())["timeline"]
+    for r in rows:
+        w = where[r["policy"]][r["model"]]
+        assert w["requests"] == r["ok"], (w, r)
+        assert w["in_p50_ms"] > 0 and w["out_p50_ms"] > 0, w
+        assert 0 < w["engine_p50_ms"] <= r["ttft_p50_ms"] + 1.0, (w, r)
