@@ -139,6 +139,7 @@ def timeline(path: Path, got: dict) -> dict:
     client -> replica (HTTP, the front, routing, Serve's queue, the Ray call), the engine (its queue, the prefill,
     the first token), replica -> client; p50 and p95 of each, milliseconds."""
     marks: dict = {}
+    pids: dict = {}  # request id -> the process of the replica that served it
     if path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -147,6 +148,8 @@ def timeline(path: Path, got: dict) -> dict:
                 continue
             if e.get("id"):
                 marks.setdefault(e["id"], {}).setdefault(e["event"], e["t"])
+                if e["event"] == "replica.enter":
+                    pids[e["id"]] = e.get("pid")
     out = {}
     for model, rows in got.items():
         segs = {name: [] for name, _, _ in SEGMENTS}
@@ -155,6 +158,8 @@ def timeline(path: Path, got: dict) -> dict:
             if all(ev.get(k) is not None for _, a, b in SEGMENTS for k in (a, b)):
                 for name, a, b in SEGMENTS:
                     segs[name].append((ev[b] - ev[a]) * 1e3)
+                    r[f"{name}_ms"] = round(segs[name][-1], 2)  # kept with the request's row (--json)
+                r["replica_pid"] = pids.get(r.get("id"))
         out[model] = {"requests": len(segs["in"]),
                       **{f"{k}_p{q}_ms": round(percentile(v, q), 1) if v else None
                          for k, v in segs.items() for q in (50, 95)}}

@@ -183,29 +183,34 @@ class Ingress:
                         yield chunk
                     return
                 except DirectBusy:
-                    # the replica is full (requests through Serve's queue hold its slots): another of the model's
-                    # replicas with room, in any deployment, before Serve's queue
+                    # the replica is full (requests through Serve's queue hold its slots)
                     busy = refused = True
                     self.routes.full(rid)
-                    nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
-                    route = None if nxt is None else nxt[1]
-                    if nxt is not None and nxt[0] != name:
-                        self.inflight[name] -= 1
-                        name = nxt[0]
-                        self.inflight[name] = self.inflight.get(name, 0) + 1
                 except DirectLost as exc:
                     self.routes.failed(rid, exc)
                     if sent:  # part of the answer is out
                         self._lost[name] = time.time()
                         raise ReplicaLost(f"a replica of {name} died or could not be reached ({exc})",
                                           retry_after_s=2.0) from None
-                    route = None  # nothing was sent back: Serve's handle takes it (it knows which replicas are alive)
+                    # nothing was sent back: the replica stopped (scaled down) or died. Its deployment may have no
+                    # replica left, and a request queued at its handle would make Serve start one there against the
+                    # plan's decision: pass the deployment over while another has replicas
+                    busy = refused = True
+                    self._lost[name] = time.time()
                 finally:
                     self.routes.ended(rid, ran=not refused)
+                # another of the model's replicas with room, in any deployment, before Serve's queue
+                nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
+                route = None if nxt is None else nxt[1]
+                if nxt is not None and nxt[0] != name:
+                    self.inflight[name] -= 1
+                    name = nxt[0]
+                    self.inflight[name] = self.inflight.get(name, 0) + 1
             if busy and len(pairs) > 1:
-                # every replica reachable directly is full: Serve's queue of the deployment with the fewest requests
-                # in flight per running replica (not the one a prefix chose)
-                running = await self._running()
+                # every replica reachable directly is full or gone: Serve's queue of the deployment with the fewest
+                # requests in flight per running replica (not the one a prefix chose, nor one that just lost its
+                # replica), on a status under a second old
+                running = await self._running(max_age_s=READY_STATUS_MAX_AGE_S)
                 best = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
                                        random.random)
                 if best is not None and best != name:

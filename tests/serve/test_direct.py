@@ -165,31 +165,76 @@ def test_routes_count_a_busy_replica_full_until_a_slot_frees_and_pick_across_dep
     assert r.inflight["a"] == 0 and r.pick("m@n0", rng.random, now=30.1) is None
 
 
+class _Handle:
+    """A deployment's Serve handle that answers at once and records that it was called."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def generate(self):
+        return self
+
+    def remote(self, ids, params):
+        self.calls.append(self.name)
+
+        async def gen():
+            yield GenerationChunk(text=f"via {self.name}", finish_reason="length", completion_tokens=1)
+        return gen()
+
+
+def _ingress_holding(routes, calls, holder):
+    """An Ingress (its methods, no Ray) for model m on deployments m@n0 and m@n1, whose prefix index sends the
+    returned prompt to replica ``holder``."""
+    from planner.rollout import PrefixIndex, prefix_hashes
+    from serve.app.ingress import Ingress
+
+    me = Ingress.func_or_class.__new__(Ingress.func_or_class)
+    me.__dict__.update(draining=None, handles={"m": [("m@n0", _Handle("m@n0", calls)),
+                                                     ("m@n1", _Handle("m@n1", calls))]},
+                       wake_mode={}, routing={"m": {"prefix": True, "max_imbalance": 4, "min_match_tokens": 32}},
+                       routes=routes, max_ongoing={"m": 8}, prefix={}, routed={}, inflight={"m@n0": 5},
+                       waking={}, _lost={})
+
+    async def running(max_age_s=None):
+        return {"m@n0": 1, "m@n1": 1}
+    me._running = running
+    system = list(range(500, 700))
+    me.prefix["m"] = PrefixIndex()
+    me.prefix["m"].record(prefix_hashes(system), holder)
+    return me, system, SamplingParams(max_tokens=4, seed=1)
+
+
+def test_a_replica_gone_before_answering_sends_the_request_to_another_not_to_its_empty_deployment():
+    """The replica the ingress chose stopped (scaled down) before the registry said so: the request goes to another
+    replica directly, and the deployment is passed over (a request queued at a deployment with no replica made
+    Serve start one there, against the plan's decision, again and again)."""
+    async def go():
+        secret = new_secret()
+        a = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
+        b = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
+        await a.stop(1)  # refuses connections from now on
+        routes = DirectRoutes(secret)
+        routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": list(a.address)},
+                       {"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
+        calls = []
+        me, system, params = _ingress_holding(routes, calls, "a")
+        got = [c async for c in me.generate("m", system, params)]
+        await b.stop(1)
+        return got, b.served, calls, me
+
+    got, b_served, calls, me = asyncio.run(go())
+    assert len("".join(c.text for c in got).split()) == 4 and b_served == 1 and calls == []
+    assert "m@n0" in me._lost and me.inflight == {"m@n0": 5, "m@n1": 0}
+
+
 def test_a_busy_replica_sends_the_request_to_another_with_room_then_to_serves_least_loaded_queue():
     """Ingress.generate: the replica a prefix chose answers busy (its slots held by requests that came through Serve's
     queue, which the ingress's own counts do not see): the request goes to a replica of another deployment with room,
     not to the busy replica's queue; with every replica busy, to Serve's queue of the least loaded deployment."""
-    from planner.rollout import PrefixIndex, prefix_hashes
-    from serve.app.ingress import Ingress
-
-    class Handle:
-        def __init__(self, name, calls):
-            self.name, self.calls = name, calls
-
-        def options(self, **kw):
-            return self
-
-        @property
-        def generate(self):
-            return self
-
-        def remote(self, ids, params):
-            self.calls.append(self.name)
-
-            async def gen():
-                yield GenerationChunk(text=f"via {self.name}", finish_reason="length", completion_tokens=1)
-            return gen()
-
     async def go():
         secret = new_secret()
         full_a = [1]
@@ -200,20 +245,7 @@ def test_a_busy_replica_sends_the_request_to_another_with_room_then_to_serves_le
         routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": list(a.address)},
                        {"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
         calls = []
-        me = Ingress.func_or_class.__new__(Ingress.func_or_class)
-        me.__dict__.update(draining=None, handles={"m": [("m@n0", Handle("m@n0", calls)),
-                                                         ("m@n1", Handle("m@n1", calls))]},
-                           wake_mode={}, routing={"m": {"prefix": True, "max_imbalance": 4, "min_match_tokens": 32}},
-                           routes=routes, max_ongoing={"m": 8}, prefix={}, routed={}, inflight={"m@n0": 5},
-                           waking={}, _lost={})
-
-        async def running(max_age_s=None):
-            return {"m@n0": 1, "m@n1": 1}
-        me._running = running
-        system = list(range(500, 700))
-        me.prefix["m"] = PrefixIndex()
-        me.prefix["m"].record(prefix_hashes(system), "a")  # a holds the prompt's start
-        params = SamplingParams(max_tokens=4, seed=1)
+        me, system, params = _ingress_holding(routes, calls, "a")
         got = [c async for c in me.generate("m", system, params)]
         first = ("".join(c.text for c in got), b.served, a.served, dict(routes.inflight), dict(me.inflight))
         b_busy[0] = 1  # now both are full: Serve's queue, of the deployment with fewer in flight (m@n1)
