@@ -186,11 +186,16 @@ class _Handle:
         return gen()
 
 
-def _ingress_holding(routes, calls, holder):
-    """An Ingress (its methods, no Ray) for model m on deployments m@n0 and m@n1, whose prefix index sends the
-    returned prompt to replica ``holder``."""
+def _ingress_holding(secret, a, b):
+    """An Ingress (its methods, no Ray) for model m with replica "a" (server ``a``) on deployment m@n0 and "b" on
+    m@n1, whose prefix index sends the returned prompt to "a": (routes, handle calls, ingress, prompt, params)."""
     from planner.rollout import PrefixIndex, prefix_hashes
     from serve.app.ingress import Ingress
+
+    routes = DirectRoutes(secret)
+    routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": list(a.address)},
+                   {"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
+    calls = []
 
     me = Ingress.func_or_class.__new__(Ingress.func_or_class)
     me.__dict__.update(draining=None, handles={"m": [("m@n0", _Handle("m@n0", calls)),
@@ -204,8 +209,8 @@ def _ingress_holding(routes, calls, holder):
     me._running = running
     system = list(range(500, 700))
     me.prefix["m"] = PrefixIndex()
-    me.prefix["m"].record(prefix_hashes(system), holder)
-    return me, system, SamplingParams(max_tokens=4, seed=1)
+    me.prefix["m"].record(prefix_hashes(system), "a")
+    return routes, calls, me, system, SamplingParams(max_tokens=4, seed=1)
 
 
 def test_a_replica_gone_before_answering_sends_the_request_to_another_not_to_its_empty_deployment():
@@ -217,11 +222,7 @@ def test_a_replica_gone_before_answering_sends_the_request_to_another_not_to_its
         a = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
         b = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
         await a.stop(1)  # refuses connections from now on
-        routes = DirectRoutes(secret)
-        routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": list(a.address)},
-                       {"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
-        calls = []
-        me, system, params = _ingress_holding(routes, calls, "a")
+        routes, calls, me, system, params = _ingress_holding(secret, a, b)
         got = [c async for c in me.generate("m", system, params)]
         await b.stop(1)
         return got, b.served, calls, me
@@ -241,11 +242,7 @@ def test_a_busy_replica_sends_the_request_to_another_with_room_then_to_serves_le
         a = await DirectServer(_engine().generate, secret, max_ongoing=1, busy=lambda: full_a[0]).start()
         b_busy = [0]
         b = await DirectServer(_engine().generate, secret, max_ongoing=1, busy=lambda: b_busy[0]).start()
-        routes = DirectRoutes(secret)
-        routes.update([{"replica_id": "a", "deployment": "m@n0", "state": "running", "direct": list(a.address)},
-                       {"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
-        calls = []
-        me, system, params = _ingress_holding(routes, calls, "a")
+        routes, calls, me, system, params = _ingress_holding(secret, a, b)
         got = [c async for c in me.generate("m", system, params)]
         first = ("".join(c.text for c in got), b.served, a.served, dict(routes.inflight), dict(me.inflight))
         b_busy[0] = 1  # now both are full: Serve's queue, of the deployment with fewer in flight (m@n1)
