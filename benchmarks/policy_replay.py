@@ -2,16 +2,17 @@
 declared 16-GPU cluster, under gpuplan's policy, Ray Serve's request rule and a fixed fleet sized for the peak; and
 what `gpuplan simulate` predicted for the same requests.
 
-    python -m benchmarks.policy_replay [--duration 300] [--policies gpuplan requests fixed] [--json FILE]
+    python -m benchmarks.policy_replay [--duration 300] [--warmup 60] [--policies gpuplan requests fixed] [--json FILE]
 
 The cluster is Ray's (ray.cluster_utils: one head and four nodes of four fake L4s each, labelled as the declared
 nodes), on this machine; the models run `engine: sim` (serve/engines/sim.py: no model, tokens on the speed model's
 time for an L4), so dozens of replicas fit on a laptop's cores. Each model replays the shipped trace
 (examples/traces/) at its own rate, phase-shifted (planner.simulate.arrivals_from_trace, as `gpuplan simulate`
 does), prompts of the trace's length scaled to the model's mean (the sim models have no tokenizer: one word is one
-token; each prompt differs from its first word on) and answers forced to theirs (ignore_eos). Per policy the app is deployed afresh on the same cluster, the
-replay runs for --duration seconds, RUNNING replicas are counted every second (replica-seconds), and the same
-arrivals go through planner.simulate with the same policy. Prints one table: per policy and model, TTFT and TPOT
+token; each prompt differs from its first word on) and answers forced to theirs (ignore_eos). Per policy the app
+is deployed afresh on the same cluster and the replay runs for --warmup then --duration seconds; what arrives in the
+warm-up is served and left out, RUNNING replicas are counted every second after it (replica-seconds), and the same
+arrivals go through planner.simulate with the same policy and warm-up. Prints one table: per policy and model, TTFT and TPOT
 p50/p95 at the client, the share of requests within the SLO, errors, replica-seconds, and simulate's p95s.
 """
 
@@ -79,10 +80,13 @@ def fixed(args: dict, result) -> dict:
     return out
 
 
-def count_running(app: str, stop: threading.Event, out: dict) -> None:
-    """Every second: RUNNING replicas per model, integrated into replica-seconds."""
+def count_running(app: str, stop: threading.Event, out: dict, from_wall: float = 0.0) -> None:
+    """Every second from ``from_wall`` (the end of the warm-up): RUNNING replicas per model, integrated into
+    replica-seconds."""
     from ray import serve
 
+    while time.time() < from_wall and not stop.is_set():
+        time.sleep(0.2)
     last = time.time()
     while not stop.is_set():
         time.sleep(1.0)
@@ -170,6 +174,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=300.0, help="seconds of traffic per policy")
     ap.add_argument("--start-at", type=float, default=0.0, help="where in the (rate-scaled) trace to start")
+    ap.add_argument("--warmup", type=float, default=60.0,
+                    help="seconds of the trace replayed first and left out of every figure, in the replay and in "
+                         "simulate: the policies start from replicas.min, and a cold start into the trace's first "
+                         "burst (new replicas starting on the same cores as the client) is not a running service")
     ap.add_argument("--policies", nargs="+", default=["gpuplan", "requests", "fixed"],
                     choices=["gpuplan", "requests", "fixed"])
     ap.add_argument("--max-replicas", type=int, default=6, help="each model's replicas.max")
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
     rows = read_trace(str(TRACE))
     entries = {m.name: m for m in result.args.models}
     shapes = [(m.name, traffic_of(entries[m.name])) for m in sim_models(result)]
-    arr = arrivals_from_trace(rows, shapes, duration_s=a.start_at + a.duration)
+    arr = arrivals_from_trace(rows, shapes, duration_s=a.start_at + a.warmup + a.duration)
     arr = {m: [(t - a.start_at, min(p, MAX_MODEL_LEN - o - 8), o) for t, p, o in xs if t >= a.start_at]
            for m, xs in arr.items()}
 
@@ -236,9 +244,11 @@ def main(argv=None) -> int:
                 time.sleep(2)
             time.sleep(5)  # the minimums settle
             stop, rs = threading.Event(), {}
-            counter = threading.Thread(target=count_running, args=("llm", stop, rs), daemon=True)
+            counter = threading.Thread(target=count_running, args=("llm", stop, rs, time.time() + 1.0 + a.warmup),
+                                       daemon=True)
             counter.start()
             got = asyncio.run(replay(url, arr, tag=policy if a.timeline else None))
+            got = {m: [r for r in rows if r["at"] >= a.warmup] for m, rows in got.items()}  # the warm-up left out
             raw[policy] = got
             if marks_file is not None:
                 where[policy] = timeline(marks_file, got)
@@ -248,7 +258,7 @@ def main(argv=None) -> int:
                                                             cluster_from_decl(parsed.cluster),
                                                             frozenset({"transformers"})))}
             pred = simulate([with_policy(m, policy) if policy != "fixed" else m for m in sims.values()], arr,
-                            start_s=a.start_s)
+                            start_s=a.start_s, measure_from_s=a.warmup)
             for mr in pred.models:
                 s = summarize(got[mr.model])
                 table.append({"policy": policy, "model": mr.model, **s,
@@ -265,7 +275,8 @@ def main(argv=None) -> int:
             shutil.rmtree(marks_file.parent, ignore_errors=True)
 
     print(machine_line())
-    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at:.0f} s, rates x {a.rate_scale:g}; {a.models} "
+    print(f"trace {TRACE.name}, {a.duration:.0f} s from {a.start_at + a.warmup:.0f} s after {a.warmup:.0f} s of "
+          f"warm-up, rates x {a.rate_scale:g}; {a.models} "
           f"models on engine: sim, 16 x {GPU} on 4 nodes (Ray's fake GPUs); SLO TTFT p95 {SLO['ttft_p95_ms']} ms, TPOT p95 {SLO['tpot_p95_ms']} ms; "
           f"autoscaling {AUTOSCALING}\n")
     print("| policy | model | requests | errors | TTFT p50 / p95 ms | TPOT p50 / p95 ms | within SLO | replica-s | "

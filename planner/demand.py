@@ -357,5 +357,6 @@ def sim_models(result) -> list[SimModel]:
             max_model_len=entry.max_model_len, max_ongoing=entry.max_ongoing_requests,
             max_queued=entry.max_queued_requests, rule=ro.rule(entry.name),
             metrics_interval_s=entry.autoscaling.metrics_interval_s,
-            slo=Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms) if entry.slo else None, path_s=path))
+            slo=Slo(entry.slo.ttft_p95_ms, entry.slo.tpot_p95_ms) if entry.slo else None, path_s=path,
+            look_back_period_s=entry.autoscaling.look_back_period_s))
     return out

@@ -8,7 +8,7 @@ deployments, then the replica with fewer requests of two, as Serve's router), wa
 holds ``max_ongoing_requests``, and are refused (429) beyond ``max_queued_requests``; a request longer than
 ``max_model_len`` is refused (400). Replicas scale as the model's policy does every ``metrics_interval_s``
 (``autoscaling.policy``: gpuplan's ``signal_want`` on the signals the replicas would report, i.e. the mean requests in
-flight, sequences waiting, the fullest KV cache, TTFT/TPOT p95 and rate of the last 30 s; or Ray Serve's
+flight over ``look_back_period_s`` as Serve averages them, sequences waiting, the fullest KV cache, TTFT/TPOT p95 and rate of the last 30 s; or Ray Serve's
 ``desired_replicas`` on the mean requests in flight), ``move_goal`` with the upscale and downscale delays, within
 [min, placed]; a replica started takes ``start_s`` before it serves, and one scaled down finishes what it holds.
 
@@ -31,7 +31,7 @@ from planner.rollout.policy import (SIGNAL_WINDOW_S, LatencyWindow, ModelSignals
                                     signal_want)
 from planner.traffic import Slo
 
-_ARRIVE, _WAKE, _POLICY, _READY, _KICK = 0, 1, 2, 3, 4
+_ARRIVE, _WAKE, _POLICY, _READY, _KICK, _MARK = 0, 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -140,10 +140,14 @@ class SimModel:
     metrics_interval_s: float
     slo: Slo | None
     path_s: float = 0.0  # the serving path's latency before a request's first token, outside the engine
+    look_back_period_s: float = 0.0  # the load the policy sees: the mean in flight over this window (Serve's
+    # look_back_period_s); 0: over the last metrics interval
 
 def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, seed: int = 0,
-             until: float | None = None) -> SimResult:
-    """Replay ``arrivals`` ({model: [(t, prompt, output), ...]}, t ascending) against ``models``."""
+             until: float | None = None, measure_from_s: float = 0.0) -> SimResult:
+    """Replay ``arrivals`` ({model: [(t, prompt, output), ...]}, t ascending) against ``models``. Requests that
+    arrive before ``measure_from_s`` (a warm-up) are served but left out of every figure, and replica-seconds, scale
+    events and the replicas seen count from then."""
     rng = random.Random(seed)
     reps: dict[str, list[_Replica]] = {}
     for m in models:
@@ -172,6 +176,7 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
     seen_max = {m.name: 0 for m in models}
     inflight_area = {m.name: 0.0 for m in models}  # integral of requests in flight over time, this interval
     inflight_now = {m.name: 0 for m in models}
+    looked = {m.name: deque() for m in models}  # (integral, seconds) of each interval within the look-back window
     windows = {m.name: LatencyWindow(SIGNAL_WINDOW_S) for m in models}  # what the replicas report (gpuplan's policy)
     last_t = {m.name: 0.0 for m in models}
     end = 0.0
@@ -186,6 +191,8 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
         goal[m.name] = m.rule.min_replicas
         seen_max[m.name] = m.rule.min_replicas
         push(m.metrics_interval_s, _POLICY, m.name)
+    if measure_from_s > 0:
+        push(measure_from_s, _MARK, None)
 
     def track(model, now, delta):
         inflight_area[model] += inflight_now[model] * (now - last_t[model])
@@ -280,18 +287,21 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
             model, p, o = payload
             m = by_name[model]
             q = _Req(model, now, p, o)
-            reqs[model].append(q)
+            counted = now >= measure_from_s
+            if counted:
+                reqs[model].append(q)
             windows[model].start(now)
             if p + o > m.max_model_len or p + o > m.kv_tokens:
-                refused_long[model] += 1
+                refused_long[model] += counted
                 continue
             r = route(model, now)
             if r is None:
                 if m.max_queued >= 0 and len(router[model]) >= m.max_queued:
-                    refused_full[model] += 1
+                    refused_full[model] += counted
                     continue
                 router[model].append(q)
-                max_queue[model] = max(max_queue[model], len(router[model]))
+                if counted:
+                    max_queue[model] = max(max_queue[model], len(router[model]))
                 track(model, now, +1)
                 continue
             track(model, now, +1)
@@ -308,6 +318,14 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
         elif kind == _KICK:
             payload.kick_due = False
             kick(payload, now)
+        elif kind == _MARK:  # the warm-up is over: replica time and scaling count from here
+            for name, rs in reps.items():
+                for r in rs:
+                    r.busy_s = 0.0
+                    if r.state != "off":
+                        r.since = now
+                scale_events[name] = 0
+                seen_max[name] = sum(r.state in ("on", "starting") for r in rs)
         elif kind == _WAKE:
             r, ver = payload
             if ver != r.ver:
@@ -337,8 +355,11 @@ def simulate(models: list[SimModel], arrivals: dict, *, start_s: float = 60.0, s
             model = payload
             m = by_name[model]
             track(model, now, 0)
-            load = inflight_area[model] / m.metrics_interval_s
+            looked[model].append((inflight_area[model], m.metrics_interval_s))
             inflight_area[model] = 0.0
+            while len(looked[model]) > max(1, round(m.look_back_period_s / m.metrics_interval_s)):
+                looked[model].popleft()
+            load = sum(a for a, _ in looked[model]) / sum(s for _, s in looked[model])
             before = goal.get(model)
             if m.rule.policy == "requests":
                 want = desired_replicas(m.rule, load)

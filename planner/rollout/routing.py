@@ -95,11 +95,9 @@ def pick_by_prefix(loads: "dict[str, int]", match: tuple[str | None, int], promp
     ``max_imbalance`` more requests in flight than the least loaded ("prefix"). A prompt no replica holds gains
     nothing from any cache, so it goes to the least loaded replica, and among equally loaded ones to the one holding
     the fewest blocks in the index (``sizes``: the most room in its prefix cache, as Ray Serve LLM's router picks the
-    smallest tree), so that new prefixes spread over the caches ("room"; as first written, a miss went to the
-    fewest blocks among all replicas within the bound, i.e. to a replica with up to ``max_imbalance`` more in flight
-    than another: docs/benchmarks.md, policy replay). Otherwise, or
-    without ``sizes``, the less loaded of two drawn at random ("load"; "imbalanced" when a match was passed over for
-    load). (None, "none") when ``loads`` is empty."""
+    smallest tree), so that new prefixes spread over the caches ("room"). Otherwise, or without ``sizes``, the less
+    loaded of two drawn at random ("load"; "imbalanced" when a match was passed over for load). (None, "none") when
+    ``loads`` is empty."""
     if not loads:
         return None, "none"
     replica, blocks = match

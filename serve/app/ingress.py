@@ -161,11 +161,17 @@ class Ingress:
             name = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
                                    random.random) or pairs[0][0]
         self.inflight[name] = self.inflight.get(name, 0) + 1
+
+        def move_to(other: str) -> str:  # the request now counts against another deployment of the model
+            self.inflight[name] -= 1
+            self.inflight[other] = self.inflight.get(other, 0) + 1
+            return other
+
         try:
             cap = self.max_ongoing.get(model)
             if route is None and self.routes is not None:
                 route = self.routes.pick(name, random.random, max_ongoing=cap)
-            busy = False
+            passed_over = False  # a replica chosen was full or gone
             while route is not None:
                 rid, addr = route
                 self.routes.inflight[rid] = self.routes.inflight.get(rid, 0) + 1
@@ -184,7 +190,7 @@ class Ingress:
                     return
                 except DirectBusy:
                     # the replica is full (requests through Serve's queue hold its slots)
-                    busy = refused = True
+                    passed_over = refused = True
                     self.routes.full(rid)
                 except DirectLost as exc:
                     self.routes.failed(rid, exc)
@@ -195,7 +201,7 @@ class Ingress:
                     # nothing was sent back: the replica stopped (scaled down) or died. Its deployment may have no
                     # replica left, and a request queued at its handle would make Serve start one there against the
                     # plan's decision: pass the deployment over while another has replicas
-                    busy = refused = True
+                    passed_over = refused = True
                     self._lost[name] = time.time()
                 finally:
                     self.routes.ended(rid, ran=not refused)
@@ -203,10 +209,8 @@ class Ingress:
                 nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
                 route = None if nxt is None else nxt[1]
                 if nxt is not None and nxt[0] != name:
-                    self.inflight[name] -= 1
-                    name = nxt[0]
-                    self.inflight[name] = self.inflight.get(name, 0) + 1
-            if busy and len(pairs) > 1:
+                    name = move_to(nxt[0])
+            if passed_over and len(pairs) > 1:
                 # every replica reachable directly is full or gone: Serve's queue of the deployment with the fewest
                 # requests in flight per running replica (not the one a prefix chose, nor one that just lost its
                 # replica), on a status under a second old
@@ -214,9 +218,7 @@ class Ingress:
                 best = pick_deployment([(n, running.get(n, 0), self.inflight.get(n, 0)) for n, _ in pairs],
                                        random.random)
                 if best is not None and best != name:
-                    self.inflight[name] -= 1
-                    name = best
-                    self.inflight[name] = self.inflight.get(name, 0) + 1
+                    name = move_to(best)
             handle = dict(pairs)[name].options(stream=True)
             trace.mark("ingress.call", params.trace_id)
             gen = handle.generate.remote(prompt_ids, params)

@@ -1,4 +1,4 @@
-"""benchmarks/policy_replay.py runs (one model, two policies, 20 s), so it does not rot: the simulated replicas answer
+"""benchmarks/policy_replay.py runs (one model, two policies, 5 s of warm-up and 20 s), so it does not rot: the simulated replicas answer
 every request on a Ray cluster of fake L4s, replica-seconds are counted, and simulate's TPOT agrees with the served
 one (the engine keeps the speed model's time). Its real numbers are in docs/benchmarks.md."""
 
@@ -22,7 +22,7 @@ def test_policy_replay_runs_and_loses_nothing(tmp_path):
     need_no_ray("the benchmark")
     out = tmp_path / "replay.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--models", "1",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--warmup", "5", "--models", "1",
                         "--policies", "gpuplan", "fixed", "--max-replicas", "2", "--timeline", "--json", str(out)],
                        cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=900)
@@ -33,6 +33,10 @@ def test_policy_replay_runs_and_loses_nothing(tmp_path):
         assert r["requests"] >= 3 and r["errors"] == 0 and r["replica_seconds"] > 0, r
         assert r["tpot_p95_ms"] == pytest.approx(r["sim_tpot_p95_ms"], rel=0.25), r
     assert rows[1]["replica_seconds"] > rows[0]["replica_seconds"]  # the fixed fleet runs both from the start
+    # the 5-s warm-up was served and left out
+    kept = json.loads(out.read_text())["requests"]
+    assert all(r["at"] >= 5.0 for pol in kept.values() for rs in pol.values() for r in rs)
+    assert all(r["replica_seconds"] < 2 * 20 + 5 for r in rows), rows  # 2 replicas at most, counted after it
     assert "| gpuplan | qwen-7b |" in p.stdout
     # --timeline: every request's path was stamped, in order, and the engine's part of each TTFT is within it (so its
     # median is within the TTFT's; 1 ms for the two clocks read apart)

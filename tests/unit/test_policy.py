@@ -1,5 +1,5 @@
 """gpuplan's scaling rule (planner/rollout/policy.py signal_want) on the signals replicas report: up on a p95 near its
-target, on saturation (requests beyond the batches, a full KV cache) or on a rate above the plan's capacity; down only
+target, on saturation (the batches 40% full, a full KV cache) or on a rate above the plan's capacity; down only
 when one replica fewer keeps the load and every p95 comfortably within; without an SLO, saturation alone. The
 decision over time (fake clock, the delays) through decide_scale, and the signals' plumbing from Serve's metrics."""
 
@@ -30,9 +30,11 @@ def test_up_when_a_p95_nears_its_target():
 
 
 def test_up_on_saturation_and_on_a_rate_above_capacity():
-    want, why = signal_want(rule(), ModelSignals(load=17), 2)  # 2 replicas x 8 slots
-    assert want == 3 and "17.0 requests for 16 batch slots" in why
-    assert signal_want(rule(), ModelSignals(load=40), 2)[0] == 5  # at once to the batches that hold them
+    want, why = signal_want(rule(), ModelSignals(load=7), 2)  # 2 replicas x 8 slots, 6.4 of them 40%
+    assert want == 3 and "7.0 requests > 2 x 3.2 (40% of max_num_seqs 8, at least 1)" in why
+    assert signal_want(rule(), ModelSignals(load=6.4), 2)[0] == 2
+    # at once to the batches that hold them 40% full: 40 / 3.2
+    assert signal_want(rule(hi=20), ModelSignals(load=40), 2)[0] == 13
     want, why = signal_want(rule(), ModelSignals(load=3, kv_usage=0.97), 2)
     assert want == 3 and "KV cache 97% full" in why
     # the plan says one replica serves 1.5 req/s within the SLO: 7 req/s needs 5 at once
@@ -56,15 +58,21 @@ def test_down_to_what_keeps_the_load_and_the_latency():
     after = ModelSignals(load=1, requests_per_s=0.1, ttft_p95_s=0.9, tpot_p95_s=0.02)
     assert signal_want(rule(capacity_rps=1.5), after, 3)[0] == 1
     # no capacity (no traffic declared): the batch slots of one replica fewer
-    assert signal_want(rule(), ModelSignals(load=11, **calm), 3)[0] == 2  # 11 <= 0.7 x 2 x 8
-    assert signal_want(rule(), ModelSignals(load=12, **calm), 3)[0] == 3
+    assert signal_want(rule(), ModelSignals(load=5.6, **calm), 3)[0] == 2  # 5.6 <= 0.35 x 2 x 8
+    assert signal_want(rule(), ModelSignals(load=5.7, **calm), 3)[0] == 3
     assert signal_want(rule(lo=3), ModelSignals(load=0, **calm), 3)[0] == 3  # never below min
 
 
 def test_without_an_slo_saturation_alone_moves_it():
     r = rule(slo_ttft_p95_s=None, slo_tpot_p95_s=None)
     assert signal_want(r, ModelSignals(load=6, ttft_p95_s=9.0, tpot_p95_s=1.0), 2)[0] == 2  # slow, not saturated
-    assert signal_want(r, ModelSignals(load=17), 2)[0] == 3
+    assert signal_want(r, ModelSignals(load=7), 2)[0] == 3
+    # an engine of one slot (transformers, llama.cpp's default): up when requests queue, not at 40% of one request
+    one = rule(max_num_seqs=1, slo_ttft_p95_s=None, slo_tpot_p95_s=None)
+    assert signal_want(one, ModelSignals(load=2), 2)[0] == 2
+    assert signal_want(one, ModelSignals(load=2.5), 2)[0] == 3
+    assert signal_want(one, ModelSignals(load=1.7), 2)[0] == 2  # 1.7 > 0.875: two still needed
+    assert signal_want(one, ModelSignals(load=0.8), 2)[0] == 1
     assert signal_want(r, ModelSignals(load=2), 2)[0] == 1
 
 

@@ -63,6 +63,30 @@ def test_a_burst_scales_up_after_the_delay():
     assert r.replica_seconds > r.replicas_min * 20  # more than one replica ran for a while
 
 
+def test_the_policy_sees_the_load_averaged_over_the_look_back_window():
+    """Serve averages the replicas' metrics over look_back_period_s: a 3-s burst of ~4 requests in flight (each holds
+    the replica ~0.4 s, 10 arrive a second) makes the request rule (target 2) scale up when the policy sees the last
+    second, not when it sees the mean of the last 10 s (4 x 3 / 10 = 1.2)."""
+    import dataclasses
+
+    arr = {"m": [(30.0 + i * 0.1, 10, 40) for i in range(30)]}
+    base = _model(1, lo=1, hi=2, up=0.0, down=600.0, interval=1.0)
+    short = simulate([dataclasses.replace(base, look_back_period_s=1.0)], arr, start_s=5.0).models[0]
+    long = simulate([dataclasses.replace(base, look_back_period_s=10.0)], arr, start_s=5.0).models[0]
+    assert (short.scale_events, short.replicas_max_seen) == (1, 2)
+    assert (long.scale_events, long.replicas_max_seen) == (0, 1)
+
+
+def test_a_warm_up_is_served_and_left_out_of_the_figures():
+    # one request a second for 20 s; the first 10 s are a warm-up: a burst there, none after
+    arr = {"m": [(0.0, 1000, 10)] * 5 + [(float(i), 100, 11) for i in range(1, 20)]}
+    whole = simulate([_model()], arr).models[0]
+    r = simulate([_model()], arr, measure_from_s=10.0).models[0]
+    assert (whole.requests, r.requests) == (24, 10) and r.completed == 10
+    assert whole.ttft_p95_ms > 3000 and r.ttft_p95_ms == pytest.approx(100.0)  # the burst's queue is not counted
+    assert r.replica_seconds == pytest.approx(whole.replica_seconds - 10.0)
+
+
 def test_the_queueing_model_agrees_with_the_simulation_on_poisson_traffic():
     step = lambda b, c: 0.008 + 0.0004 * b  # noqa: E731
     pre = lambda t: 0.00005 * t  # noqa: E731
