@@ -169,9 +169,21 @@ class Ingress:
 
         try:
             cap = self.max_ongoing.get(model)
+            passed_over = False  # a replica chosen was full or gone, or the deployment chosen had none with room
             if route is None and self.routes is not None:
                 route = self.routes.pick(name, random.random, max_ongoing=cap)
-            passed_over = False  # a replica chosen was full or gone
+                if route is None:
+                    # the deployment chosen (on a status up to 10 s old) has no replica with room that the registry
+                    # knows: another of the model's, else Serve's queue of a deployment chosen on a fresh status.
+                    # Not its own queue blindly: its replicas may have just been stopped by the plan's decision,
+                    # and a request queued at a deployment with none makes Serve start one there, again and again
+                    nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
+                    if nxt is None:
+                        passed_over = True
+                    else:
+                        route = nxt[1]
+                        if nxt[0] != name:
+                            name = move_to(nxt[0])
             while route is not None:
                 rid, addr = route
                 self.routes.inflight[rid] = self.routes.inflight.get(rid, 0) + 1

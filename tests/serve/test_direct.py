@@ -232,6 +232,28 @@ def test_a_replica_gone_before_answering_sends_the_request_to_another_not_to_its
     assert "m@n0" in me._lost and me.inflight == {"m@n0": 5, "m@n1": 0}
 
 
+def test_a_deployment_chosen_on_an_old_status_without_a_replica_is_not_queued_at():
+    """The model went from 2 replicas to 1: the ingress's status (up to 10 s old) still says m@n0 runs one, and
+    m@n0 looks less loaded, but the registry no longer has its replica: the request goes to m@n1's replica directly,
+    not to m@n0's Serve queue (which made Serve start a replica there against the plan's decision, seen as churn in a
+    policy replay)."""
+    async def go():
+        secret = new_secret()
+        a = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
+        b = await DirectServer(_engine().generate, secret, max_ongoing=4).start()
+        routes, calls, me, system, params = _ingress_holding(secret, a, b)
+        routes.update([{"replica_id": "b", "deployment": "m@n1", "state": "running", "direct": list(b.address)}])
+        me.inflight = {"m@n1": 3}
+        got = [c async for c in me.generate("m", [1, 2, 3], params)]
+        await a.stop(1)
+        await b.stop(1)
+        return got, b.served, calls, me.inflight
+
+    got, b_served, calls, inflight = asyncio.run(go())
+    assert len("".join(c.text for c in got).split()) == 4 and b_served == 1 and calls == []
+    assert inflight == {"m@n0": 0, "m@n1": 3}
+
+
 def test_a_busy_replica_sends_the_request_to_another_with_room_then_to_serves_least_loaded_queue():
     """Ingress.generate: the replica a prefix chose answers busy (its slots held by requests that came through Serve's
     queue, which the ingress's own counts do not see): the request goes to a replica of another deployment with room,
