@@ -12,8 +12,9 @@ does), prompts of the trace's length scaled to the model's mean (the sim models 
 token; each prompt differs from its first word on) and answers forced to theirs (ignore_eos). Per policy the app
 is deployed afresh on the same cluster and the replay runs for --warmup then --duration seconds; what arrives in the
 warm-up is served and left out, RUNNING replicas are counted every second after it (replica-seconds), and the same
-arrivals go through planner.simulate with the same policy and warm-up. Prints one table: per policy and model, TTFT and TPOT
-p50/p95 at the client, the share of requests within the SLO, errors, replica-seconds, and simulate's p95s.
+arrivals go through planner.simulate with the same policy and warm-up. Prints one table: per policy and model,
+TTFT and TPOT p50/p95 at the client, the share of requests within the SLO, errors, replica-seconds, and simulate's
+p95s.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ deployments, then the replica with fewer requests of two, as Serve's router), wa
 holds ``max_ongoing_requests``, and are refused (429) beyond ``max_queued_requests``; a request longer than
 ``max_model_len`` is refused (400). Replicas scale as the model's policy does every ``metrics_interval_s``
 (``autoscaling.policy``: gpuplan's ``signal_want`` on the signals the replicas would report, i.e. the mean requests in
-flight over ``look_back_period_s`` as Serve averages them, sequences waiting, the fullest KV cache, TTFT/TPOT p95 and rate of the last 30 s; or Ray Serve's
-``desired_replicas`` on the mean requests in flight), ``move_goal`` with the upscale and downscale delays, within
+flight over ``look_back_period_s`` as Serve averages them, sequences waiting, the fullest KV cache, TTFT/TPOT p95 and
+rate of the last 30 s; or Ray Serve's ``desired_replicas`` on the mean requests in flight), ``move_goal`` with the upscale and downscale delays, within
 [min, placed]; a replica started takes ``start_s`` before it serves, and one scaled down finishes what it holds.
 
 Between events (an arrival, a batch's change) a replica's batch is fixed, so its decode steps are taken in one jump

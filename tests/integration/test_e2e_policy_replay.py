@@ -1,6 +1,7 @@
-"""benchmarks/policy_replay.py runs (one model, two policies, 5 s of warm-up and 20 s), so it does not rot: the simulated replicas answer
-every request on a Ray cluster of fake L4s, replica-seconds are counted, and simulate's TPOT agrees with the served
-one (the engine keeps the speed model's time). Its real numbers are in docs/benchmarks.md."""
+"""benchmarks/policy_replay.py runs (one model, two policies, 5 s of warm-up and 20 s), so it does not rot: the
+simulated replicas answer every request on a Ray cluster of fake L4s, replica-seconds are counted, and simulate's
+TPOT agrees with the served one (the engine keeps the speed model's time). Its real numbers are in
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ def test_policy_replay_runs_and_loses_nothing(tmp_path):
     need_no_ray("the benchmark")
     out = tmp_path / "replay.json"
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
-    p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--warmup", "5", "--models", "1",
-                        "--policies", "gpuplan", "fixed", "--max-replicas", "2", "--timeline", "--json", str(out)],
-                       cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.policy_replay", "--duration", "20", "--warmup", "5",
+                        "--models", "1", "--policies", "gpuplan", "fixed", "--max-replicas", "2", "--timeline",
+                        "--json", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads(out.read_text())["table"]
     assert [(r["policy"], r["model"]) for r in rows] == [("gpuplan", "qwen-7b"), ("fixed", "qwen-7b")]
