@@ -37,6 +37,10 @@ def add_simulate_command(sub) -> None:
                                                   "trace shape); each model replays it at its traffic's rate")
     s.add_argument("--speedup", type=float, default=1.0, help="compress the trace's clock K times (K x the rate)")
     s.add_argument("--duration", type=float, default=None, help="simulate at most this many seconds of traffic")
+    s.add_argument("--warmup", type=float, default=0.0,
+                   help="seconds of traffic served first and left out of every figure (the fleet starts at "
+                        "replicas.min; a cold start into the trace's first burst is not a running service); "
+                        "--duration counts after it")
     s.add_argument("--start-s", type=float, default=60.0,
                    help="seconds a replica the policy starts takes before it serves (default 60; an input, not a "
                         "measurement: set what your engine and model take)")
@@ -61,6 +65,9 @@ def cmd_simulate(args) -> int:
     from planner.traffic import read_trace
 
     t0 = time.perf_counter()
+    if args.warmup < 0:
+        raise InputError(f"--warmup {args.warmup:g}: a warm-up is seconds of traffic, 0 or more; use --warmup 0 "
+                         "to count every request")
     parsed, _ = load_deploy_file(args.deploy, app=args.app)
     result = make_plan(parsed, _cluster_for(args, parsed), _engines(args.engines), strict=False)
     models = sim_models(result)
@@ -69,8 +76,9 @@ def cmd_simulate(args) -> int:
     entries = {m.name: m for m in result.args.models}
     rows = read_trace(args.trace)
     shapes = [(m.name, traffic_of(entries[m.name]) if entries[m.name].traffic else None) for m in models]
-    arrivals = arrivals_from_trace(rows, shapes, speedup=args.speedup, duration_s=args.duration)
-    res = simulate(models, arrivals, start_s=args.start_s, seed=args.seed)
+    arrivals = arrivals_from_trace(rows, shapes, speedup=args.speedup,
+                                   duration_s=None if args.duration is None else args.warmup + args.duration)
+    res = simulate(models, arrivals, start_s=args.start_s, seed=args.seed, measure_from_s=args.warmup)
     wall = time.perf_counter() - t0
     if args.json:
         print(json.dumps(dict(res.to_json(), wall_s=round(wall, 3)), indent=2))

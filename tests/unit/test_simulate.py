@@ -163,3 +163,11 @@ def test_cli_simulate(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "planner", "simulate", str(deploy), "--trace", str(tmp_path / "no"),
                           "--engines", "vllm"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    # --warmup: the first 100 s are served and left out (3 requests a second: the 400 span 133 s, ~100 are left)
+    w = subprocess.run([sys.executable, "-m", "planner", "simulate", str(deploy), "--trace", str(trace), "--engines",
+                        "vllm", "--warmup", "100", "--json"], capture_output=True, text=True)
+    assert w.returncode == 0, w.stderr
+    assert 95 <= json.loads(w.stdout)["models"][0]["requests"] <= 105
+    neg = subprocess.run([sys.executable, "-m", "planner", "simulate", str(deploy), "--trace", str(trace), "--engines",
+                          "vllm", "--warmup", "-5"], capture_output=True, text=True)
+    assert neg.returncode == 2 and "--warmup -5" in neg.stderr and "Traceback" not in neg.stderr
