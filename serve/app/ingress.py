@@ -167,23 +167,23 @@ class Ingress:
             self.inflight[other] = self.inflight.get(other, 0) + 1
             return other
 
+        def another():  # another of the model's replicas with room, in any deployment: its route, or None
+            nonlocal name
+            nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
+            if nxt is not None and nxt[0] != name:
+                name = move_to(nxt[0])
+            return None if nxt is None else nxt[1]
+
         try:
             cap = self.max_ongoing.get(model)
             passed_over = False  # a replica chosen was full or gone, or the deployment chosen had none with room
             if route is None and self.routes is not None:
-                route = self.routes.pick(name, random.random, max_ongoing=cap)
-                if route is None:
-                    # the deployment chosen (on a status up to 10 s old) has no replica with room that the registry
-                    # knows: another of the model's, else Serve's queue of a deployment chosen on a fresh status.
-                    # Not its own queue blindly: its replicas may have just been stopped by the plan's decision,
-                    # and a request queued at a deployment with none makes Serve start one there, again and again
-                    nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
-                    if nxt is None:
-                        passed_over = True
-                    else:
-                        route = nxt[1]
-                        if nxt[0] != name:
-                            name = move_to(nxt[0])
+                # a deployment chosen on a status up to 10 s old may have no replica with room that the registry
+                # knows: not its own Serve queue blindly (its replicas may have just been stopped by the plan's
+                # decision, and a request queued at a deployment with none makes Serve start one there, again and
+                # again) but another replica, else Serve's queue of a deployment chosen on a fresh status
+                route = self.routes.pick(name, random.random, max_ongoing=cap) or another()
+                passed_over = route is None
             while route is not None:
                 rid, addr = route
                 self.routes.inflight[rid] = self.routes.inflight.get(rid, 0) + 1
@@ -217,11 +217,7 @@ class Ingress:
                     self._lost[name] = time.time()
                 finally:
                     self.routes.ended(rid, ran=not refused)
-                # another of the model's replicas with room, in any deployment, before Serve's queue
-                nxt = self.routes.pick_any([n for n, _ in pairs], random.random, max_ongoing=cap)
-                route = None if nxt is None else nxt[1]
-                if nxt is not None and nxt[0] != name:
-                    name = move_to(nxt[0])
+                route = another()  # before Serve's queue
             if passed_over and len(pairs) > 1:
                 # every replica reachable directly is full or gone: Serve's queue of the deployment with the fewest
                 # requests in flight per running replica (not the one a prefix chose, nor one that just lost its
