@@ -10,7 +10,7 @@ work; ``args.http.port`` puts this front beside it.
 
 The server runs in a daemon thread with its own event loop. The port is bound here (not by uvicorn). Several ingress
 replicas (args.http.replicas) stand by for it: the one holding a file lock serves, the others wait on the lock and
-take no CPU; when the server's process dies the kernel releases its lock and the next one listens within ``poll_s``
+take no CPU (blocked in flock); when the server's process dies the kernel releases its lock and the next one listens
 (they bind with SO_REUSEPORT, so a successor can listen while a front being replaced still finishes its requests).
 Measured on 2 cores, two fronts that both served (the kernel spreading connections over them) cost 20-30% of the
 throughput at 8-16 clients against one; a standby costs nothing there. The bind is tried again every ``retry_s``
@@ -84,13 +84,13 @@ class DirectFront:
     """Serve ``app`` (an ASGI app) on host:port from a thread of this process until ``stop()``."""
 
     def __init__(self, app, host: str, port: int, *, retry_s: float = 0.5, graceful_s: int = 15,
-                 reuse_port: bool = False, leader_lock: str | None = None, poll_s: float = 0.02):
+                 reuse_port: bool = False, leader_lock: str | None = None):
         self.app, self.host, self.port = app, host, int(port)
         self.reuse_port = reuse_port
-        # several fronts of one port: the one holding this file's lock serves, the others wait for it (a standby
-        # takes no CPU); a process that dies lets go of the lock at once, so the next one listens within poll_s
+        # several fronts of one port: the one holding this file's lock serves, the others wait for it in flock (a
+        # standby takes no CPU); a process that dies lets go of the lock at once, and the next one listens
         self.leader_lock = leader_lock
-        self.poll_s = float(poll_s)
+        self._waiting = False  # this front's thread waits for the leader lock
         self._lock_file = None
         self.leader_since: float | None = None
         self.retry_s = float(retry_s)
@@ -106,22 +106,26 @@ class DirectFront:
         return self
 
     def _lead(self) -> bool:
-        """Wait (polling, so that stop() ends it) until this front holds the leader lock; False when stopped."""
+        """Block until this front holds the leader lock (no polling: the kernel wakes the waiter when the holder
+        closes the file or dies); False when stopped meanwhile (the lock, if it came, is handed on at once)."""
         import fcntl
         import os
 
         os.makedirs(os.path.dirname(self.leader_lock), exist_ok=True)
         f = open(self.leader_lock, "a+")
-        while not self._stop.is_set():
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._stop.wait(self.poll_s)
-                continue
-            self._lock_file, self.leader_since = f, time.time()
-            return True
-        f.close()
-        return False
+        self._waiting = True
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)  # releases the GIL while it waits
+        except OSError:
+            f.close()
+            raise
+        finally:
+            self._waiting = False
+        if self._stop.is_set():
+            f.close()
+            return False
+        self._lock_file, self.leader_since = f, time.time()
+        return True
 
     def _let_go(self) -> None:
         """Hand the port to a waiting front (closing the file releases the lock)."""
@@ -186,5 +190,8 @@ class DirectFront:
         self._let_go()
         if self._server is not None:
             self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(timeout if timeout is not None else self.graceful_s + 5)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.graceful_s + 5)
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self._waiting:  # a standby blocked in flock: nothing to wait for (it hands the lock on if it gets it)
+                return
+            self._thread.join(0.05)

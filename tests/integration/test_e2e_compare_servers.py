@@ -36,7 +36,8 @@ def test_compare_servers_runs_and_loses_nothing(tmp_path):
     # where the CPU went: the engine core of each; gpuplan's API is its ingress replica (its own front)
     assert "vLLM engine core" in rows[0]["cpu_s_by_role"] and "ingress replica" in rows[2]["cpu_s_by_role"], rows
     assert "| gpuplan-vllm | 2 | 4 | 0 |" in p.stdout and "vs plain vLLM" in p.stdout, p.stdout
-    # issue 21's targets for the levels that ran (1 client against plain vLLM; none at 2 clients, none for Ray Serve
-    # LLM, which did not run)
-    assert "gpuplan-vllm vs vllm at 1 clients: tok/s" in p.stdout and "gpuplan-vllm vs vllm at 1 client: p50" \
-        in p.stdout and "at 2 clients" not in p.stdout and "vs rayserve-llm" not in p.stdout, p.stdout
+    # answers ending at EOS: issue 30's targets for the levels that ran (1 client against plain vLLM, with the round's
+    # own ratio; none at 2 clients, none for Ray Serve LLM, which did not run)
+    assert "targets (issue 30, answers ending at EOS), gpuplan-vllm" in p.stdout, p.stdout
+    assert "gpuplan-vllm vs vllm at 1 clients: tok/s" in p.stdout and "(target >= 0.85x)" in p.stdout \
+        and "of 1 met)" in p.stdout and "at 2 clients" not in p.stdout and "vs rayserve-llm" not in p.stdout, p.stdout

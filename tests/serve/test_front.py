@@ -164,7 +164,7 @@ def test_a_drain_asked_of_one_ingress_replica_holds_for_the_others():
 
 def test_fronts_of_one_port_take_turns_and_a_standby_takes_over_at_once(tmp_path):
     """Two fronts with one leader lock: the first serves, the second waits without listening; when the first stops
-    (or its process dies, which releases the lock) the second listens within its poll interval."""
+    (or its process dies, which releases the lock) the second listens at once."""
     import httpx
 
     async def app(scope, receive, send):
@@ -202,3 +202,38 @@ def test_fronts_of_one_port_take_turns_and_a_standby_takes_over_at_once(tmp_path
         a.stop()
         if b is not None:
             b.stop()
+
+
+def test_a_standby_stopped_while_it_waits_returns_at_once_and_hands_the_lock_on(tmp_path):
+    """A standby blocks in flock (no polling); stop() on it does not wait for the lock, and if the lock comes after
+    all, the stopped standby passes it to the next front instead of serving."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"c"})
+
+    port, lock = pick_port(), str(tmp_path / "front.lock")
+    a = DirectFront(app, "127.0.0.1", port, reuse_port=True, leader_lock=lock, graceful_s=1).start()
+    b = c = None
+    try:
+        for _ in range(100):
+            if a.serving():
+                break
+            time.sleep(0.05)
+        b = DirectFront(app, "127.0.0.1", port, reuse_port=True, leader_lock=lock, graceful_s=1).start()
+        time.sleep(0.2)
+        assert b._waiting and not b.serving()
+        t0 = time.monotonic()
+        b.stop()
+        assert time.monotonic() - t0 < 0.5  # no join on a thread blocked in flock
+        c = DirectFront(app, "127.0.0.1", port, reuse_port=True, leader_lock=lock, graceful_s=1).start()
+        time.sleep(0.2)
+        a.stop()  # the lock goes to b (stopped: it closes the file) or to c; either way c serves
+        t0 = time.monotonic()
+        while not c.serving() and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        assert c.serving() and not b.serving()
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        for f in (a, b, c):
+            if f is not None:
+                f.stop()
