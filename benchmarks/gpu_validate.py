@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.common.cases import each_case  # noqa: E402
 from benchmarks.common.machine import machine_line  # noqa: E402
 GiB = 1024**3
 
@@ -94,21 +93,19 @@ def _drive_engine(model, vocab: int, max_model_len: int, max_num_seqs: int) -> d
             "max_running_seen": st.get("max_running_seen")}
 
 
-def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_seqs: int, workdir: str,
-             workload: str = "engine") -> dict:
+def random_model_dir(source: str, workdir: str, device: str) -> str:
+    """A checkpoint of ``source`` to load: the directory itself when it holds weights, else random bf16 weights with
+    the real shapes (config.json from the catalog or the given path, initialised on the device), saved once under
+    ``workdir``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from planner.model.engines import estimate_replica
     from planner.model.spec import _catalog_path, load_spec
-    from serve.engines.loader import bnb_config
-    from serve.engines.memory_probe import resident_bytes
 
-    spec = load_spec(source)
-    model_dir = source if os.path.isdir(source) else os.path.join(workdir, "random", spec.name.replace("/", "--"))
+    model_dir = source if os.path.isdir(source) else os.path.join(workdir, "random",
+                                                                   load_spec(source).name.replace("/", "--"))
     if not os.path.exists(os.path.join(model_dir, "model.safetensors.index.json")) and \
             not os.path.exists(os.path.join(model_dir, "model.safetensors")):
-        # random weights with the real shapes: config.json from the catalog / the given path, init on the device
         os.makedirs(model_dir, exist_ok=True)
         cfg_src = source if source.endswith(".json") else os.path.join(source, "config.json") \
             if os.path.isdir(source) else _catalog_path(source)
@@ -120,6 +117,21 @@ def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
+    return model_dir
+
+
+def run_case(source: str, scheme: str, device: str, max_model_len: int, max_num_seqs: int, workdir: str,
+             workload: str = "engine") -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from planner.model.engines import estimate_replica
+    from planner.model.spec import load_spec
+    from serve.engines.loader import bnb_config
+    from serve.engines.memory_probe import resident_bytes
+
+    spec = load_spec(source)
+    model_dir = random_model_dir(source, workdir, device)
     est = estimate_replica(load_spec(model_dir), quant=scheme, dtype="bf16", max_model_len=max_model_len,
                            max_num_seqs=max_num_seqs, device=device)
     if device == "cuda":
@@ -207,21 +219,11 @@ def main() -> int:
         models = [save_random_model("llama", workdir)[0]]
         a.max_model_len, a.max_num_seqs = min(a.max_model_len, 128), min(a.max_num_seqs, 2)
     rows = []
-    for m in models:
-        for s in a.schemes:
-            p = subprocess.run([sys.executable, "-m", "benchmarks.gpu_validate", "--case", f"{m}|{s}", "--device",
-                                a.device,
-                                "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
-                                "--workdir", workdir, "--workload", a.workload], capture_output=True, text=True, cwd=ROOT)
-            got = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
-            if not got:
-                print(f"{m} {s}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(got[0]))
-            if a.jsonl:
-                with open(a.jsonl, "a") as f:
-                    f.write(got[0] + "\n")
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    args = ["--device", a.device, "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
+            "--workdir", workdir, "--workload", a.workload]
+    for row in each_case("benchmarks.gpu_validate", models, a.schemes, args, a.jsonl):
+        rows.append(row)
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
     header = machine_line(device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
                           workload=a.workload) + "\n\n"
     text = header + table(rows) + "\n"
