@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
     rows = []
     args = ["--device", a.device, "--workdir", workdir, "--input-tokens", str(a.input_tokens), "--output-tokens",
             str(a.output_tokens), "--batches", *map(str, a.batches)]
-    for row in each_case("benchmarks.gpu_speed", models, a.schemes, args, a.jsonl):
+    for row in each_case("benchmarks.gpu_speed", models, a.schemes, args, a.jsonl,
+                       scratch=os.path.join(workdir, "random")):
         rows.append(row)
         print("\n".join(table(rows[-1:]).splitlines()[2:]), flush=True)
     text = machine_line(device=a.device, input_tokens=a.input_tokens, output_tokens=a.output_tokens) + "\n\n" + \

@@ -221,7 +221,8 @@ def main() -> int:
     rows = []
     args = ["--device", a.device, "--max-model-len", str(a.max_model_len), "--max-num-seqs", str(a.max_num_seqs),
             "--workdir", workdir, "--workload", a.workload]
-    for row in each_case("benchmarks.gpu_validate", models, a.schemes, args, a.jsonl):
+    for row in each_case("benchmarks.gpu_validate", models, a.schemes, args, a.jsonl,
+                       scratch=os.path.join(workdir, "random")):
         rows.append(row)
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     header = machine_line(device=a.device, max_model_len=a.max_model_len, max_num_seqs=a.max_num_seqs,
