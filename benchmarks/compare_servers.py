@@ -210,6 +210,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "server": r["server"], "clients": lv.clients, "ok": 0, "lost": 0, "runs": [], "by_round": {},
                 "p50": [], "p95": [], "ttft50": [], "cpu": []})
             row["ok"] += len(ok)
+            row["tokens"] = row.get("tokens", 0) + sum(x.tokens for x in ok)
             row["lost"] += len(lv.of("lost")) + len(lv.of("error"))
             row["runs"].append(lv.tokens_per_s)
             row["by_round"][r.get("round", 0)] = lv.tokens_per_s
@@ -312,19 +313,19 @@ def main(argv=None) -> int:
         return f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b and b["tokens_per_s"] and r["ok"] else "-"
 
     print("| server | clients | ok | lost | tok/s | each round | vs plain vLLM | vs Ray Serve LLM "
-          "| latency p50 / p95 ms | TTFT p50 ms |")
-    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+          "| latency p50 / p95 ms | TTFT p50 ms | tokens per answer |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     bad = 0
     for r in rows:
         if r.get("error"):
-            print(f"| {r['server']} | - | - | - | - | - | - | - | {r['error']} | - |")
+            print(f"| {r['server']} | - | - | - | - | - | - | - | {r['error']} | - | - |")
             bad += 1
             continue
         bad += r["lost"]
         print(f"| {r['server']} | {r['clients']} | {r['ok']} | {r['lost']} | {r['tokens_per_s']:.0f} | "
               f"{', '.join(f'{x:.0f}' for x in r['runs'])} | {ratio(r, 'vllm')} | {ratio(r, 'rayserve-llm')} | "
               f"{serve_load.ms(r['latency_p50_s'])} / {serve_load.ms(r['latency_p95_s'])} | "
-              f"{serve_load.ms(r['ttft_p50_s'])} |")
+              f"{serve_load.ms(r['ttft_p50_s'])} | {r['tokens'] / r['ok'] if r['ok'] else 0:.1f} |")
     for server in [s for s in a.servers if s.startswith("gpuplan")]:
         lines = verdicts(rows, server, TARGETS if a.ignore_eos else TARGETS_EOS)
         if lines:

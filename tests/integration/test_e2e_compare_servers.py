@@ -36,6 +36,7 @@ def test_compare_servers_runs_and_loses_nothing(tmp_path):
     # where the CPU went: the engine core of each; gpuplan's API is its ingress replica (its own front)
     assert "vLLM engine core" in rows[0]["cpu_s_by_role"] and "ingress replica" in rows[2]["cpu_s_by_role"], rows
     assert "| gpuplan-vllm | 2 | 4 | 0 |" in p.stdout and "vs plain vLLM" in p.stdout, p.stdout
+    assert "tokens per answer |" in p.stdout and all(0 < r["tokens"] <= 4 * 8 for r in rows), rows  # max_tokens 8
     # answers ending at EOS: issue 30's targets for the levels that ran (1 client against plain vLLM, with the round's
     # own ratio; none at 2 clients, none for Ray Serve LLM, which did not run)
     assert "targets (issue 30, answers ending at EOS), gpuplan-vllm" in p.stdout, p.stdout
